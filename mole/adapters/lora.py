@@ -1,0 +1,117 @@
+"""E LoRA experts stored and computed stacked.
+
+Source: Hu et al., "LoRA" (arXiv:2106.09685), eq. 3: ``h = W x + (alpha / r) B A x``, A random
+(Kaiming-uniform, as the reference implementation), B zero, so a fresh adapter changes nothing.
+
+A MoLE layer mixes E such experts with router gates ``g`` (N x E):
+``z = W x + sum_i g_i (alpha / r) B_i A_i dropout(x)`` (SPEC, notation; MoR eq. 4).
+
+All experts' A matrices are stacked into one ``(E*r, d_in)`` matrix and all B matrices into one
+``(d_out, E*r)`` matrix, so the mixture costs two matrix products whatever E is, with no Python loop
+over experts:
+
+    h = dropout(x) @ A_all^T               (N, E*r)   every expert's down-projection at once
+    h = h * repeat(g * alpha/r, r)         (N, E*r)   expert i's r columns scaled by its gate
+    z = h @ B_all^T                        (N, d_out) = sum_i g_i (alpha/r) B_i A_i x
+
+This is exact for any gates, sparse ones included: a zero gate contributes exactly zero.
+
+NOTE(deviation): one dropout mask on ``x`` is shared by all experts of a layer (per-expert LoRA modules
+would draw one mask each). In eval mode, or with dropout 0, the two are identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mole.utils.errors import MoleConfigError
+
+
+class LoRAExperts(nn.Module):
+    """E LoRA experts of rank r for one Linear ``d_in -> d_out``, stacked.
+
+    Args:
+        in_features: d_in of the adapted Linear.
+        out_features: d_out of the adapted Linear.
+        num_experts: E; 1 is a plain LoRA.
+        rank: r of every expert.
+        alpha: LoRA alpha; the update is scaled by ``alpha / rank``.
+        dropout: dropout on the experts' input.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int = 1,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
+        if not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
+        if num_experts < 1:
+            raise MoleConfigError(f"the experts layout gives {num_experts} experts for a layer; need >= 1")
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(num_experts * rank, in_features))  # A_all
+        self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # B_all
+        # Initialise as the LoRA reference (microsoft/LoRA loralib, and peft): kaiming_uniform_(a=sqrt(5))
+        # per expert. The bound depends only on fan_in = d_in, so one call on the stack draws each
+        # expert's A from the same distribution.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:
+        """Mixture of the experts' updates.
+
+        Args:
+            x: ``(N, d_in)`` token features.
+            gates: ``(N, E)`` expert weights, or ``None`` for a single expert (weight 1).
+
+        Returns:
+            ``(N, d_out)``: ``sum_i g_i (alpha/r) B_i A_i dropout(x)``.
+        """
+        h = F.linear(self.dropout(x), self.lora_A)  # (N, E*r)
+        if gates is None:
+            h = h * self.scaling
+        else:
+            n = h.shape[0]
+            # scale expert i's r columns by g_i * alpha / r
+            h = (h.view(n, self.num_experts, self.rank) * (gates.to(h.dtype) * self.scaling).unsqueeze(-1))
+            h = h.view(n, self.num_experts * self.rank)  # (N, E*r)
+        return F.linear(h, self.lora_B)  # (N, d_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
+            f"rank={self.rank}, scaling={self.scaling:g}"
+        )
+
+
+def reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
+    """The plain per-expert loop ``sum_i g_i (alpha/r) B_i A_i dropout(x)``, for tests and benchmarks.
+
+    Mathematically identical to :meth:`LoRAExperts.forward`; it computes each expert separately, as
+    the published MoLE code does, and skips experts whose gates are all zero.
+    """
+    xd = experts.dropout(x)
+    r = experts.rank
+    out = x.new_zeros(x.shape[0], experts.out_features)
+    for i in range(experts.num_experts):
+        a_i = experts.lora_A[i * r : (i + 1) * r]  # (r, d_in)
+        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
+        g_i = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)  # (N,)
+        if gates is not None and not bool(g_i.any()):
+            continue
+        out = out + g_i[:, None] * experts.scaling * F.linear(F.linear(xd, a_i), b_i)
+    return out

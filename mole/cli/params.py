@@ -1,0 +1,46 @@
+"""``mole-params``: count trainable parameters without weights or downloads (the model on the meta device).
+
+    mole-params model=qwen2_1_5b method=lora        # HMoRA Table 3: LoRA r=8 on all 7 linears, 0.60%
+    mole-params router=mor experts=mola_2468        # the same overrides as mole-train
+
+Prints one JSON object: ``trainable``, ``total``, ``base``, ``percent`` (trainable / base model), and
+per layer the number of experts, routers and adapted modules.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from mole.cli.common import report_user_errors
+
+
+@report_user_errors("mole-params")
+def run(overrides: list[str]) -> dict:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mole.config import compose_config
+    from mole.pipeline import build_mole_model, parameter_report
+    from mole.utils.errors import MoleConfigError
+
+    try:
+        cfg = compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise MoleConfigError(str(err).splitlines()[0]) from None
+    model, _, report = build_mole_model(cfg, meta=True)
+    out = {"model": cfg.model.get("name"), "method": cfg.get("method_name"), **parameter_report(model, report)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

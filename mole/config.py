@@ -1,0 +1,43 @@
+"""Config helpers: the OmegaConf resolvers the config tree uses, and composition outside a Hydra app.
+
+Resolvers (registered when :mod:`mole` is imported):
+
+* ``${mole_fixture:NAME}`` — absolute path of a fixture shipped in ``mole/data/fixtures/``.
+* ``${mole_slug:TEXT}`` — a run-directory name from Hydra's override string: ``/`` becomes ``_``,
+  and an empty string (no overrides) becomes ``default``.
+* ``${mul:A,B}`` — A * B, for shapes derived from other keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from mole import CONF_DIR
+
+
+def _slug(text: str | None) -> str:
+    text = (text or "").strip()
+    return text.replace("/", "_").replace(" ", "") or "default"
+
+
+def _fixture(name: str) -> str:
+    from mole.data.sources import fixture_path
+
+    return fixture_path(name)
+
+
+def register_resolvers() -> None:
+    for name, fn in (("mole_slug", _slug), ("mole_fixture", _fixture), ("mul", lambda a, b: a * b)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides, as the command would, without running an app."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,102 @@
+"""Where training records come from: local files in the LLM-Adapters format, or Hugging Face datasets.
+
+A record is a dict with ``instruction`` and ``output`` (required) and ``input``, ``answer`` (optional),
+as in LLM-Adapters' ``dataset/*.json``. Local files may be a JSON list or JSON lines. Hugging Face
+datasets (``data.hf_name``, for users who are online) are mapped onto those fields by ``data.fields``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mole.utils.errors import MoleConfigError
+
+REQUIRED = ("instruction", "output")
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+
+
+def fixture_path(name: str) -> str:
+    """Absolute path of a fixture shipped with mole (``mole/data/fixtures/<name>``)."""
+    path = FIXTURES_DIR / name
+    if not path.is_file():
+        raise MoleConfigError(f"no shipped fixture named {name!r}; available: {sorted(p.name for p in FIXTURES_DIR.glob('*.json'))}")
+    return str(path)
+
+
+def _check_records(records: list[Any], where: str) -> list[dict[str, str]]:
+    if not records:
+        raise MoleConfigError(f"{where}: no records (expected a non-empty list of instruction/output records)")
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise MoleConfigError(f"{where}: record {i} is a {type(rec).__name__}, expected an object with fields {list(REQUIRED)}")
+        for key in REQUIRED:
+            if key not in rec or not isinstance(rec[key], str):
+                raise MoleConfigError(
+                    f"{where}: record {i} lacks the text field {key!r} (LLM-Adapters format: instruction, input, output, answer)"
+                )
+        out.append({k: ("" if rec.get(k) is None else str(rec.get(k))) for k in ("instruction", "input", "output", "answer")})
+    return out
+
+
+def read_records(path: str | Path, key: str = "data.path") -> list[dict[str, str]]:
+    """Read a local LLM-Adapters JSON list (``.json``) or JSON-lines (``.jsonl``) file."""
+    path = Path(path).expanduser()
+    where = f"{key}: {path}"
+    if not path.exists():
+        raise MoleConfigError(f"{where} does not exist")
+    if not path.is_file():
+        raise MoleConfigError(f"{where} is not a file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise MoleConfigError(f"{where} is empty")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MoleConfigError(f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(records, list):
+        raise MoleConfigError(f"{where} holds a JSON {type(records).__name__}, expected a list of records")
+    return _check_records(records, where)
+
+
+def load_hf_records(name: str, config: str | None, split: str, fields: dict[str, str]) -> list[dict[str, str]]:
+    """Records from a Hugging Face dataset (needs the Hub unless cached), mapped by ``data.fields``."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; report one line
+        raise MoleConfigError(
+            f"data.hf_name={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "offline, train on a local file with data.path=FILE"
+        ) from None
+    mapped = [{ours: row.get(theirs, "") for ours, theirs in fields.items()} for row in ds]
+    return _check_records(mapped, f"data.hf_name: {name}")
+
+
+def split_validation(
+    records: Sequence[dict[str, str]], val_size: float | int, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Hold out a fixed-seed validation split: ``val_size`` < 1 is a fraction, >= 1 a record count."""
+    n = len(records)
+    if val_size is None or val_size == 0:
+        return list(records), []
+    if val_size < 0 or (val_size >= 1 and int(val_size) != val_size):
+        raise MoleConfigError(f"data.val_size must be a fraction in [0, 1) or a whole number of records, got {val_size!r}")
+    n_val = int(round(n * val_size)) if val_size < 1 else int(val_size)
+    n_val = max(1, n_val)
+    if n_val >= n:
+        raise MoleConfigError(f"data.val_size={val_size} leaves no training records out of {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    val = [r for i, r in enumerate(records) if i in val_idx]
+    return train, val

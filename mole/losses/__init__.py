@@ -1,0 +1,6 @@
+"""Losses: the LM objective and auxiliary routing terms, selected from ``conf/loss/``."""
+
+from mole.losses.lm import lm_loss
+from mole.losses.routing import BalanceLoss, balance_loss
+
+__all__ = ["BalanceLoss", "balance_loss", "lm_loss"]

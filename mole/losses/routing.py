@@ -1,0 +1,65 @@
+"""Auxiliary routing losses: pure functions of router statistics, plus the weighted terms the config builds.
+
+The total objective is ``L = L_lm + sum_terms weight * sum_routers L_term(router)`` — summed over routers
+as HMoRA eq. 13 does (SPEC §3). Padding tokens are excluded from every statistic.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from mole.routers.base import BalanceStats, RouterOutput
+from mole.utils.errors import MoleConfigError
+
+
+def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tensor:
+    """Switch load-balancing loss extended to top-k (HMoRA eq. 17-19; Fedus et al. 2022).
+
+    ``L = M * sum_i F_i * P_i``, with ``F_i`` the fraction of the ``k`` routing slots per token that went
+    to choice i (eq. 18) and ``P_i`` the mean router probability of choice i (eq. 19). Its minimum, 1,
+    is reached when routing is uniform.
+
+    Args:
+        stats: the routing decision (probabilities ``(N, M)``, chosen set ``(N, M)``, k).
+        token_mask: ``(N,)`` bool, the real (non-padding) tokens; ``None`` counts every row.
+    """
+    probs, selected = stats.probs, stats.selected
+    if token_mask is not None:
+        probs, selected = probs[token_mask], selected[token_mask]
+    n, m = probs.shape
+    if n == 0:
+        return probs.sum() * 0.0
+    frac = selected.float().sum(dim=0) / (stats.k * n)  # (M,) F_i, eq. 18
+    mean_prob = probs.mean(dim=0)  # (M,) P_i, eq. 19
+    return m * (frac * mean_prob).sum()
+
+
+class BalanceLoss:
+    """The ``loss.balance`` term: ``weight * sum`` of :func:`balance_loss` over every routing decision.
+
+    Routers expose what should be balanced (top-k expert choices, the MoR main router's choice of
+    sub-routers); soft routing exposes nothing, and the term is then 0 (with a warning).
+
+    Args:
+        weight: the coefficient (0.01 by default; HMoRA Sec. 4.1).
+    """
+
+    name = "balance"
+
+    def __init__(self, weight: float = 0.01):
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise MoleConfigError(f"loss.balance.weight must be a non-negative number, got {weight!r}")
+        self.weight = float(weight)
+        self._warned = False
+
+    def __call__(self, outputs: list[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+        terms = [balance_loss(s, token_mask) for out in outputs for s in out.balance]
+        if not terms:
+            if not self._warned and outputs:
+                warnings.warn("loss.balance: the routers expose no sparse choice to balance (soft routing); term is 0", stacklevel=2)
+                self._warned = True
+            return torch.zeros(())
+        return torch.stack(terms).sum()

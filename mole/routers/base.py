@@ -1,0 +1,103 @@
+"""The router contract: what every gating function returns, and the selection helpers they share.
+
+A router maps token features ``x`` of shape ``(N, d_in)`` to gates ``g`` of shape ``(N, E)``. Gates are
+*dense*: an expert that was not chosen has a gate of exactly 0, so the stacked expert computation
+``sum_i g_i B_i A_i x`` (see :mod:`mole.adapters.lora`) is exact for soft and sparse routers alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mole.utils.errors import MoleConfigError
+
+
+@dataclass
+class BalanceStats:
+    """One routing decision the balance loss acts on (HMoRA eq. 17-19).
+
+    Attributes:
+        probs: ``(N, M)`` router probabilities over the M choices (experts, or MoR sub-routers).
+        selected: ``(N, M)`` bool, the choices that took a routing slot for each token.
+        k: routing slots per token (the number of ``True`` per row of ``selected``).
+    """
+
+    probs: Tensor
+    selected: Tensor
+    k: int
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns for ``N`` tokens and ``E`` experts.
+
+    Attributes:
+        gates: ``(N, E)`` mixing weights; exactly 0 for experts that were not chosen.
+        probs: ``(N, E)`` the router's distribution over experts before selection (fp32).
+        selected: ``(N, E)`` bool mask of chosen experts, or ``None`` when every expert is active.
+        balance: the decisions a load-balancing loss should balance (empty for soft routing).
+    """
+
+    gates: Tensor
+    probs: Tensor
+    selected: Tensor | None = None
+    balance: list[BalanceStats] = field(default_factory=list)
+
+
+class Router(Protocol):
+    """Anything that maps ``(N, d_in)`` token features to a :class:`RouterOutput` over its experts."""
+
+    num_experts: int
+
+    def __call__(self, x: Tensor) -> RouterOutput: ...
+
+
+RENORMS = ("sum", "softmax")
+
+
+def check_top_k(top_k: int | None, num_experts: int, key: str = "router.top_k") -> None:
+    """Reject a top-k that is not a positive integer or exceeds the experts of a layer."""
+    if top_k is None:
+        return
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise MoleConfigError(f"{key} must be a positive integer or null, got {top_k!r}")
+    if top_k > num_experts:
+        raise MoleConfigError(
+            f"{key}={top_k} exceeds the number of experts ({num_experts}) in a layer; "
+            f"choose an experts layout with at least {top_k} experts per layer or a smaller {key}"
+        )
+
+
+def check_renorm(renorm: str, key: str = "router.renorm") -> None:
+    if renorm not in RENORMS:
+        raise MoleConfigError(f"{key} must be one of {list(RENORMS)}, got {renorm!r}")
+
+
+def keep_top_k(probs: Tensor, k: int, renorm: str) -> tuple[Tensor, Tensor]:
+    """Keep the k largest probabilities per row and renormalise them; zero the rest.
+
+    ``renorm="sum"`` divides the kept probabilities by their sum (MoR eq. 2, Mixtral); ``"softmax"``
+    applies a second softmax over the kept probabilities (HMoRA eq. 15-16: KeepTopK sets the others to
+    -inf before the softmax).
+
+    Args:
+        probs: ``(N, M)`` probabilities (rows sum to 1).
+        k: how many to keep.
+        renorm: ``"sum"`` or ``"softmax"``.
+
+    Returns:
+        ``(weights, selected)``: ``(N, M)`` renormalised weights, exactly 0 outside the kept set, and
+        the ``(N, M)`` bool mask of kept entries.
+    """
+    top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
+    if renorm == "sum":
+        top_w = top_vals / top_vals.sum(dim=-1, keepdim=True)
+    else:
+        top_w = torch.softmax(top_vals, dim=-1)
+    weights = torch.zeros_like(probs).scatter(-1, top_idx, top_w)  # (N, M)
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_idx, True)  # (N, M)
+    return weights, selected

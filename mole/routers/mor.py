@@ -1,0 +1,127 @@
+"""Mixture of Routers (MoR) and Consistent Routing Weighting (CRW).
+
+Source: Xia et al., "Mixture of Routers", arXiv:2503.23362.
+
+* ``n_routers`` sub-routers, each an independent Linear ``d_in -> E`` with its own softmax ``r^j``.
+* MoR (eq. 5-6): a main router ``R = softmax(W_R x)`` over the sub-routers weighs them; the expert
+  scores are ``F' = sum_j R^j / (sum_{j kept} R^j) * r^j`` over the sub-routers the main router keeps;
+  then the top-k experts are chosen from ``F'`` and renormalised as in eq. 2 (Algorithm 1, line 7).
+* CRW (eq. 7): every sub-router weighs ``1 / n_routers``; there is no main router.
+* A load-balancing loss on the main router keeps sub-router use balanced (Sec. 3.2).
+
+MoR is a plug-in: it replaces the router of any method. ``top_k=None`` keeps every expert (soft inner
+routing, as in LoRAMoE + MoR); an integer gives the top-k routing of MoLA + MoR.
+
+Decisions where the paper is silent, marked NOTE(deviation) below:
+
+* ``main_top_k=None`` (the default) keeps every sub-router, so eq. 6's denominator sums over all of them.
+  Eq. 6 writes the sum up to k; set ``main_top_k`` to keep only the main router's top ones.
+* The Switch balance loss (HMoRA eq. 17-19) on the main router counts, for ``F``, the main router's kept
+  sub-routers. When it keeps all of them, ``F`` would be uniform and the loss a constant with no
+  gradient, so ``F`` then counts each token's top-1 sub-router (Fedus et al.'s original top-1 form).
+* The sub-routers are computed as one stacked Linear ``d_in -> n_routers * E``: the same parameters and
+  initialisation distribution as ``n_routers`` separate Linears, in one matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mole.routers.base import BalanceStats, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.utils.errors import MoleConfigError
+
+
+class MoRRouter(nn.Module):
+    """Mixture of Routers over E experts.
+
+    Args:
+        in_features: width of the token features.
+        num_experts: number of experts E.
+        n_routers: number of sub-routers (the paper sweeps 2, 3, 4).
+        top_k: experts kept per token from the combined scores; ``None`` keeps all (soft).
+        renorm: renormalisation of the kept expert scores, ``"sum"`` or ``"softmax"``.
+        main_top_k: sub-routers the main router keeps per token; ``None`` keeps all.
+        expert_balance: also expose the expert choice to the balance loss (MoLA's own loss), besides
+            the main router's choice of sub-routers.
+        equal_weights: CRW (eq. 7): weigh sub-routers equally and build no main router.
+        dropout: dropout on the routers' input.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        n_routers: int = 2,
+        top_k: int | None = 2,
+        renorm: str = "sum",
+        main_top_k: int | None = None,
+        expert_balance: bool = False,
+        equal_weights: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if not isinstance(n_routers, int) or n_routers < 1:
+            raise MoleConfigError(f"router.n_routers must be a positive integer, got {n_routers!r}")
+        check_top_k(top_k, num_experts)
+        check_renorm(renorm)
+        if main_top_k is not None and not equal_weights:
+            check_top_k(main_top_k, n_routers, key="router.main_top_k")
+        self.num_experts, self.n_routers = num_experts, n_routers
+        self.top_k, self.renorm, self.main_top_k = top_k, renorm, main_top_k
+        self.expert_balance, self.equal_weights = expert_balance, equal_weights
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # all sub-routers in one matmul: (d_in) -> (n_routers * E)
+        self.sub_routers = nn.Linear(in_features, n_routers * num_experts, bias=False)
+        self.main_router = None if equal_weights else nn.Linear(in_features, n_routers, bias=False)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        n, R, E = x.shape[0], self.n_routers, self.num_experts
+        x = self.dropout(x)
+        # each sub-router's own distribution over experts
+        sub_probs = torch.softmax(self.sub_routers(x).float().view(n, R, E), dim=-1)  # (N, R, E)
+        balance: list[BalanceStats] = []
+        if self.equal_weights:
+            # CRW, eq. 7: F' = sum_j (1/R) r^j
+            scores = sub_probs.mean(dim=1)  # (N, E)
+        else:
+            main_probs = torch.softmax(self.main_router(x).float(), dim=-1)  # (N, R), eq. 5
+            if self.main_top_k is None or self.main_top_k == R:
+                weights = main_probs  # eq. 6 over all sub-routers (their weights already sum to 1)
+                # NOTE(deviation): top-1 slot for the balance loss, see the module docstring
+                _, chosen = keep_top_k(main_probs, 1, "sum")
+                balance.append(BalanceStats(main_probs, chosen, 1))
+            else:
+                weights, chosen = keep_top_k(main_probs, self.main_top_k, "sum")  # eq. 6
+                balance.append(BalanceStats(main_probs, chosen, self.main_top_k))
+            scores = torch.einsum("nr,nre->ne", weights, sub_probs)  # (N, E), eq. 6
+        if self.top_k is None:
+            return RouterOutput(gates=scores, probs=scores, balance=balance)
+        gates, selected = keep_top_k(scores, self.top_k, self.renorm)  # (N, E), Algorithm 1 line 7
+        if self.expert_balance or self.equal_weights:
+            balance.append(BalanceStats(scores, selected, self.top_k))
+        return RouterOutput(gates=gates, probs=scores, selected=selected, balance=balance)
+
+
+def CRWRouter(  # noqa: N802 - a constructor, named like the class it builds for `_target_`
+    in_features: int,
+    num_experts: int,
+    n_routers: int = 2,
+    top_k: int | None = 2,
+    renorm: str = "sum",
+    dropout: float = 0.0,
+) -> MoRRouter:
+    """Consistent Routing Weighting (MoR eq. 7): a :class:`MoRRouter` whose sub-routers weigh equally.
+
+    With no main router, the balance loss (if configured) acts on the expert choice, as in the method
+    CRW plugs into (MoLA's top-k balance loss).
+    """
+    return MoRRouter(
+        in_features,
+        num_experts,
+        n_routers=n_routers,
+        top_k=top_k,
+        renorm=renorm,
+        equal_weights=True,
+        dropout=dropout,
+    )

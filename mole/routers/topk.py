@@ -1,0 +1,53 @@
+"""Top-k routing (MoLA, MixLoRA; MoR eq. 2 and HMoRA eq. 15-16).
+
+``p = softmax(W_g x)``; keep the k largest entries of ``p``, set the rest to 0 and renormalise the kept
+ones, either by their sum (MoR eq. 2, Mixtral; ``renorm="sum"``) or by a second softmax over them
+(HMoRA eq. 15; ``renorm="softmax"``). The chosen set feeds the Switch-style balance loss (HMoRA eq. 17-19).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mole.routers.base import BalanceStats, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.utils.errors import MoleConfigError
+
+
+class TopKRouter(nn.Module):
+    """Sparse softmax routing to the k most probable experts.
+
+    Args:
+        in_features: width of the token features the router reads.
+        num_experts: number of experts E (at least ``top_k``).
+        top_k: experts per token.
+        renorm: ``"sum"`` (MoR eq. 2) or ``"softmax"`` (HMoRA eq. 15).
+        dropout: dropout on the router's input.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        top_k: int = 2,
+        renorm: str = "sum",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if top_k is None:
+            raise MoleConfigError("router.top_k must be set for router=topk (router=soft uses all experts)")
+        check_top_k(top_k, num_experts)
+        check_renorm(renorm)
+        self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate = nn.Linear(in_features, num_experts, bias=False)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        probs = torch.softmax(self.gate(self.dropout(x)).float(), dim=-1)  # (N, E)
+        gates, selected = keep_top_k(probs, self.top_k, self.renorm)  # (N, E), (N, E)
+        return RouterOutput(
+            gates=gates,
+            probs=probs,
+            selected=selected,
+            balance=[BalanceStats(probs, selected, self.top_k)],
+        )

@@ -1,0 +1,152 @@
+"""The training loop: one readable function, phases fenced with comments (nanochat / torchtune style)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mole.losses.lm import lm_loss
+from mole.model.routing import collect_routing
+from mole.training.args import TrainArgs
+
+log = logging.getLogger(__name__)
+
+AuxLoss = Callable[..., torch.Tensor]  # (router outputs, token mask) -> unweighted scalar; has .weight
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message says at which step."""
+
+
+@dataclass
+class TrainState:
+    """What the loop measured; written to ``metrics.json``."""
+
+    step: int = 0
+    train_loss: list[dict] = field(default_factory=list)  # per logged step: loss, lm_loss, aux terms, lr
+    val_loss: list[dict] = field(default_factory=list)  # per evaluation: step, loss
+    train_time_s: float = 0.0
+
+
+def loss_step(model: nn.Module, batch: dict, aux_losses: dict[str, AuxLoss]) -> tuple[torch.Tensor, dict]:
+    """Forward one micro-batch: LM loss plus the weighted auxiliary routing terms.
+
+    Returns ``(total loss, {"lm_loss": ..., "aux/<name>": unweighted value})`` with tensors, no syncs.
+    """
+    with collect_routing(model) as routing:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    lm = lm_loss(logits, batch["labels"])
+    parts = {"lm_loss": lm.detach()}
+    total = lm
+    if aux_losses:
+        # router rows are the batch's tokens in (B, T) order; padding is left out of every statistic
+        token_mask = batch["attention_mask"].reshape(-1).bool()  # (B*T,)
+        for name, term in aux_losses.items():
+            value = term(routing, token_mask).to(lm.device)
+            parts[f"aux/{name}"] = value.detach()
+            total = total + term.weight * value
+    return total, parts
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, loader: DataLoader | None) -> float | None:
+    """Token-weighted mean LM loss over the validation set (``None`` without one)."""
+    if loader is None:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += lm_loss(logits, batch["labels"], reduction="sum").item()
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    """Endless batches: epoch after epoch (a seeded sampler reshuffles each epoch)."""
+    while True:
+        yield from loader
+
+
+def total_steps(args: TrainArgs, num_batches: int) -> int:
+    if args.max_steps is not None:
+        return args.max_steps
+    return max(1, math.ceil(args.epochs * num_batches / args.grad_accum))
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    aux_losses: dict[str, AuxLoss],
+    args: TrainArgs,
+    accelerator,
+    num_steps: int,
+) -> TrainState:
+    """Run ``num_steps`` optimizer steps; evaluate validation loss at the start, every ``eval_every``
+    steps and at the end."""
+    state = TrainState()
+
+    def evaluate(step: int) -> None:
+        loss = validation_loss(model, val_loader)
+        if loss is not None:
+            state.val_loss.append({"step": step, "loss": loss})
+            log.info("step %d: val/loss %.4f", step, loss)
+
+    evaluate(0)
+    if num_steps == 0:
+        return state
+
+    model.train()
+    batches = _batches(train_loader)
+    bar = tqdm(total=num_steps, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in range(1, num_steps + 1):
+        # ---- single optimisation step: grad_accum micro-batches ----
+        sums: dict[str, float] = {}
+        for _ in range(args.grad_accum):
+            batch = next(batches)
+            loss, parts = loss_step(model, batch, aux_losses)
+            # each backward() adds to the gradients, so scale each micro-batch to average them
+            accelerator.backward(loss / args.grad_accum)
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum  # .item() syncs; once per micro-batch
+        if not math.isfinite(sums["loss"]):
+            bar.close()
+            raise NonFiniteLossError(
+                f"training loss became {sums['loss']} at step {step}; lower trainer.lr or check the data"
+            )
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step = step
+
+        # ---- logging (CPU only) ----
+        lr = scheduler.get_last_lr()[0]
+        record = {"step": step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr}
+        state.train_loss.append(record)
+        bar.update(1)
+        if step % args.log_every == 0 or step == num_steps:
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", lm=f"{sums['lm_loss']:.4f}", lr=f"{lr:.2e}")
+            log.info("step %d/%d: %s", step, num_steps, " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+
+        # ---- once in a while: validation loss (and always after the last step) ----
+        if step == num_steps or (args.eval_every and step % args.eval_every == 0):
+            evaluate(step)
+    bar.close()
+    state.train_time_s = time.perf_counter() - start
+    return state

@@ -1,0 +1,3 @@
+from mole.utils.errors import MoleConfigError
+
+__all__ = ["MoleConfigError"]

@@ -1,0 +1,166 @@
+"""mole-train / mole-eval / mole-params end to end on tiny_llama (in-process, and the real commands)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mole.model.state import load_adapter
+from mole.pipeline import build_mole_model, load_run_config, run_eval, run_train
+from mole.training.loop import loss_step
+from mole.utils.errors import MoleConfigError
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short mola_mor training run with lm-eval at the end (shared by the tests below)."""
+    from mole.config import compose_config
+
+    from conftest import TINY
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_config([*TINY, "trainer.max_steps=3", "trainer.lr=1e-2", "eval=fixtures", "eval.limit=4"])
+    metrics = run_train(cfg, run_dir)
+    return run_dir, metrics
+
+
+def test_run_directory_holds_config_adapter_metrics_and_log(trained_run):
+    run_dir, metrics = trained_run
+    assert {"config.yaml", "adapter.safetensors", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("trainable_params", "total_params", "trainable_percent", "train_loss", "val_loss", "eval"):
+        assert key in saved
+    assert saved["finished"] and saved["steps"] == 3 and len(saved["train_loss"]) == 3
+    assert [v["step"] for v in saved["val_loss"]] == [0, 3]
+    assert set(saved["eval"]) >= {"mole_mc", "mole_yesno"}
+    assert 0.0 <= saved["eval"]["mole_mc"]["acc,none"] <= 1.0
+    # only trainable weights are saved, and training moved them off the zero initialisation of B
+    state = load_file(run_dir / "adapter.safetensors")
+    assert state and all(".mole_" in k for k in state)
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in state.items())
+    # the resolved config is plain YAML that rebuilds the run
+    cfg = load_run_config(run_dir)
+    assert cfg.method_name == "mola_mor" and cfg.model.name == "tiny_llama"
+
+
+def test_saved_adapter_reloads_to_identical_outputs(trained_run):
+    run_dir, _ = trained_run
+    cfg = load_run_config(run_dir)
+    a, _, _ = build_mole_model(cfg)
+    load_adapter(a, run_dir / "adapter.safetensors")
+    cfg.seed = cfg.seed + 1  # different adapter/router initialisation before loading
+    b, _, _ = build_mole_model(cfg)
+    ids = torch.randint(0, 1000, (2, 11))
+    with torch.no_grad():
+        before = b(input_ids=ids).logits
+        load_adapter(b, run_dir / "adapter.safetensors")
+        after = b(input_ids=ids).logits
+    assert not torch.equal(before, after)  # the load did something
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if "base_layer" in k or "mole_" not in k}, strict=False)
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_mole_eval_rebuilds_the_run_and_writes_results(trained_run):
+    run_dir, metrics = trained_run
+    results = run_eval(run_dir, {"tasks": ["mole_yesno"], "limit": 4})
+    on_disk = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(on_disk["results"]) == {"mole_yesno"}
+    # same model, same data: the same accuracy as the evaluation at the end of training
+    assert results["results"]["mole_yesno"]["acc,none"] == metrics["eval"]["mole_yesno"]["acc,none"]
+
+
+def test_unknown_eval_task_is_a_clear_error(trained_run):
+    run_dir, _ = trained_run
+    with pytest.raises(MoleConfigError, match="eval.tasks"):
+        run_eval(run_dir, {"tasks": ["no_such_task"]})
+
+
+def test_max_steps_zero_writes_an_untrained_checkpoint(tiny_cfg, tmp_path):
+    metrics = run_train(tiny_cfg("trainer.max_steps=0"), tmp_path)
+    state = load_file(tmp_path / "adapter.safetensors")
+    assert metrics["steps"] == 0 and metrics["finished"]
+    assert all(v.abs().sum() == 0 for k, v in state.items() if k.endswith("lora_B"))
+    assert len(metrics["val_loss"]) == 1
+
+
+def test_finished_run_is_not_overwritten_without_force(tiny_cfg, tmp_path):
+    first = run_train(tiny_cfg("trainer.max_steps=1"), tmp_path)
+    again = run_train(tiny_cfg("trainer.max_steps=2"), tmp_path)
+    assert again["steps"] == first["steps"] == 1
+    forced = run_train(tiny_cfg("trainer.max_steps=2", "force=true"), tmp_path)
+    assert forced["steps"] == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "loramoe", "mola", "loramoe_mor", "mola_mor", "mola_crw"])
+def test_training_steps_lower_the_loss_on_a_repeated_batch(tiny_cfg, method):
+    from mole.data import Collator, encode_records, load_datasets
+    from mole.training.optim import build_optimizer
+    from mole.training import TrainArgs
+
+    cfg = tiny_cfg(f"method={method}", "trainer.lr=5e-3")
+    model, tok, _ = build_mole_model(cfg)
+    train, _ = load_datasets(cfg.data, seed=0)
+    batch = Collator(tok.pad_token_id)(encode_records(train[:4], tok, 256))
+    opt = build_optimizer(model, TrainArgs.from_config(cfg.trainer))
+    from mole.pipeline import build_aux_losses
+
+    aux = build_aux_losses(cfg)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss, parts = loss_step(model, batch, aux)
+        loss.backward()
+        # every trainable parameter receives a gradient
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        opt.step()
+        opt.zero_grad()
+        losses.append(parts["lm_loss"].item())
+    assert losses[-1] < losses[0]
+
+
+# ---- the real commands (subprocesses) ----
+
+
+def _run(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_mole_train_command_with_bad_data_path_exits_2_with_one_line(tmp_path):
+    proc = _run("mole.cli.train", "model=tiny_llama", "eval=none", f"data.path={tmp_path}/missing.json", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("mole-train: error:")]
+    assert "data.path" in line and "missing.json does not exist" in line
+
+
+def test_mole_params_command_prints_json(tmp_path):
+    proc = _run("mole.cli.params", "model=qwen2_1_5b", "method=lora", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["trainable"] == 9_232_384 and round(out["percent"], 2) == 0.60
+    assert len(out["layers"]) == 28 and out["layers"][0] == {"layer": 0, "experts": 1, "routers": 0, "adapted": 7}
+
+
+def test_mole_params_unknown_router_is_a_clear_error(tmp_path):
+    proc = _run("mole.cli.params", "router=nope", cwd=tmp_path)
+    assert proc.returncode == 2 and "router" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mole_train_and_eval_commands_on_tiny_llama(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run("mole.cli.train", "model=tiny_llama", "router=mor", "experts=mola_2468", "trainer.max_steps=2",
+                "eval.limit=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "train.log").is_file() and "step 2/2" in (run_dir / "train.log").read_text()
+    proc = _run("mole.cli.eval", f"checkpoint={run_dir}", "eval.tasks=[mole_mc]", "eval.limit=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mole_mc" in proc.stdout
+    assert set(json.loads((run_dir / "eval" / "results.json").read_text())["results"]) == {"mole_mc"}
