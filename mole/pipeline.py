@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +273,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
     """lm-eval-harness over the in-memory model; writes ``output_dir/results.json``."""
-    from mole.eval.harness import evaluate_model, format_table
+    from mole.eval.harness import evaluate_model
 
     tasks = list(eval_cfg.get("tasks") or [])
     if not tasks:
@@ -290,8 +289,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
         limit=eval_cfg.get("limit"),
         num_fewshot=eval_cfg.get("num_fewshot"),
     )
-    print(format_table(results))
-    return results
+    return results  # the harness logs the results table
 
 
 def load_run_config(checkpoint: str | Path) -> DictConfig:
@@ -319,6 +317,3 @@ def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = 
     load_adapter(model, run_dir / ADAPTER_FILE)
     return evaluate(model, tokenizer, eval_cfg, run_dir / "eval")
 
-
-# used by mole-params: build on meta for any model, no weights
-meta_model = partial(build_mole_model, meta=True)
