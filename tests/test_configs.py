@@ -72,3 +72,8 @@ def test_bad_trainer_values_name_the_key(key, value, message):
 
     with pytest.raises(MoleConfigError, match=message):
         TrainArgs.from_config(compose_config([*TINY, f"{key}={value}"]).trainer)
+
+
+def test_evaluate_config_composes():
+    cfg = compose_config(["checkpoint=/some/run", "eval.tasks=[mole_mc]", "eval.limit=3"], config_name="evaluate")
+    assert cfg.checkpoint == "/some/run" and list(cfg.eval.tasks) == ["mole_mc"] and cfg.eval.include_path is None

@@ -87,3 +87,15 @@ def test_bad_data_files_name_the_file_and_problem(tmp_path, content, message):
 def test_no_data_source_is_an_error(tiny_cfg):
     with pytest.raises(MoleConfigError, match="no training data"):
         load_datasets(tiny_cfg("data.path=null").data, seed=0)
+
+
+def test_hugging_face_datasets_path_maps_fields(tiny_cfg, tmp_path):
+    # the `datasets` builder route, offline: hf_name=json with data_files, columns renamed by data.fields
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([{"q": f"question {i}", "a": f"answer {i}"} for i in range(10)]))
+    cfg = tiny_cfg("data.path=null", "data.hf_name=json", f"+data.hf_kwargs.data_files={path}",
+                   "data.fields={instruction: q, output: a}", "data.val_size=2")
+    train, val = load_datasets(cfg.data, seed=0)
+    assert len(train) == 8 and len(val) == 2
+    assert {r["instruction"] for r in train + val} == {f"question {i}" for i in range(10)}
+    assert all(r["output"] == "answer " + r["instruction"].split()[-1] and r["input"] == "" for r in train)

@@ -64,3 +64,28 @@ def test_lora_r8_on_qwen2_1_5b_is_060_percent():
 def test_bad_method_config_is_a_clear_error(tiny_cfg, overrides, message):
     with pytest.raises(MoleConfigError, match=message):
         build_mole_model(tiny_cfg(*overrides), meta=True)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_injection_into_each_supported_family(model_type):
+    # tiny random models of each family, built from a config in-process
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mole.model.inject import inject_mole
+    from mole.adapters import LoRAExperts
+    from mole.routers import TopKRouter
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    inject_mole(model, experts_per_layer=[2, 4], targets=targets,
+                expert_factory=lambda **kw: LoRAExperts(**kw, rank=2),
+                router_factory=lambda **kw: TopKRouter(**kw, top_k=2))
+    assert len(mole_layers(model)) == 14
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -164,3 +164,15 @@ def test_mole_train_and_eval_commands_on_tiny_llama(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mole_mc" in proc.stdout
     assert set(json.loads((run_dir / "eval" / "results.json").read_text())["results"]) == {"mole_mc"}
+
+
+def test_mole_eval_without_a_valid_checkpoint_exits_2_and_writes_nothing(tmp_path):
+    proc = _run("mole.cli.eval", cwd=tmp_path)
+    assert proc.returncode == 2 and "checkpoint=DIR is required" in proc.stderr
+    missing = tmp_path / "no_run"
+    proc = _run("mole.cli.eval", f"checkpoint={missing}", cwd=tmp_path)
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr and not missing.exists()
+    (tmp_path / "empty_run").mkdir()
+    proc = _run("mole.cli.eval", f"checkpoint={tmp_path / 'empty_run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "config.yaml not found" in proc.stderr
+    assert list((tmp_path / "empty_run").iterdir()) == []

@@ -42,7 +42,7 @@ TEXTS = [
 def test_find_gguf_missing_names_package_and_install_command(monkeypatch):
     monkeypatch.delenv(S.GGUF_ENV_VAR, raising=False)
     monkeypatch.setattr(S.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(S.MoleConfigError) as info:
         S.find_gguf()
     msg = str(info.value)
     assert isinstance(info.value, S.SmolLM2NotFoundError)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
+from pathlib import Path
 
 from mole.utils.errors import MoleConfigError
 
@@ -19,10 +20,36 @@ def report_user_errors(prog: str) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except MoleConfigError as err:
-                logging.getLogger(prog).error("%s", err)
+                if logging.getLogger().handlers:  # into the run's log too, when there is one
+                    logging.getLogger(prog).error("%s", err)
                 print(f"{prog}: error: {err}", file=sys.stderr)
                 sys.exit(2)
 
         return inner
 
     return wrap
+
+
+def compose_from_argv(overrides: Sequence[str], config_name: str):
+    """Compose ``conf/<config_name>.yaml`` with command-line overrides; Hydra's errors become one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mole.config import compose_config
+
+    try:
+        return compose_config(list(overrides), config_name=config_name)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise MoleConfigError(str(err).splitlines()[0]) from None
+
+
+def log_to(console: bool = True, file: Path | None = None) -> None:
+    """Log INFO to stdout and, if given, to a file (what Hydra's job logging does for mole-train)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)] if console else []
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(file))
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s",
+                        handlers=handlers, force=True)
+    for noisy in ("lm_eval", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

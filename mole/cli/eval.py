@@ -4,30 +4,46 @@
     mole-eval checkpoint=DIR eval.tasks=[mole_mc] eval.limit=8
     mole-eval checkpoint=DIR eval.include_path=/my/tasks eval.tasks=[my_task]
 
-Writes ``DIR/eval/results.json`` (lm-eval's results format) and prints a table.
+Rebuilds the model from ``DIR/config.yaml`` and ``DIR/adapter.safetensors``; writes
+``DIR/eval/results.json`` (lm-eval's results format) and ``DIR/eval/eval.log``, and prints a table.
+Overrides use Hydra's syntax (composed from ``conf/evaluate.yaml``); nothing is written before the
+checkpoint is found valid.
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import sys
+from pathlib import Path
 
-from mole import CONF_DIR
-from mole.cli.common import report_user_errors
+from mole.cli.common import compose_from_argv, log_to, report_user_errors
 
 
-@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 @report_user_errors("mole-eval")
-def _app(cfg: DictConfig) -> None:
-    from mole.pipeline import run_eval
+def run(overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
 
+    from mole.pipeline import load_run_config, run_eval
+    from mole.utils.errors import MoleConfigError
+
+    cfg = compose_from_argv(overrides, "evaluate")
+    try:
+        checkpoint = Path(cfg.checkpoint)
+    except MissingMandatoryValue:
+        raise MoleConfigError("checkpoint=DIR is required: a run directory written by mole-train") from None
+    load_run_config(checkpoint)  # validate before writing anything into it
+    log_to(file=checkpoint / "eval" / "eval.log")
     # only the keys the user set override the run's own eval config
-    overrides = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if v is not None}
-    run_eval(cfg.checkpoint, overrides)
+    eval_overrides = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if v is not None}
+    return run_eval(checkpoint, eval_overrides)
 
 
-def main() -> None:
-    _app()
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return
+    run(args)
 
 
 if __name__ == "__main__":

@@ -12,22 +12,14 @@ from __future__ import annotations
 import json
 import sys
 
-from mole.cli.common import report_user_errors
+from mole.cli.common import compose_from_argv, report_user_errors
 
 
 @report_user_errors("mole-params")
 def run(overrides: list[str]) -> dict:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mole.config import compose_config
     from mole.pipeline import build_mole_model, parameter_report
-    from mole.utils.errors import MoleConfigError
 
-    try:
-        cfg = compose_config(overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise MoleConfigError(str(err).splitlines()[0]) from None
+    cfg = compose_from_argv(overrides, "train")
     model, _, report = build_mole_model(cfg, meta=True)
     out = {"model": cfg.model.get("name"), "method": cfg.get("method_name"), **parameter_report(model, report)}
     print(json.dumps(out, indent=1))

@@ -42,7 +42,8 @@ def load_datasets(data_cfg: DictConfig, seed: int):
         records = [r for p in paths for r in read_records(p, "data.path")]
     elif data_cfg.get("hf_name"):
         fields = OmegaConf.to_container(data_cfg.get("fields") or {}) or {k: k for k in ("instruction", "input", "output", "answer")}
-        records = load_hf_records(data_cfg.hf_name, data_cfg.get("hf_config"), data_cfg.get("hf_split", "train"), fields)
+        kwargs = OmegaConf.to_container(data_cfg.get("hf_kwargs") or {}, resolve=True)
+        records = load_hf_records(data_cfg.hf_name, data_cfg.get("hf_config"), data_cfg.get("hf_split", "train"), fields, kwargs)
     else:
         raise MoleConfigError("no training data: set data.path=FILE (LLM-Adapters JSON) or data.hf_name=NAME")
     limit = data_cfg.get("max_records")

@@ -66,12 +66,18 @@ def read_records(path: str | Path, key: str = "data.path") -> list[dict[str, str
     return _check_records(records, where)
 
 
-def load_hf_records(name: str, config: str | None, split: str, fields: dict[str, str]) -> list[dict[str, str]]:
-    """Records from a Hugging Face dataset (needs the Hub unless cached), mapped by ``data.fields``."""
+def load_hf_records(
+    name: str, config: str | None, split: str, fields: dict[str, str], kwargs: dict | None = None
+) -> list[dict[str, str]]:
+    """Records from ``datasets.load_dataset(name, config, split=split, **kwargs)``, mapped by ``data.fields``.
+
+    A Hub name needs the network (or a filled ``datasets`` cache); a builder such as ``json`` with
+    ``data.hf_kwargs.data_files`` works offline.
+    """
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, **(kwargs or {}))
     except Exception as err:  # noqa: BLE001 - datasets raises many types; report one line
         raise MoleConfigError(
             f"data.hf_name={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
