@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-all params clean
+.PHONY: help setup train test test-slow test-all lint params clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test-slow: setup ## tests marked slow (the real SmolLM2 model)
 
 test-all: setup ## every CPU test, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+lint: setup ## ruff over the code and tests
+	$(BIN)/ruff check mole tests scripts
 
 params: setup ## trainable parameters without weights, e.g. make params ARGS="model=qwen2_1_5b method=lora"
 	$(BIN)/mole-params $(ARGS)

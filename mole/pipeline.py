@@ -113,7 +113,7 @@ def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[st
         "percent": round(100.0 * trainable / base, 4),
         "layers": [
             {"layer": i, "experts": e, "routers": r, "adapted": len(report.adapted.get(i, []))}
-            for i, (e, r) in enumerate(zip(report.experts_per_layer, report.routers_per_layer))
+            for i, (e, r) in enumerate(zip(report.experts_per_layer, report.routers_per_layer, strict=True))
         ],
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from mole import CONF_DIR
 from mole.config import compose_config
@@ -12,8 +13,6 @@ from mole.data import load_datasets
 from mole.model.inject import mole_layers
 from mole.pipeline import build_aux_losses, build_mole_model
 from mole.training import TrainArgs
-
-from conftest import TINY
 
 GROUPS = ["model", "method", "router", "experts", "adapter", "loss", "data", "trainer", "eval", "distributed", "paths"]
 # options that need a partner choice to make sense on their own

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from mole.data import IGNORE_INDEX, Collator, encode_records, fixture_path, format_prompt, load_datasets, read_records, split_validation
+from mole.data import (
+    IGNORE_INDEX,
+    Collator,
+    encode_records,
+    fixture_path,
+    format_prompt,
+    load_datasets,
+    read_records,
+    split_validation,
+)
 from mole.data.collate import encode_record
 from mole.model.tokenizer import byte_tokenizer
 from mole.utils.errors import MoleConfigError

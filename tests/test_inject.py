@@ -72,8 +72,8 @@ def test_injection_into_each_supported_family(model_type):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mole.model.inject import inject_mole
     from mole.adapters import LoRAExperts
+    from mole.model.inject import inject_mole
     from mole.routers import TopKRouter
 
     cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

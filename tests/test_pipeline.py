@@ -20,9 +20,9 @@ from mole.utils.errors import MoleConfigError
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One short mola_mor training run with lm-eval at the end (shared by the tests below)."""
-    from mole.config import compose_config
-
     from conftest import TINY
+
+    from mole.config import compose_config
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose_config([*TINY, "trainer.max_steps=3", "trainer.lr=1e-2", "eval=fixtures", "eval.limit=4"])
@@ -101,8 +101,8 @@ def test_finished_run_is_not_overwritten_without_force(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("method", ["lora", "loramoe", "mola", "loramoe_mor", "mola_mor", "mola_crw"])
 def test_training_steps_lower_the_loss_on_a_repeated_batch(tiny_cfg, method):
     from mole.data import Collator, encode_records, load_datasets
-    from mole.training.optim import build_optimizer
     from mole.training import TrainArgs
+    from mole.training.optim import build_optimizer
 
     cfg = tiny_cfg(f"method={method}", "trainer.lr=5e-3")
     model, tok, _ = build_mole_model(cfg)
@@ -176,3 +176,17 @@ def test_mole_eval_without_a_valid_checkpoint_exits_2_and_writes_nothing(tmp_pat
     proc = _run("mole.cli.eval", f"checkpoint={tmp_path / 'empty_run'}", cwd=tmp_path)
     assert proc.returncode == 2 and "config.yaml not found" in proc.stderr
     assert list((tmp_path / "empty_run").iterdir()) == []
+
+
+def test_mole_train_multirun_sweep_runs_every_job(tmp_path):
+    env_out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOLE_OUTPUT_DIR": str(env_out)}
+    proc = subprocess.run([sys.executable, "-m", "mole.cli.train", "-m", "model=tiny_llama", "eval=none",
+                           "trainer.max_steps=1", "method=mola,lora"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p.name for p in (env_out / "sweeps" / "multirun").iterdir() if p.is_dir())
+    assert [j.split("method=")[1].split(",")[0] for j in jobs] == ["lora", "mola"]
+    for job in jobs:
+        metrics = json.loads((env_out / "sweeps" / "multirun" / job / "metrics.json").read_text())
+        assert metrics["finished"] and metrics["steps"] == 1

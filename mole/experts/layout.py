@@ -60,7 +60,7 @@ def expand_layout(
         key = "experts.num_experts"
     elif groups is not None:
         groups = list(groups)
-        counts = [c for c, size in zip(groups, split_groups(num_layers, len(groups))) for _ in range(size)]
+        counts = [c for c, size in zip(groups, split_groups(num_layers, len(groups)), strict=True) for _ in range(size)]
         key = "experts.groups"
     else:
         counts = list(per_layer)

@@ -78,7 +78,7 @@ def inject_mole(
         )
 
     report = InjectionReport(experts_per_layer=list(experts_per_layer))
-    for idx, (layer, num_experts) in enumerate(zip(layers, experts_per_layer)):
+    for idx, (layer, num_experts) in enumerate(zip(layers, experts_per_layer, strict=True)):
         # collect first, then replace: never mutate a module tree while iterating it
         found = [
             (name, m)
