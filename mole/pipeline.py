@@ -254,6 +254,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
         "train_time_s": round(state.train_time_s, 3),
+        "val_time_s": round(state.eval_time_s, 3),
         "time_per_step_s": round(state.train_time_s / state.step, 4) if state.step else None,
         "versions": _versions(),
     }

@@ -53,3 +53,12 @@ def log_to(console: bool = True, file: Path | None = None) -> None:
                         handlers=handlers, force=True)
     for noisy in ("lm_eval", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(doc: str, run: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
+    """A compose-based command's entry point: ``-h``/``--help`` prints its docstring, else ``run(argv)``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(doc)
+        return
+    run(args)

@@ -12,10 +12,9 @@ checkpoint is found valid.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from mole.cli.common import compose_from_argv, log_to, report_user_errors
+from mole.cli.common import compose_from_argv, log_to, report_user_errors, run_main
 
 
 @report_user_errors("mole-eval")
@@ -39,11 +38,7 @@ def run(overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return
-    run(args)
+    run_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

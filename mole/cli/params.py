@@ -10,9 +10,8 @@ per layer the number of experts, routers and adapted modules.
 from __future__ import annotations
 
 import json
-import sys
 
-from mole.cli.common import compose_from_argv, report_user_errors
+from mole.cli.common import compose_from_argv, report_user_errors, run_main
 
 
 @report_user_errors("mole-params")
@@ -27,11 +26,7 @@ def run(overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return
-    run(args)
+    run_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

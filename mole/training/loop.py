@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mole.losses.lm import lm_loss
 from mole.model.routing import collect_routing
@@ -33,7 +34,8 @@ class TrainState:
     step: int = 0
     train_loss: list[dict] = field(default_factory=list)  # per logged step: loss, lm_loss, aux terms, lr
     val_loss: list[dict] = field(default_factory=list)  # per evaluation: step, loss
-    train_time_s: float = 0.0
+    train_time_s: float = 0.0  # optimisation steps only (forward, backward, optimizer)
+    eval_time_s: float = 0.0  # validation-loss passes
 
 
 def loss_step(model: nn.Module, batch: dict, aux_losses: dict[str, AuxLoss]) -> tuple[torch.Tensor, dict]:
@@ -100,7 +102,9 @@ def train(
     state = TrainState()
 
     def evaluate(step: int) -> None:
+        start = time.perf_counter()
         loss = validation_loss(model, val_loader)
+        state.eval_time_s += time.perf_counter() - start
         if loss is not None:
             state.val_loss.append({"step": step, "loss": loss})
             log.info("step %d: val/loss %.4f", step, loss)
@@ -111,42 +115,41 @@ def train(
 
     model.train()
     batches = _batches(train_loader)
-    bar = tqdm(total=num_steps, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(1, num_steps + 1):
-        # ---- single optimisation step: grad_accum micro-batches ----
-        sums: dict[str, float] = {}
-        for _ in range(args.grad_accum):
-            batch = next(batches)
-            loss, parts = loss_step(model, batch, aux_losses)
-            # each backward() adds to the gradients, so scale each micro-batch to average them
-            accelerator.backward(loss / args.grad_accum)
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum  # .item() syncs; once per micro-batch
-        if not math.isfinite(sums["loss"]):
-            bar.close()
-            raise NonFiniteLossError(
-                f"training loss became {sums['loss']} at step {step}; lower trainer.lr or check the data"
-            )
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step = step
+    progress = tqdm(total=num_steps, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    # logging_redirect_tqdm: console log lines go above the progress bar instead of through it
+    with progress as bar, logging_redirect_tqdm():
+        for step in range(1, num_steps + 1):
+            # ---- single optimisation step: grad_accum micro-batches ----
+            step_start = time.perf_counter()
+            sums: dict[str, float] = {}
+            for _ in range(args.grad_accum):
+                batch = next(batches)
+                loss, parts = loss_step(model, batch, aux_losses)
+                # each backward() adds to the gradients, so scale each micro-batch to average them
+                accelerator.backward(loss / args.grad_accum)
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum  # .item() syncs; once per micro-batch
+            if not math.isfinite(sums["loss"]):
+                raise NonFiniteLossError(
+                    f"training loss became {sums['loss']} at step {step}; lower trainer.lr or check the data"
+                )
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step
+            state.train_time_s += time.perf_counter() - step_start
 
-        # ---- logging (CPU only) ----
-        lr = scheduler.get_last_lr()[0]
-        record = {"step": step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr}
-        state.train_loss.append(record)
-        bar.update(1)
-        if step % args.log_every == 0 or step == num_steps:
-            bar.set_postfix(loss=f"{sums['loss']:.4f}", lm=f"{sums['lm_loss']:.4f}", lr=f"{lr:.2e}")
-            log.info("step %d/%d: %s", step, num_steps, " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+            # ---- logging (CPU only) ----
+            lr = scheduler.get_last_lr()[0]
+            state.train_loss.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr})
+            bar.update(1)
+            if step % args.log_every == 0 or step == num_steps:
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", lm=f"{sums['lm_loss']:.4f}", lr=f"{lr:.2e}")
+                log.info("step %d/%d: %s", step, num_steps, " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
 
-        # ---- once in a while: validation loss (and always after the last step) ----
-        if step == num_steps or (args.eval_every and step % args.eval_every == 0):
-            evaluate(step)
-    bar.close()
-    state.train_time_s = time.perf_counter() - start
+            # ---- once in a while: validation loss (and always after the last step) ----
+            if step == num_steps or (args.eval_every and step % args.eval_every == 0):
+                evaluate(step)
     return state
