@@ -190,3 +190,12 @@ def test_mole_train_multirun_sweep_runs_every_job(tmp_path):
     for job in jobs:
         metrics = json.loads((env_out / "sweeps" / "multirun" / job / "metrics.json").read_text())
         assert metrics["finished"] and metrics["steps"] == 1
+
+
+def test_builtin_lm_eval_task_offline_is_a_clear_error(trained_run, monkeypatch):
+    # arc_easy is one of lm-eval's own tasks: it is found, but its data needs the Hub
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir, _ = trained_run
+    with pytest.raises(MoleConfigError, match=r"eval.tasks: \['arc_easy'\] are lm-eval's built-in tasks.*not reachable"):
+        run_eval(run_dir, {"tasks": ["arc_easy"], "limit": 2})

@@ -13,9 +13,9 @@ Hub, so evaluation never names a Hub dataset or a Hub model:
   model: the model stays on the device and in the dtype the caller left it in.
 * **Tasks.** Tasks are local YAML files with ``dataset_path: json`` and
   ``dataset_kwargs: {data_files: {...}}``, so ``datasets`` reads local JSON files and no
-  download is attempted. lm-eval's built-in task names point at Hub datasets, so they are
-  not indexed unless asked for (``include_defaults=True``, useful only where the Hub or a
-  filled ``datasets`` cache is reachable).
+  download is attempted. lm-eval's built-in task names point at Hub datasets: they are
+  indexed only when a requested task is not local (``include_defaults=None``, the default),
+  and then need the Hub or a filled ``datasets`` cache; offline, that ends in one clear error.
 * **Shipped tasks.** ``mole/eval/tasks/*.yaml`` are *templates*: ``data_files`` must be
   absolute paths while the checkout's location varies, so the templates carry the token
   ``@FIXTURES_DIR@`` (no clash with the Jinja that lm-eval itself evaluates in
@@ -211,6 +211,21 @@ def _tie_weights_disabled(model: Any) -> Iterator[None]:
             object.__setattr__(model, "tie_weights", own)
 
 
+@contextlib.contextmanager
+def _hub_errors_explained(builtin_tasks: list[str]) -> Iterator[None]:
+    """A built-in lm-eval task whose dataset cannot be fetched (offline) ends in one clear line."""
+    try:
+        yield
+    except ConnectionError as err:
+        if not builtin_tasks:
+            raise
+        raise MoleConfigError(
+            f"eval.tasks: {builtin_tasks} are lm-eval's built-in tasks, whose data comes from the Hugging Face "
+            f"Hub, which is not reachable ({str(err).splitlines()[0]}); offline, use the shipped tasks "
+            f"{list(SHIPPED_TASKS)} or eval.include_path with task YAMLs over local files"
+        ) from None
+
+
 def _is_task_yaml_file(spec: str) -> bool:
     # lm-eval also accepts the path of a task YAML file as a task name.
     return spec.endswith((".yaml", ".yml")) and Path(spec).expanduser().is_file()
@@ -228,7 +243,7 @@ def evaluate_model(
     num_fewshot: int | None = None,
     max_length: int | None = None,
     fixtures_dir: str | Path | None = None,
-    include_defaults: bool = False,
+    include_defaults: bool | None = None,
 ) -> dict:
     """Run lm-eval tasks on an in-memory HF causal LM, offline; write ``results.json``.
 
@@ -251,8 +266,9 @@ def evaluate_model(
             ``*_train.json`` fixtures); ``None`` keeps each task's default (0).
         max_length: Context length; ``None`` takes ``config.max_position_embeddings``.
         fixtures_dir: Data directory for the shipped tasks (default ``mole/data/fixtures``).
-        include_defaults: Also index lm-eval's built-in tasks (they fetch Hub datasets, so
-            this only helps where the Hub or a filled ``datasets`` cache is reachable).
+        include_defaults: Index lm-eval's built-in tasks too: ``None`` (default) only when a
+            requested task is not local; ``True`` always; ``False`` never. Built-in tasks fetch
+            Hub datasets, so they need the Hub or a filled ``datasets`` cache.
 
     Returns:
         The lm-eval results dict, made JSON-serialisable the way lm-eval writes its own
@@ -283,13 +299,22 @@ def evaluate_model(
     user_paths = _as_path_list(include_path)
     rendered = render_shipped_tasks(output_dir / RENDERED_TASKS_SUBDIR, fixtures_dir)
     # Later include paths override earlier ones in lm-eval 0.4.x, so user tasks win.
-    task_manager = TaskManager(
-        include_path=[str(rendered), *map(str, user_paths)],
-        include_defaults=include_defaults,
-    )
+    paths = [str(rendered), *map(str, user_paths)]
+    task_manager = TaskManager(include_path=paths, include_defaults=bool(include_defaults))
 
-    known = set(task_manager.all_tasks)
-    unknown = [t for t in task_names if t not in known and not _is_task_yaml_file(t)]
+    def unknown_in(manager: Any) -> list[str]:
+        known = set(manager.all_tasks)
+        return [t for t in task_names if t not in known and not _is_task_yaml_file(t)]
+
+    unknown = unknown_in(task_manager)
+    builtin = []
+    if unknown and include_defaults is None:
+        # Not a local task: index lm-eval's built-in tasks too (~10-20 s), so standard names such as
+        # arc_easy work for users who are online (their data comes from the Hugging Face Hub).
+        task_manager = TaskManager(include_path=paths, include_defaults=True)
+        builtin, unknown = unknown, unknown_in(task_manager)
+        include_defaults = True
+    builtin = [t for t in builtin if t not in unknown]
     if unknown:
         where = "the shipped tasks" + (
             f" or eval.include_path ({', '.join(map(str, user_paths))})" if user_paths else ""
@@ -319,7 +344,7 @@ def evaluate_model(
                 batch_size=batch_size,
                 max_length=max_length,
             )
-        with _preserve_rng_state():
+        with _preserve_rng_state(), _hub_errors_explained(builtin):
             raw = simple_evaluate(
                 model=lm,
                 tasks=task_names,
