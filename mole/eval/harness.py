@@ -307,19 +307,19 @@ def evaluate_model(
         return [t for t in task_names if t not in known and not _is_task_yaml_file(t)]
 
     unknown = unknown_in(task_manager)
-    builtin = []
+    builtin: list[str] = []  # requested tasks found only among lm-eval's built-in ones
     if unknown and include_defaults is None:
         # Not a local task: index lm-eval's built-in tasks too (~10-20 s), so standard names such as
         # arc_easy work for users who are online (their data comes from the Hugging Face Hub).
         task_manager = TaskManager(include_path=paths, include_defaults=True)
-        builtin, unknown = unknown, unknown_in(task_manager)
-        include_defaults = True
-    builtin = [t for t in builtin if t not in unknown]
+        still_unknown = unknown_in(task_manager)
+        builtin = [t for t in unknown if t not in still_unknown]
+        unknown = still_unknown
     if unknown:
         where = "the shipped tasks" + (
             f" or eval.include_path ({', '.join(map(str, user_paths))})" if user_paths else ""
         )
-        builtins = "" if include_defaults else "; lm-eval's built-in tasks are not indexed"
+        builtins = "; lm-eval's built-in tasks are not indexed" if include_defaults is False else ""
         raise MoleConfigError(
             f"unknown lm-eval task(s) in eval.tasks: {unknown}; not found in {where}. "
             f"Available local tasks: {_local_task_names(task_manager)}. Fix eval.tasks, or set "

@@ -32,7 +32,7 @@ class TrainState:
     """What the loop measured; written to ``metrics.json``."""
 
     step: int = 0
-    train_loss: list[dict] = field(default_factory=list)  # per logged step: loss, lm_loss, aux terms, lr
+    train_loss: list[dict] = field(default_factory=list)  # every step: loss, lm_loss, aux terms, lr
     val_loss: list[dict] = field(default_factory=list)  # per evaluation: step, loss
     train_time_s: float = 0.0  # optimisation steps only (forward, backward, optimizer)
     eval_time_s: float = 0.0  # validation-loss passes
