@@ -55,7 +55,20 @@ def _factory(node: DictConfig, group: str):
         except TypeError as err:
             raise MoleConfigError(f"{group}: {err} (check the keys under `{group}`)") from None
 
+    call.accepts = _keyword_names(made)  # type: ignore[attr-defined]
     return call
+
+
+def _keyword_names(fn) -> tuple[str, ...]:
+    import inspect
+
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+PLACEMENT_KEYS = ("placement", "level")  # read by the injector, not passed to the router's constructor
 
 
 def inject_from_config(model: torch.nn.Module, cfg: DictConfig) -> InjectionReport:
@@ -68,12 +81,18 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig) -> InjectionRepo
         groups=ex.get("groups"),
         per_layer=ex.get("per_layer"),
     )
+    router_node = OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in PLACEMENT_KEYS])
+    share = ex.get("share_groups")
     return inject_mole(
         model,
         experts_per_layer=layout,
-        targets=list(ex.targets),
+        targets=list(ex.targets or []),
+        single_targets=list(ex.get("single_targets") or []),
         expert_factory=_factory(cfg.adapter, "adapter"),
-        router_factory=_factory(cfg.router, "router"),
+        router_factory=_factory(router_node, "router"),
+        placement=cfg.router.get("placement", "linear"),
+        level=cfg.router.get("level", "token"),
+        **({"share_groups": [list(g) for g in share]} if share else {}),
     )
 
 

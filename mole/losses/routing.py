@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from mole.routers.base import BalanceStats, RouterOutput
+from mole.routers.base import BalanceStats, RouterOutput, real_rows
 from mole.utils.errors import MoleConfigError
 
 
@@ -26,9 +26,8 @@ def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tenso
         stats: the routing decision (probabilities ``(N, M)``, chosen set ``(N, M)``, k).
         token_mask: ``(N,)`` bool, the real (non-padding) tokens; ``None`` counts every row.
     """
-    probs, selected = stats.probs, stats.selected
-    if token_mask is not None:
-        probs, selected = probs[token_mask], selected[token_mask]
+    probs = real_rows(stats.probs, stats.level, token_mask)
+    selected = real_rows(stats.selected, stats.level, token_mask)
     n, m = probs.shape
     if n == 0:
         return probs.sum() * 0.0

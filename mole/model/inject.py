@@ -40,6 +40,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+DEFAULT_SHARE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def inject_mole(
     model: nn.Module,
     *,
@@ -47,35 +50,71 @@ def inject_mole(
     targets: Sequence[str],
     expert_factory: Callable[..., nn.Module],
     router_factory: Callable[..., nn.Module | None],
+    single_targets: Sequence[str] = (),
+    placement: str = "linear",
+    level: str = "token",
+    share_groups: Sequence[Sequence[str]] = DEFAULT_SHARE_GROUPS,
 ) -> InjectionReport:
     """Adapt ``targets`` in every decoder layer and freeze everything else.
 
     Args:
         model: a Hugging Face causal LM, modified in place.
         experts_per_layer: E for each decoder layer (from :func:`mole.experts.expand_layout`).
-        targets: attribute names of the Linears to adapt (``experts.targets``).
+        targets: attribute names of the Linears that get a mixture of experts (``experts.targets``).
         expert_factory: ``(in_features, out_features, num_experts) -> experts`` (``adapter`` config).
-        router_factory: ``(in_features, num_experts) -> router or None`` (``router`` config).
+        router_factory: ``(in_features, num_experts, **extra) -> router or None`` (``router`` config);
+            ``extra`` holds ``layer_idx``, ``num_layers`` and ``context`` when the factory accepts them
+            (its ``accepts`` attribute lists its keyword arguments).
+        single_targets: Linears that get one plain expert and no router (HMoRA's "single LoRA" on
+            o_proj and down_proj; MixLoRA's attention LoRA).
+        placement: ``linear`` (a router per Linear), ``shared`` (Linears reading the same input share
+            one, ``share_groups``) or ``layer`` (one router per transformer layer over all its experts);
+            see :mod:`mole.routers.placement`.
+        level: ``token`` or ``instance`` (one decision per sequence from mean-pooled features).
+        share_groups: the Linears that read the same input, for ``placement="shared"``.
 
     Returns:
         An :class:`InjectionReport`.
     """
+    from mole.model.context import install_context
+    from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
+
+    check_placement(placement, level)
     layers = decoder_layers(model)
     if len(experts_per_layer) != len(layers):
         raise MoleConfigError(
             f"experts layout gives {len(experts_per_layer)} layers but the model has {len(layers)}"
         )
-    targets = list(targets)
-    if not targets:
+    targets, single_targets = list(targets), list(single_targets)
+    if not targets and not single_targets:
         raise MoleConfigError("experts.targets is empty; list the Linear modules to adapt, e.g. [q_proj, v_proj]")
+    overlap = sorted(set(targets) & set(single_targets))
+    if overlap:
+        raise MoleConfigError(f"experts.single_targets {overlap} are also in experts.targets; a module is one or the other")
     available = sorted(
         {name.rsplit(".", 1)[-1] for name, m in layers[0].named_modules() if isinstance(m, nn.Linear)}
     )
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise MoleConfigError(
-            f"experts.targets: {missing} not found in {type(model).__name__}; its Linear modules are {available}"
-        )
+    for key, names in (("experts.targets", targets), ("experts.single_targets", single_targets)):
+        missing = [t for t in names if t not in available]
+        if missing:
+            raise MoleConfigError(
+                f"{key}: {missing} not found in {type(model).__name__}; its Linear modules are {available}"
+            )
+
+    context = install_context(model)
+    accepts = set(getattr(router_factory, "accepts", ()))
+    num_layers = len(layers)
+
+    def make_router(idx: int, in_features: int, num_experts: int) -> nn.Module | None:
+        extra = {"layer_idx": idx, "num_layers": num_layers, "context": context}
+        router = router_factory(in_features=in_features, num_experts=num_experts,
+                                **{k: v for k, v in extra.items() if k in accepts})
+        if router is not None and level == "instance":
+            router = InstanceRouter(router, context)
+        return router
+
+    def place(module: nn.Module, like: nn.Linear) -> nn.Module:
+        return module.to(device=like.weight.device, dtype=like.weight.dtype)
 
     report = InjectionReport(experts_per_layer=list(experts_per_layer))
     for idx, (layer, num_experts) in enumerate(zip(layers, experts_per_layer, strict=True)):
@@ -83,26 +122,58 @@ def inject_mole(
         found = [
             (name, m)
             for name, m in layer.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in (*targets, *single_targets)
         ]
         routers = 0
+        shared: dict[str, SharedRouter] = {}
+        layer_router = LayerRouter(context) if placement == "layer" else None
         for name, linear in found:
-            router = router_factory(in_features=linear.in_features, num_experts=num_experts)
-            experts = expert_factory(
-                in_features=linear.in_features, out_features=linear.out_features, num_experts=num_experts
-            )
-            experts.to(device=linear.weight.device, dtype=linear.weight.dtype)
-            if router is not None:
-                router.to(device=linear.weight.device, dtype=linear.weight.dtype)
-                routers += 1
+            short = name.rsplit(".", 1)[-1]
+            single = short in single_targets
+            n_exp = 1 if single else num_experts
+            experts = place(expert_factory(in_features=linear.in_features, out_features=linear.out_features,
+                                           num_experts=n_exp), linear)
+            router, source = None, None
+            if single:
+                pass
+            elif placement == "layer":
+                source = layer_router.claim(n_exp)
+            elif placement == "shared" and any(short in g for g in share_groups):
+                key = "_".join(next(g for g in share_groups if short in g))
+                if key not in shared:
+                    made = make_router(idx, linear.in_features, n_exp)
+                    if made is None:
+                        raise MoleConfigError("router.placement=shared needs a router (router=none builds none)")
+                    shared[key] = SharedRouter(place(made, linear), context)
+                    routers += 1
+                source = shared[key]
+            else:
+                router = make_router(idx, linear.in_features, n_exp)
+                if router is not None:
+                    place(router, linear)
+                    routers += 1
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, child, MoLELinear(linear, experts, router))
+            setattr(parent, child, MoLELinear(linear, experts, router, gate_source=source))
+        if shared:
+            layer.mole_shared_routers = nn.ModuleDict(shared)
+        if layer_router is not None and layer_router.num_experts:
+            first = found[0][1]
+            layer_router.build(lambda **kw: make_router(idx, **kw), in_features=_hidden_size(model, first))
+            place(layer_router, first)
+            layer_router.attach(layer)
+            layer.mole_layer_router = layer_router
+            routers += 1
         report.adapted[idx] = [n for n, _ in found]
         report.routers_per_layer.append(routers)
 
     mark_trainable(model)
     return report
+
+
+def _hidden_size(model: nn.Module, fallback: nn.Linear) -> int:
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    return int(size) if size else fallback.in_features
 
 
 def mark_trainable(model: nn.Module) -> None:

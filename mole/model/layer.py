@@ -8,10 +8,17 @@ for a single expert). Every trainable parameter lives under an attribute startin
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from torch import Tensor, nn
 
-from mole.adapters.lora import LoRAExperts
 from mole.routers.base import Router, RouterOutput
+
+
+class GateSource(Protocol):
+    """Gates computed outside the layer: a shared router or a slice of a per-layer router."""
+
+    def route(self, flat: Tensor, x: Tensor) -> Tensor: ...
 
 
 class MoLELinear(nn.Module):
@@ -19,15 +26,20 @@ class MoLELinear(nn.Module):
 
     Args:
         base: the frozen Linear of the base model (kept as ``base_layer``).
-        experts: the layer's experts.
-        router: the gating function, or ``None`` when there is a single expert.
+        experts: the layer's experts: ``experts(x (N, d_in), gates (N, E) or None) -> (N, d_out)``.
+        router: the layer's own gating function, or ``None`` when there is a single expert or the
+            gates come from ``gate_source``.
+        gate_source: gates computed elsewhere (router sharing, one router per transformer layer, see
+            :mod:`mole.routers.placement`); held by reference, its parameters live with its owner.
     """
 
-    def __init__(self, base: nn.Linear, experts: LoRAExperts, router: Router | None):
+    def __init__(self, base: nn.Linear, experts: nn.Module, router: Router | None = None,
+                 gate_source: GateSource | None = None):
         super().__init__()
         self.base_layer = base
         self.mole_experts = experts
         self.mole_router = router
+        object.__setattr__(self, "gate_source", gate_source)  # not a submodule: owned elsewhere
         self.in_features, self.out_features = base.in_features, base.out_features
         # while a list, every forward appends its RouterOutput here (see mole.model.routing)
         self.routing_sink: list[RouterOutput] | None = None
@@ -35,6 +47,11 @@ class MoLELinear(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.mole_experts.num_experts
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight (some model code reads ``proj.weight`` for its dtype or device)."""
+        return self.base_layer.weight
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., d_out)
@@ -45,5 +62,7 @@ class MoLELinear(nn.Module):
             gates = routed.gates
             if self.routing_sink is not None:
                 self.routing_sink.append(routed)
+        elif self.gate_source is not None:
+            gates = self.gate_source.route(flat, x)  # (N, E)
         delta = self.mole_experts(flat, gates)  # (N, d_out)
         return out + delta.view(out.shape).to(out.dtype)

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from mole.model.layer import MoLELinear
 from mole.routers.base import RouterOutput
 
 
@@ -19,7 +18,8 @@ def collect_routing(model: nn.Module) -> Iterator[list[RouterOutput]]:
     from the layers on exit, so nothing is retained between steps.
     """
     sink: list[RouterOutput] = []
-    layers = [m for m in model.modules() if isinstance(m, MoLELinear)]
+    # MoLE layers with their own router, shared routers and per-layer routers all publish here
+    layers = [m for m in model.modules() if hasattr(m, "routing_sink")]
     for m in layers:
         m.routing_sink = sink
     try:

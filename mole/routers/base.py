@@ -24,11 +24,29 @@ class BalanceStats:
         probs: ``(N, M)`` router probabilities over the M choices (experts, or MoR sub-routers).
         selected: ``(N, M)`` bool, the choices that took a routing slot for each token.
         k: routing slots per token (the number of ``True`` per row of ``selected``).
+        level: ``"token"`` when rows are the batch's tokens (padding rows are masked out by the
+            losses), ``"sequence"`` when rows are sequences (instance-level and task routers).
     """
 
     probs: Tensor
     selected: Tensor
     k: int
+    level: str = "token"
+
+
+@dataclass
+class GateDist:
+    """One router's gate distribution, for the entropy-based losses and the routing analyses.
+
+    Attributes:
+        probs: ``(rows, E)`` probabilities (fp32).
+        kind: ``"token"`` (a token router) or ``"task"`` (a task router, HMoRA eq. 6-7).
+        level: ``"token"`` (rows are the batch's tokens) or ``"sequence"`` (one row per sequence).
+    """
+
+    probs: Tensor
+    kind: str = "token"
+    level: str = "token"
 
 
 @dataclass
@@ -40,12 +58,26 @@ class RouterOutput:
         probs: ``(N, E)`` the router's distribution over experts before selection (fp32).
         selected: ``(N, E)`` bool mask of chosen experts, or ``None`` when every expert is active.
         balance: the decisions a load-balancing loss should balance (empty for soft routing).
+        dists: the distributions the entropy losses act on (CGJS, Tsallis); empty means
+            ``[GateDist(probs)]``, a single token router (see :meth:`distributions`).
     """
 
     gates: Tensor
     probs: Tensor
     selected: Tensor | None = None
     balance: list[BalanceStats] = field(default_factory=list)
+    dists: list[GateDist] = field(default_factory=list)
+
+    def distributions(self) -> list[GateDist]:
+        """The router distributions behind these gates (one token router unless stated otherwise)."""
+        return self.dists or [GateDist(self.probs)]
+
+
+def real_rows(t: Tensor, level: str, token_mask: Tensor | None) -> Tensor:
+    """Rows of a routing statistic that count: token rows without padding; every sequence row."""
+    if level == "token" and token_mask is not None:
+        return t[token_mask]
+    return t
 
 
 class Router(Protocol):

@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mole.data.collate import IGNORE_INDEX
 from mole.losses.lm import lm_loss
+from mole.model.context import routing_inputs
 from mole.model.routing import collect_routing
 from mole.training.args import TrainArgs
 
@@ -43,7 +45,7 @@ def loss_step(model: nn.Module, batch: dict, aux_losses: dict[str, AuxLoss]) -> 
 
     Returns ``(total loss, {"lm_loss": ..., "aux/<name>": unweighted value})`` with tensors, no syncs.
     """
-    with collect_routing(model) as routing:
+    with collect_routing(model) as routing, routing_inputs(model, prompt_mask(batch)):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     lm = lm_loss(logits, batch["labels"])
     parts = {"lm_loss": lm.detach()}
@@ -58,6 +60,11 @@ def loss_step(model: nn.Module, batch: dict, aux_losses: dict[str, AuxLoss]) -> 
     return total, parts
 
 
+def prompt_mask(batch: dict) -> torch.Tensor:
+    """``(B, T)`` bool: the prompt's real tokens (not scored by the LM loss), HMoRA eq. 6's ``T^in``."""
+    return (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
+
+
 @torch.no_grad()
 def validation_loss(model: nn.Module, loader: DataLoader | None) -> float | None:
     """Token-weighted mean LM loss over the validation set (``None`` without one)."""
@@ -67,7 +74,8 @@ def validation_loss(model: nn.Module, loader: DataLoader | None) -> float | None
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with routing_inputs(model, prompt_mask(batch)):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += lm_loss(logits, batch["labels"], reduction="sum").item()
         count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was_training)

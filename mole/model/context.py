@@ -1,0 +1,125 @@
+"""Per-forward facts that some routers need beyond a Linear's token features.
+
+A Linear sees ``(B, T, d)`` features but not the attention mask, which tokens are the prompt, or values
+computed once per forward and shared by many layers (HMoRA's task representation, a shared router's
+output). :func:`install_context` attaches one :class:`RoutingContext` to a model: a forward pre-hook on
+the model records the batch's ``input_ids`` and ``attention_mask`` and clears the per-forward cache,
+and a forward hook clears it again afterwards so nothing is kept alive between forwards.
+
+``prompt_mask`` (which tokens are the prompt, HMoRA eq. 6's ``T^in``) is known only to the training
+loop: it sets it with :func:`routing_inputs`. Without it every real token counts as prompt — the case of
+lm-eval's log-likelihood requests, where context and continuation arrive as one sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+CONTEXT_ATTR = "_mole_context"
+
+
+class RoutingContext:
+    """What the current forward pass knows about its batch (plain object, not a module: no parameters)."""
+
+    def __init__(self) -> None:
+        self.input_ids: Tensor | None = None  # (B, T)
+        self.attention_mask: Tensor | None = None  # (B, T), 1 for real tokens
+        self.prompt_mask: Tensor | None = None  # (B, T) bool, set by routing_inputs()
+        self.cache: dict[Any, Any] = {}  # per-forward values (cleared before and after each forward)
+        self.incremental = False  # a generation step that extends a cached prefix (past_key_values)
+
+    @property
+    def batch_shape(self) -> tuple[int, int] | None:
+        return None if self.attention_mask is None else tuple(self.attention_mask.shape)  # type: ignore[return-value]
+
+    def token_mask(self) -> Tensor | None:
+        """``(B, T)`` bool, the real tokens of the batch."""
+        return None if self.attention_mask is None else self.attention_mask.bool()
+
+    def prompt_tokens(self) -> Tensor | None:
+        """``(B, T)`` bool: the prompt's real tokens (every real token when no prompt mask is set)."""
+        mask = self.token_mask()
+        if mask is None:
+            return None
+        if self.prompt_mask is not None and self.prompt_mask.shape == mask.shape:
+            return mask & self.prompt_mask.to(mask.device).bool()
+        return mask
+
+
+def _first_tensor(args: tuple, kwargs: dict, name: str, position: int) -> Tensor | None:
+    value = kwargs.get(name)
+    if value is None and len(args) > position:
+        value = args[position]
+    return value if isinstance(value, Tensor) else None
+
+
+def install_context(model: nn.Module) -> RoutingContext:
+    """Attach (once) a :class:`RoutingContext` to ``model`` and return it."""
+    ctx = getattr(model, CONTEXT_ATTR, None)
+    if ctx is not None:
+        return ctx
+    ctx = RoutingContext()
+
+    def before(module: nn.Module, args: tuple, kwargs: dict):
+        ctx.cache.clear()
+        input_ids = _first_tensor(args, kwargs, "input_ids", 0)
+        embeds = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        past = kwargs.get("past_key_values")
+        ctx.incremental = past is not None and _cache_length(past) > 0
+        ctx.input_ids = input_ids
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            # with a cache, the mask covers past + new tokens; the routers see the new ones only
+            new_len = (input_ids if input_ids is not None else embeds).shape[1] if (input_ids is not None or embeds is not None) else mask.shape[1]
+            ctx.attention_mask = mask[:, -new_len:]
+        else:
+            ref = input_ids if input_ids is not None else embeds
+            ctx.attention_mask = None if ref is None else torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        return None
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output):
+        ctx.cache.clear()
+        return None
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
+    object.__setattr__(model, CONTEXT_ATTR, ctx)
+    return ctx
+
+
+def _cache_length(past: Any) -> int:
+    get = getattr(past, "get_seq_length", None)
+    if callable(get):
+        try:
+            return int(get())
+        except Exception:  # noqa: BLE001 - an empty or exotic cache counts as no prefix
+            return 0
+    return 1 if past else 0
+
+
+def get_context(model: nn.Module) -> RoutingContext | None:
+    """The model's context, looking through a DDP-style wrapper (``.module``)."""
+    ctx = getattr(model, CONTEXT_ATTR, None)
+    if ctx is None and isinstance(getattr(model, "module", None), nn.Module):
+        ctx = getattr(model.module, CONTEXT_ATTR, None)
+    return ctx
+
+
+@contextmanager
+def routing_inputs(model: nn.Module, prompt_mask: Tensor | None) -> Iterator[None]:
+    """Inside the block, forwards of ``model`` know which tokens are the prompt (``(B, T)`` bool)."""
+    ctx = get_context(model)
+    if ctx is None:
+        yield
+        return
+    previous = ctx.prompt_mask
+    ctx.prompt_mask = prompt_mask
+    try:
+        yield
+    finally:
+        ctx.prompt_mask = previous

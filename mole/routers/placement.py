@@ -1,0 +1,165 @@
+"""Where a router sits and what it reads (SPEC §2, "Router placement options").
+
+* ``linear`` (default): one router per adapted Linear, reading that Linear's input.
+* ``shared`` (HMoRA Appendix C, "Router Sharing"): Linears that read the same input share one router —
+  q/k/v share one, gate/up share one (``experts.share_groups``). :class:`SharedRouter` computes the
+  gates once per forward and hands the same gates to every member.
+* ``layer`` (MoA Sec. 3): one router per transformer layer weighs every expert in that layer.
+  :class:`LayerRouter` reads the layer's normalised input (the output of ``input_layernorm``, what
+  q/k/v read) and each adapted module takes its columns of the gates through a :class:`GateSlice`.
+* ``router.level: instance`` (MoA Table 5 baseline): one decision per sequence from the mean-pooled
+  features over its real tokens (:class:`InstanceRouter`), broadcast to every token.
+
+Routers stay plain ``(N, d_in) -> RouterOutput`` modules; these wrappers add the sharing and the
+placement. They publish each RouterOutput to ``routing_sink`` once (see :mod:`mole.model.routing`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mole.model.context import RoutingContext
+from mole.routers.base import BalanceStats, GateDist, RouterOutput
+from mole.utils.errors import MoleConfigError
+
+PLACEMENTS = ("linear", "shared", "layer")
+LEVELS = ("token", "instance")
+
+
+class InstanceRouter(nn.Module):
+    """One routing decision per sequence (MoA Table 5 "instance-level").
+
+    The wrapped router reads the mean of the sequence's features over its real tokens; its gates are
+    repeated for every token. The statistics it exposes have one row per sequence (``level="sequence"``).
+
+    Args:
+        router: any token router ``(N, d_in) -> RouterOutput``.
+        context: the model's :class:`RoutingContext` (batch shape and attention mask).
+    """
+
+    def __init__(self, router: nn.Module, context: RoutingContext):
+        super().__init__()
+        self.router = router
+        self.num_experts = router.num_experts
+        object.__setattr__(self, "_context", context)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        shape = self._context.batch_shape
+        if shape is None or shape[0] * shape[1] != x.shape[0]:
+            raise RuntimeError("instance-level routing needs the batch's attention mask (model context not set)")
+        b, t = shape
+        mask = self._context.token_mask().to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        seq = x.view(b, t, -1)
+        pooled = (seq * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, d_in)
+        out = self.router(pooled)  # per sequence: (B, E)
+        expand = lambda m: None if m is None else m.repeat_interleave(t, dim=0)  # noqa: E731 - (B, E) -> (B*T, E)
+        return RouterOutput(
+            gates=expand(out.gates),
+            probs=expand(out.probs),
+            selected=expand(out.selected),
+            balance=[BalanceStats(s.probs, s.selected, s.k, "sequence") for s in out.balance],
+            dists=[GateDist(d.probs, d.kind, "sequence") for d in out.distributions()],
+        )
+
+
+class SharedRouter(nn.Module):
+    """One router for several Linears that read the same input tensor (HMoRA router sharing).
+
+    The first member to run in a forward computes the gates; the others, called with the very same
+    input tensor, reuse them. The cache lives in the model's per-forward context, so nothing is kept
+    between forwards, and a recomputation (gradient checkpointing) simply routes again.
+    """
+
+    def __init__(self, router: nn.Module, context: RoutingContext):
+        super().__init__()
+        self.router = router
+        self.num_experts = router.num_experts
+        self.routing_sink: list[RouterOutput] | None = None
+        object.__setattr__(self, "_context", context)
+
+    def route(self, flat: Tensor, x: Tensor) -> Tensor:
+        cache = self._context.cache
+        hit = cache.get(id(self))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        out = self.router(flat)
+        if self.routing_sink is not None:
+            self.routing_sink.append(out)
+        cache[id(self)] = (x, out.gates)
+        return out.gates
+
+
+class LayerRouter(nn.Module):
+    """One router per transformer layer over all the layer's experts (MoA Sec. 3, eq. 2-5).
+
+    Adapted modules claim consecutive columns with :meth:`claim` while the model is injected; once
+    every module has claimed, :meth:`build` creates the router over the total. A forward hook on the
+    layer's ``input_layernorm`` (or a pre-hook on the layer) routes the layer's normalised input once
+    per forward.
+
+    NOTE(deviation): MoA says the router reads "an intermediate token representation"; mole reads the
+    output of the layer's input normalisation — what q/k/v read — so the router's input is scale-free.
+    """
+
+    def __init__(self, context: RoutingContext):
+        super().__init__()
+        self.num_experts = 0
+        self.router: nn.Module | None = None
+        self.routing_sink: list[RouterOutput] | None = None
+        object.__setattr__(self, "_context", context)
+
+    def claim(self, n: int) -> GateSlice:
+        piece = GateSlice(self, self.num_experts, self.num_experts + n)
+        self.num_experts += n
+        return piece
+
+    def build(self, router_factory, in_features: int, **kwargs) -> None:
+        if self.num_experts == 0:
+            raise MoleConfigError("router.placement=layer: the layer has no experts to route")
+        self.router = router_factory(in_features=in_features, num_experts=self.num_experts, **kwargs)
+        if self.router is None:
+            raise MoleConfigError("router.placement=layer needs a router (router=none builds none)")
+
+    def attach(self, layer: nn.Module) -> None:
+        norm = getattr(layer, "input_layernorm", None)
+        if isinstance(norm, nn.Module):
+            norm.register_forward_hook(lambda _m, _a, out: self._route(out))
+        else:
+            def pre(_m, args, kwargs):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                self._route(hidden)
+
+            layer.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def _route(self, hidden: Tensor) -> None:
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        out = self.router(flat)
+        if self.routing_sink is not None:
+            self.routing_sink.append(out)
+        self._context.cache[id(self)] = out.gates
+
+    def gates(self) -> Tensor:
+        gates = self._context.cache.get(id(self))
+        if gates is None:
+            raise RuntimeError("layer router: no gates for this forward (the layer's input hook did not run)")
+        return gates
+
+
+class GateSlice:
+    """Columns ``[start, stop)`` of a :class:`LayerRouter`'s gates: one module's experts."""
+
+    def __init__(self, owner: LayerRouter, start: int, stop: int):
+        self.owner, self.start, self.stop = owner, start, stop
+
+    def route(self, flat: Tensor, x: Tensor) -> Tensor:
+        return self.owner.gates()[:, self.start : self.stop]
+
+    def __call__(self) -> Tensor:
+        return self.owner.gates()[:, self.start : self.stop]
+
+
+def check_placement(placement: str, level: str) -> None:
+    if placement not in PLACEMENTS:
+        raise MoleConfigError(f"router.placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if level not in LEVELS:
+        raise MoleConfigError(f"router.level must be one of {list(LEVELS)}, got {level!r}")
