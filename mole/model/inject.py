@@ -159,7 +159,7 @@ def inject_mole(
             layer.mole_shared_routers = nn.ModuleDict(shared)
         if layer_router is not None and layer_router.num_experts:
             first = found[0][1]
-            layer_router.build(lambda **kw: make_router(idx, **kw), in_features=_hidden_size(model, first))
+            layer_router.build(lambda _i=idx, **kw: make_router(_i, **kw), in_features=_hidden_size(model, first))
             place(layer_router, first)
             layer_router.attach(layer)
             layer.mole_layer_router = layer_router
