@@ -241,6 +241,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     accelerator = Accelerator()
     set_seed(int(cfg.seed))
     model, tokenizer, report = build_mole_model(cfg)
+    if args.init_from:
+        init_from_run(model, cfg, args.init_from)
     params = parameter_report(model, report)
     log.info("trainable params %d of %d (%.4f%% of the base model)", params["trainable"], params["total"], params["percent"])
     train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
@@ -326,6 +328,32 @@ def load_run_config(checkpoint: str | Path) -> DictConfig:
     if not isinstance(cfg, DictConfig) or "model" not in cfg:
         raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
     return cfg
+
+
+def init_from_run(model: torch.nn.Module, cfg: DictConfig, source: str | Path) -> None:
+    """Start from a previous run's adapter (``trainer.init_from``; MoR Table 2's second stage).
+
+    The previous run must use the same base model and the same adapter structure (method, layout,
+    router); everything else (data, trainer, seed) may differ.
+    """
+    source = Path(source)
+    try:
+        prev = load_run_config(source)
+    except MoleConfigError as err:
+        raise MoleConfigError(f"trainer.init_from: {err}") from None
+    if prev.model.get("name") != cfg.model.get("name"):
+        raise MoleConfigError(
+            f"trainer.init_from={str(source)!r} was trained on model={prev.model.get('name')}, "
+            f"this run uses model={cfg.model.get('name')}; the adapters do not transfer"
+        )
+    try:
+        load_adapter(model, source / ADAPTER_FILE)
+    except MoleConfigError as err:
+        raise MoleConfigError(
+            f"trainer.init_from: {err} (run {source} used method={prev.get('method_name')}; "
+            f"this run uses method={cfg.get('method_name')})"
+        ) from None
+    log.info("initialised the adapters from %s", source / ADAPTER_FILE)
 
 
 def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = None) -> dict:

@@ -27,6 +27,7 @@ class TrainArgs:
     max_grad_norm: float = 1.0  # 0 disables clipping
     log_every: int = 1  # steps between progress-bar / log updates
     eval_batch_size: int = 8  # micro-batch for validation loss
+    init_from: str | None = None  # a previous run directory: start from its adapter (MoR Table 2, stage 2)
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> MoleConfigError:
@@ -53,6 +54,8 @@ class TrainArgs:
             raise bad("weight_decay", "a non-negative number")
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0):
             raise bad("max_grad_norm", "a non-negative number")
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            raise bad("init_from", "null or the path of a previous run directory")
 
     @classmethod
     def from_config(cls, node: DictConfig) -> TrainArgs:
