@@ -69,10 +69,35 @@ def _keyword_names(fn) -> tuple[str, ...]:
 
 
 PLACEMENT_KEYS = ("placement", "level")  # read by the injector, not passed to the router's constructor
+MODEL_KEYS = ("task_encoder",)  # build one module per model (HMoRA's task encoder), handed to every router
 
 
-def inject_from_config(model: torch.nn.Module, cfg: DictConfig) -> InjectionReport:
-    """Apply the ``experts``, ``adapter`` and ``router`` config to a base model, in place."""
+def _router_factory(model: torch.nn.Module, cfg: DictConfig, tokenizer=None):
+    """The router factory; a ``router.task_encoder`` node first builds ``model.mole_task_encoder`` (router=hybrid)."""
+    skip = (*PLACEMENT_KEYS, *MODEL_KEYS)
+    node = OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in skip])
+    factory = _factory(node, "router")
+    if cfg.router.get("task_encoder") is None:
+        return factory
+    if "task_encoder" not in factory.accepts:
+        raise MoleConfigError(f"router.task_encoder is set but router._target_={node._target_!r} takes no task encoder")
+    from mole.routers.hybrid import attach_task_encoder
+
+    encoder = attach_task_encoder(model, cfg.router.task_encoder, tokenizer)
+
+    def bound(**kwargs):
+        return factory(task_encoder=encoder, **kwargs)
+
+    bound.accepts = factory.accepts  # type: ignore[attr-defined]
+    return bound
+
+
+def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) -> InjectionReport:
+    """Apply the ``experts``, ``adapter`` and ``router`` config to a base model, in place.
+
+    ``tokenizer`` gives token ids the routers need (HMoRA's ``e_task`` initialisation); ``None`` when
+    counting parameters on the meta device.
+    """
     num_layers = len(decoder_layers(model))
     ex = cfg.experts
     layout = expand_layout(
@@ -81,19 +106,24 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig) -> InjectionRepo
         groups=ex.get("groups"),
         per_layer=ex.get("per_layer"),
     )
-    router_node = OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in PLACEMENT_KEYS])
+    router_factory = _router_factory(model, cfg, tokenizer)
     share = ex.get("share_groups")
-    return inject_mole(
+    report = inject_mole(
         model,
         experts_per_layer=layout,
         targets=list(ex.targets or []),
         single_targets=list(ex.get("single_targets") or []),
         expert_factory=_factory(cfg.adapter, "adapter"),
-        router_factory=_factory(router_node, "router"),
+        router_factory=router_factory,
         placement=cfg.router.get("placement", "linear"),
         level=cfg.router.get("level", "token"),
         **({"share_groups": [list(g) for g in share]} if share else {}),
     )
+    if cfg.router.get("task_encoder") is not None:
+        from mole.routers.hybrid import drop_unused_task_encoder
+
+        drop_unused_task_encoder(model)
+    return report
 
 
 def build_mole_model(cfg: DictConfig, *, meta: bool = False):
@@ -113,7 +143,7 @@ def build_mole_model(cfg: DictConfig, *, meta: bool = False):
         return model, tokenizer, report
     model, tokenizer = build_model(cfg.model, seed=cfg.get("seed"))
     torch.manual_seed(cfg.get("seed", 0))  # adapter and router initialisation
-    report = inject_from_config(model, cfg)
+    report = inject_from_config(model, cfg, tokenizer)
     return model, tokenizer, report
 
 
@@ -125,16 +155,34 @@ def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[st
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     base = total - trainable
+    layers = decoder_layers(model)
+    # modules trained once per model, outside the decoder layers (HMoRA's task encoder)
+    per_model = {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in model.named_children()
+        if name.startswith("mole_")
+    }
     return {
         "trainable": trainable,
         "total": total,
         "base": base,
         "percent": round(100.0 * trainable / base, 4),
+        **({"per_model": per_model} if per_model else {}),
         "layers": [
-            {"layer": i, "experts": e, "routers": r, "adapted": len(report.adapted.get(i, []))}
+            {"layer": i, "experts": e, "routers": r, "adapted": len(report.adapted.get(i, [])),
+             **_layer_info(layers[i])}
             for i, (e, r) in enumerate(zip(report.experts_per_layer, report.routers_per_layer, strict=True))
         ],
     }
+
+
+def _layer_info(layer: torch.nn.Module) -> dict[str, Any]:
+    """What a layer's routers report about themselves (``layer_info()``; HMoRA's ``a_l`` and router kinds)."""
+    for m in layer.modules():
+        info = getattr(m, "layer_info", None)
+        if callable(info):
+            return info()
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------
