@@ -20,7 +20,7 @@ from mole import CONF_DIR
 from mole.data import Collator, encode_records, load_datasets
 from mole.model.base import build_model
 from mole.model.state import load_adapter, save_adapter
-from mole.pipeline import build_aux_losses, build_mole_model
+from mole.pipeline import build_aux_losses, build_mole_model, run_eval, run_train
 from mole.training import TrainArgs
 from mole.training.loop import loss_step
 from mole.training.optim import build_optimizer
@@ -100,3 +100,17 @@ def test_preset_trains_every_parameter_lowers_the_loss_and_round_trips(tiny_cfg,
     ids = batch["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, other(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_trains_and_evaluates_through_the_commands(tiny_cfg, tmp_path, preset):
+    """What `mole-train method=<preset>` and `mole-eval checkpoint=<run>` run (the commands themselves are
+    exercised as subprocesses in test_pipeline.py): train with lm-eval at the end, then re-evaluate the
+    saved checkpoint and get the same accuracy."""
+    cfg = tiny_cfg(f"method={preset}", "eval=fixtures", "eval.tasks=[mole_yesno]", "eval.limit=6")
+    metrics = run_train(cfg, tmp_path)
+    assert metrics["finished"] and metrics["steps"] == 2 and metrics["method"] == preset
+    at_end = metrics["eval"]["mole_yesno"]["acc,none"]
+    again = run_eval(tmp_path)["results"]["mole_yesno"]["acc,none"]
+    assert 0.0 <= at_end <= 1.0 and again == at_end
