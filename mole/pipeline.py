@@ -40,6 +40,25 @@ METRICS_FILE = "metrics.json"
 # model
 
 
+def _config_error_in(err: BaseException) -> MoleConfigError | None:
+    """The :class:`MoleConfigError` that Hydra's ``instantiate`` wrapped, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MoleConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def run_seed(cfg: DictConfig) -> int:
+    """The run's ``seed``, checked."""
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise MoleConfigError(f"seed must be an integer, got {seed!r}")
+    return seed
+
+
 def _factory(node: DictConfig, group: str):
     """A ``_partial_`` factory from a config node, with argument errors reported under the group's key."""
     if node is None or "_target_" not in node:
@@ -47,6 +66,9 @@ def _factory(node: DictConfig, group: str):
     try:
         made = instantiate(node, _partial_=True)
     except Exception as err:  # noqa: BLE001 - Hydra wraps import/attribute errors in its own types
+        inner = _config_error_in(err)
+        if inner is not None:
+            raise inner from None
         raise MoleConfigError(f"{group}._target_={node._target_!r} cannot be built: {err}") from None
 
     def call(**kwargs):
@@ -111,7 +133,7 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
     report = inject_mole(
         model,
         experts_per_layer=layout,
-        targets=list(ex.targets or []),
+        targets=[ex.targets] if isinstance(ex.targets, str) else list(ex.targets or []),  # experts.targets=q_proj: one
         single_targets=list(ex.get("single_targets") or []),
         expert_factory=_factory(cfg.adapter, "adapter"),
         router_factory=router_factory,
@@ -141,8 +163,9 @@ def build_mole_model(cfg: DictConfig, *, meta: bool = False):
         with torch.device("meta"):
             report = inject_from_config(model, cfg)
         return model, tokenizer, report
-    model, tokenizer = build_model(cfg.model, seed=cfg.get("seed"))
-    torch.manual_seed(cfg.get("seed", 0))  # adapter and router initialisation
+    seed = run_seed(cfg)
+    model, tokenizer = build_model(cfg.model, seed=seed)
+    torch.manual_seed(seed)  # adapter and router initialisation
     report = inject_from_config(model, cfg, tokenizer)
     return model, tokenizer, report
 
@@ -195,7 +218,9 @@ def build_loaders(cfg: DictConfig, tokenizer, args):
     from mole.data import Collator, encode_records, load_datasets
 
     train_records, val_records = load_datasets(cfg.data, seed=cfg.seed)
-    cutoff = int(cfg.data.get("cutoff_len", 256))
+    cutoff = cfg.data.get("cutoff_len", 256)
+    if not isinstance(cutoff, int) or isinstance(cutoff, bool) or cutoff < 1:
+        raise MoleConfigError(f"data.cutoff_len must be a positive integer (tokens per example), got {cutoff!r}")
     template = cfg.data.get("template", "alpaca")
     train_set = encode_records(train_records, tokenizer, cutoff, template)
     if not train_set:
@@ -218,6 +243,9 @@ def build_aux_losses(cfg: DictConfig) -> dict:
         except MoleConfigError:
             raise
         except Exception as err:  # noqa: BLE001
+            inner = _config_error_in(err)
+            if inner is not None:
+                raise inner from None
             raise MoleConfigError(f"loss.{name} cannot be built: {err}") from None
     return losses
 
@@ -268,24 +296,47 @@ def _peak_memory_mb() -> float:
 
 
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train one run into ``run_dir`` and return its metrics (see the module docstring)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    """Train one run into ``run_dir`` and return its metrics (see the module docstring).
 
-    from mole.training import TrainArgs, train
-    from mole.training.loop import total_steps
-    from mole.training.optim import build_optimizer, build_scheduler
+    A failure leaves ``metrics.json`` with ``failed: true`` and ``error.txt`` (:mod:`mole.training.failures`)
+    and is raised again; a non-finite loss keeps the adapter of the last finite step.
+    """
+    from mole.training.failures import record_failure
 
     run_dir = Path(run_dir)
     if is_finished(run_dir) and not cfg.get("force", False):
         log.info("%s already holds a finished run; skipping (force=true to run it again)", run_dir)
         return json.loads((run_dir / METRICS_FILE).read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {}  # filled as the run goes, so a failure records what was measured
+    try:
+        return _train_run(cfg, run_dir, metrics)
+    except (Exception, KeyboardInterrupt) as err:
+        record_failure(run_dir, err, metrics)
+        raise
+
+
+def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from mole.training import TrainArgs, TrainState, train
+    from mole.training import checkpoint as ckpt
+    from mole.training.failures import clear_failure
+    from mole.training.loop import total_steps
+    from mole.training.optim import build_optimizer, build_scheduler
+    from mole.utils.errors import NonFiniteLossError
+
     wall_start = time.perf_counter()
 
     # ---- validate and build (cheap checks first, then the model) ----
     args = TrainArgs.from_config(cfg.trainer)
+    run_seed(cfg)
+    eval_cfg = cfg.get("eval") or {}
+    if eval_cfg.get("at_end") and eval_cfg.get("tasks"):
+        check_eval_config(eval_cfg)
     aux_losses = build_aux_losses(cfg)
+    resume_from = ckpt.prepare_run_dir(run_dir, resume=args.resume, force=bool(cfg.get("force", False)))
     accelerator = Accelerator()
     set_seed(int(cfg.seed))
     model, tokenizer, report = build_mole_model(cfg)
@@ -293,23 +344,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         init_from_run(model, cfg, args.init_from)
     params = parameter_report(model, report)
     log.info("trainable params %d of %d (%.4f%% of the base model)", params["trainable"], params["total"], params["percent"])
-    train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-    optimizer = build_optimizer(model, args)
-    num_steps = total_steps(args, len(train_loader))
-    scheduler = build_scheduler(optimizer, args, num_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-
-    # ---- train ----
-    log.info("training %d steps (%d train / %d val records)", num_steps, data_info["train_records"], data_info["val_records"])
-    state = train(model, optimizer, scheduler, train_loader, val_loader, aux_losses, args, accelerator, num_steps)
-    model = accelerator.unwrap_model(model)
-    save_adapter(model, run_dir / ADAPTER_FILE)
-
-    metrics: dict[str, Any] = {
+    metrics.update({
         "method": cfg.get("method_name"),
         "model": cfg.model.get("name"),
         "seed": int(cfg.seed),
@@ -318,18 +353,50 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "base_params": params["base"],
         "trainable_percent": params["percent"],
         "experts_per_layer": report.experts_per_layer,
-        "steps": state.step,
-        **data_info,
-        "train_loss": state.train_loss,
-        "val_loss": state.val_loss,
-        "train_time_s": round(state.train_time_s, 3),
-        "val_time_s": round(state.eval_time_s, 3),
-        "time_per_step_s": round(state.train_time_s / state.step, 4) if state.step else None,
-        "versions": _versions(),
-    }
+    })
+    train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
+    metrics.update(data_info)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / CONFIG_FILE).write_text(config_yaml)
+
+    optimizer = build_optimizer(model, args)
+    num_steps = total_steps(args, len(train_loader))
+    scheduler = build_scheduler(optimizer, args, num_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    stream = ckpt.BatchStream(train_loader)
+    state = TrainState()
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, config=cfg, model=accelerator.unwrap_model(model),
+                                     optimizer=optimizer, scheduler=scheduler, stream=stream)
+    checkpointer = ckpt.Checkpointer(
+        run_dir, args.save_every, args.keep_checkpoints, model=accelerator.unwrap_model(model), optimizer=optimizer,
+        scheduler=scheduler, stream=stream, config_yaml=config_yaml, is_main_process=accelerator.is_main_process,
+    ) if args.save_every else None
+
+    # ---- train ----
+    log.info("training %d steps (%d train / %d val records)%s", num_steps, data_info["train_records"],
+             data_info["val_records"], f", resumed after step {state.step}" if resume_from is not None else "")
+    try:
+        train(model, optimizer, scheduler, train_loader, val_loader, aux_losses, args, accelerator, num_steps,
+              state=state, batches=stream, on_step=checkpointer)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {_keep_last_good_adapter(accelerator.unwrap_model(model), run_dir, state, metrics)}") from None
+    finally:  # the curve so far, also for a failure record
+        metrics.update({
+            "steps": state.step,
+            "train_loss": state.train_loss,
+            "val_loss": state.val_loss,
+            "train_time_s": round(state.train_time_s, 3),
+            "val_time_s": round(state.eval_time_s, 3),
+            "time_per_step_s": round(state.train_time_s / state.step, 4) if state.step else None,
+        })
+    model = accelerator.unwrap_model(model)
+    save_adapter(model, run_dir / ADAPTER_FILE)
+    metrics["versions"] = _versions()
 
     # ---- evaluate the final model through lm-eval ----
-    eval_cfg = cfg.get("eval") or {}
     if eval_cfg.get("at_end") and eval_cfg.get("tasks"):
         results = evaluate(model, tokenizer, eval_cfg, run_dir / "eval")
         metrics["eval"] = results.get("results", {})
@@ -337,27 +404,73 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 3)
     metrics["finished"] = True
     _write_json(run_dir / METRICS_FILE, metrics)
+    clear_failure(run_dir)
     log.info("run finished: %s", run_dir)
     return metrics
+
+
+def _keep_last_good_adapter(model: torch.nn.Module, run_dir: Path, state, metrics: dict[str, Any]) -> str:
+    """After a non-finite loss: save the adapter of the last finite step; say where it is."""
+    import shutil
+
+    from mole.training.checkpoint import adapter_is_finite, list_checkpoints
+
+    path = run_dir / ADAPTER_FILE
+    if adapter_is_finite(model):  # the loop stops before applying a non-finite step
+        save_adapter(model, path)
+        metrics["last_good_step"] = state.step
+        return f"the adapter of step {state.step}, the last finite one, is saved in {path}"
+    for step, found in reversed(list_checkpoints(run_dir)):  # weights overflowed: the newest checkpoint
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.copyfile(found / ADAPTER_FILE, tmp)
+        os.replace(tmp, path)
+        metrics["last_good_step"] = step
+        return f"the weights overflowed; the adapter of checkpoint step {step} is copied to {path}"
+    path.unlink(missing_ok=True)  # not an adapter of an earlier attempt either
+    return "the weights overflowed and no checkpoint holds finite ones; no adapter saved"
+
+
+def check_eval_config(eval_cfg) -> dict[str, Any]:
+    """The ``eval`` keys lm-eval gets, checked (before training, so a typo does not cost a run)."""
+    from mole.eval.harness import _as_path_list
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    tasks = eval_cfg.get("tasks") or []
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # eval.tasks=mole_mc: one task
+    if not tasks:
+        raise MoleConfigError("eval.tasks is empty; name at least one task, e.g. eval.tasks=[mole_mc]")
+    batch_size = eval_cfg.get("batch_size", 8)
+    if not (is_int(batch_size) and batch_size >= 1):
+        raise MoleConfigError(f"eval.batch_size must be a positive integer, got {batch_size!r}")
+    limit = eval_cfg.get("limit")
+    if limit is not None and not ((is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1)):
+        raise MoleConfigError(f"eval.limit must be null, a positive number of examples or a fraction in (0, 1], got {limit!r}")
+    fewshot = eval_cfg.get("num_fewshot")
+    if fewshot is not None and not (is_int(fewshot) and fewshot >= 0):
+        raise MoleConfigError(f"eval.num_fewshot must be null or a non-negative integer, got {fewshot!r}")
+    include_path = eval_cfg.get("include_path")
+    _as_path_list(include_path)  # each entry an existing directory (its own one-line error)
+    return {"tasks": tasks, "batch_size": batch_size, "limit": limit, "num_fewshot": fewshot,
+            "include_path": include_path}
 
 
 def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
     """lm-eval-harness over the in-memory model; writes ``output_dir/results.json``."""
     from mole.eval.harness import evaluate_model
 
-    tasks = list(eval_cfg.get("tasks") or [])
-    if not tasks:
-        raise MoleConfigError("eval.tasks is empty; name at least one task, e.g. eval.tasks=[mole_mc]")
+    checked = check_eval_config(eval_cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = evaluate_model(
         model,
         tokenizer,
-        tasks,
+        checked["tasks"],
         output_dir=output_dir,
-        include_path=eval_cfg.get("include_path"),
-        batch_size=int(eval_cfg.get("batch_size", 8)),
-        limit=eval_cfg.get("limit"),
-        num_fewshot=eval_cfg.get("num_fewshot"),
+        include_path=checked["include_path"],
+        batch_size=checked["batch_size"],
+        limit=checked["limit"],
+        num_fewshot=checked["num_fewshot"],
     )
     return results  # the harness logs the results table
 

@@ -108,3 +108,23 @@ def test_hugging_face_datasets_path_maps_fields(tiny_cfg, tmp_path):
     assert len(train) == 8 and len(val) == 2
     assert {r["instruction"] for r in train + val} == {f"question {i}" for i in range(10)}
     assert all(r["output"] == "answer " + r["instruction"].split()[-1] and r["input"] == "" for r in train)
+
+
+def test_answer_must_be_one_of_the_answer_format_options(tmp_path):
+    from mole.data.sources import answer_options
+
+    assert answer_options("Q?\n\nAnswer format: answer1/answer2/answer3/answer4") == ["answer1", "answer2", "answer3", "answer4"]
+    assert answer_options("Is it?\n\nAnswer format: True/False") == ["true", "false"]
+    assert answer_options("Pick: solution1 / solution2\nAnswer format: solution1 / solution2") == ["solution1", "solution2"]
+    assert answer_options("What is 12 * 3?") is None and answer_options("Answer format: number") is None
+    ok = [
+        {"instruction": "Is it?\n\nAnswer format: true/false", "output": "the correct answer is True", "answer": "True"},
+        {"instruction": "What is 12 * 3?", "output": "36", "answer": "36"},  # no options: not checked
+        {"instruction": "Is it?\n\nAnswer format: true/false", "output": "x"},  # no answer: not checked
+    ]
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(ok))
+    assert [r["answer"] for r in read_records(path)] == ["True", "36", ""]
+    path.write_text(json.dumps([*ok, {**ok[0], "answer": "maybe"}]))
+    with pytest.raises(MoleConfigError, match=r"record 3 has answer 'maybe', which is not one of the options .*\['true', 'false'\]"):
+        read_records(path)

@@ -8,26 +8,50 @@ from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 
-from mole.utils.errors import MoleConfigError
+from mole.utils.errors import USER_ERRORS, MoleConfigError, error_line
 
 
 def report_user_errors(prog: str) -> Callable:
-    """Decorate a command body: a :class:`MoleConfigError` prints ``prog: error: <message>`` and exits 2."""
+    """Decorate a command body: a user error (:data:`mole.utils.errors.USER_ERRORS`) prints
+    ``prog: error: <message>`` on one line and exits 2."""
 
     def wrap(fn: Callable) -> Callable:
         @wraps(fn)
         def inner(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except MoleConfigError as err:
+            except USER_ERRORS as err:
+                line = error_line(err)
                 if logging.getLogger().handlers:  # into the run's log too, when there is one
-                    logging.getLogger(prog).error("%s", err)
-                print(f"{prog}: error: {err}", file=sys.stderr)
+                    logging.getLogger(prog).error("%s", line)
+                print(f"{prog}: error: {line}", file=sys.stderr)
                 sys.exit(2)
 
         return inner
 
     return wrap
+
+
+def hydra_error_line(err: Exception) -> str:
+    """One line from a Hydra/OmegaConf composition error: its first paragraph, and the options it lists.
+
+    ``In 'train': Could not find 'router/nope'`` + ``Available options in 'router': crw, mor, ...``.
+    """
+    paragraphs = [p.strip() for p in str(err).split("\n\n") if p.strip()]
+    if not paragraphs:
+        return type(err).__name__
+    skip = ("full_key:", "object_type=", "reference_type=")
+    line = " ".join(ln.strip() for ln in paragraphs[0].splitlines() if not ln.strip().startswith(skip))
+    for para in paragraphs[1:]:
+        head, *rest = para.splitlines()
+        if head.startswith("Available options in"):
+            options = []
+            for ln in rest:  # indented option names, until the next unindented line
+                if not ln[:1].isspace():
+                    break
+                options.append(ln.strip())
+            line += f"; {head.rstrip(':').lower()}: {', '.join(options)}"
+    return line
 
 
 def compose_from_argv(overrides: Sequence[str], config_name: str):
@@ -40,7 +64,7 @@ def compose_from_argv(overrides: Sequence[str], config_name: str):
     try:
         return compose_config(list(overrides), config_name=config_name)
     except (HydraException, OmegaConfBaseException) as err:
-        raise MoleConfigError(str(err).splitlines()[0]) from None
+        raise MoleConfigError(hydra_error_line(err)) from None
 
 
 def log_to(console: bool = True, file: Path | None = None) -> None:

@@ -22,7 +22,8 @@ def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
-    from mole.pipeline import load_run_config, run_eval
+    from mole.model.state import ADAPTER_FILE
+    from mole.pipeline import check_eval_config, load_run_config, run_eval
     from mole.utils.errors import MoleConfigError
 
     cfg = compose_from_argv(overrides, "evaluate")
@@ -30,10 +31,14 @@ def run(overrides: list[str]) -> dict:
         checkpoint = Path(cfg.checkpoint)
     except MissingMandatoryValue:
         raise MoleConfigError("checkpoint=DIR is required: a run directory written by mole-train") from None
-    load_run_config(checkpoint)  # validate before writing anything into it
-    log_to(file=checkpoint / "eval" / "eval.log")
+    # validate before writing anything into it
+    run_cfg = load_run_config(checkpoint)
     # only the keys the user set override the run's own eval config
     eval_overrides = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if v is not None}
+    check_eval_config(OmegaConf.merge(run_cfg.get("eval") or {}, eval_overrides))
+    if not (checkpoint / ADAPTER_FILE).is_file():
+        raise MoleConfigError(f"checkpoint: {checkpoint / ADAPTER_FILE} not found (is the run finished? see its metrics.json)")
+    log_to(file=checkpoint / "eval" / "eval.log")
     return run_eval(checkpoint, eval_overrides)
 
 

@@ -3,28 +3,101 @@
     mole-train                                    # SmolLM2-135M, MoLA + MoR, shipped fixtures
     mole-train router=mor experts=mola_2468       # any router x layout x adapter
     mole-train -m method=mola,mola_mor seed=1,2   # a grid sweep
+    mole-train trainer.save_every=10              # resumable checkpoints in RUN_DIR/checkpoints/
+    mole-train trainer.save_every=10 trainer.resume=true   # continue an interrupted run
+
+A user error (bad config key, missing file, non-finite loss) ends with one line ``mole-train: error: ...``
+and exit status 2. In a sweep (``-m``) a failed job records its error in its own directory
+(``metrics.json`` with ``failed: true``, ``error.txt``) and the other jobs still run; the sweep then
+ends with one line saying how many jobs failed, and exit status 1.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mole import CONF_DIR
-from mole.cli.common import report_user_errors
+from mole.cli.common import hydra_error_line, report_user_errors
+
+PROG = "mole-train"
+log = logging.getLogger(PROG)
+
+# jobs of this process's sweep, and the directories of those that failed (read by main() at the end)
+_SWEEP: dict[str, list] = {"jobs": [], "failed": []}
+
+
+@report_user_errors(PROG)
+def _single_run(cfg: DictConfig, run_dir: str) -> None:
+    from mole.pipeline import run_train
+
+    run_train(cfg, run_dir)
+
+
+def _sweep_job(cfg: DictConfig, run_dir: str) -> None:
+    """One job of a sweep: a failure is recorded (by run_train) and reported, and the sweep goes on.
+
+    Hydra 1.3's basic launcher stores a job's exception and re-raises the first one after the whole
+    batch, skipping ``on_multirun_end``; a ``SystemExit`` (how user errors end a single run) would even
+    stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end.
+    """
+    from mole.pipeline import run_train
+    from mole.utils.errors import error_line
+
+    _SWEEP["jobs"].append(run_dir)
+    try:
+        run_train(cfg, run_dir)
+    except Exception as err:  # noqa: BLE001 - isolate the job, whatever failed
+        line = error_line(err)
+        log.error("job failed: %s (details in %s)", line, Path(run_dir) / "error.txt")
+        print(f"{PROG}: job {Path(run_dir).name} failed: {line}", file=sys.stderr)
+        _SWEEP["failed"].append(run_dir)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-@report_user_errors("mole-train")
 def _app(cfg: DictConfig) -> None:
-    from mole.pipeline import run_train
-
-    run_train(cfg, HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        _sweep_job(cfg, hydra_cfg.runtime.output_dir)
+    else:
+        _single_run(cfg, hydra_cfg.runtime.output_dir)
 
 
 def main() -> None:
-    _app()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    _SWEEP["jobs"].clear()
+    _SWEEP["failed"].clear()
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    # Hydra raises its own errors (unknown config option or key) instead of printing them over many lines,
+    # so they end in one line like every other user error (HYDRA_FULL_ERROR=1 keeps Hydra's full report)
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _app()
+    except (HydraException, OmegaConfBaseException) as err:
+        if user_full_error == "1":
+            raise
+        print(f"{PROG}: error: {hydra_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if user_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full_error
+    failed = _SWEEP["failed"]
+    if failed:
+        names = ", ".join(Path(d).name for d in failed)
+        print(f"{PROG}: error: {len(failed)} of {len(_SWEEP['jobs'])} sweep jobs failed ({names}); each holds "
+              "error.txt and metrics.json with failed: true", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

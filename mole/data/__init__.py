@@ -47,6 +47,8 @@ def load_datasets(data_cfg: DictConfig, seed: int):
     else:
         raise MoleConfigError("no training data: set data.path=FILE (LLM-Adapters JSON) or data.hf_name=NAME")
     limit = data_cfg.get("max_records")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise MoleConfigError(f"data.max_records must be null or a positive integer, got {limit!r}")
     if limit:
         records = records[: int(limit)]
     val_paths = _paths(data_cfg.get("val_path"))

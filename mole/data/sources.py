@@ -3,12 +3,19 @@
 A record is a dict with ``instruction`` and ``output`` (required) and ``input``, ``answer`` (optional),
 as in LLM-Adapters' ``dataset/*.json``. Local files may be a JSON list or JSON lines. Hugging Face
 datasets (``data.hf_name``, for users who are online) are mapped onto those fields by ``data.fields``.
+
+Multiple-choice records name their options in the instruction's last line, LLM-Adapters style:
+``Answer format: answer1/answer2/answer3/answer4`` (ARC, OBQA), ``true/false`` (BoolQ),
+``solution1/solution2`` (PIQA), ``ending1/.../ending4`` (HellaSwag), ``option1/option2`` (WinoGrande).
+When a record has such a line and a non-empty ``answer``, the answer must be one of those options
+(case-insensitive); records without the line (math, free text) are not checked.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,7 @@ from typing import Any
 from mole.utils.errors import MoleConfigError
 
 REQUIRED = ("instruction", "output")
+_ANSWER_FORMAT = re.compile(r"Answer format:[ \t]*(\S[^\n]*)", re.IGNORECASE)
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
 
@@ -25,6 +33,15 @@ def fixture_path(name: str) -> str:
     if not path.is_file():
         raise MoleConfigError(f"no shipped fixture named {name!r}; available: {sorted(p.name for p in FIXTURES_DIR.glob('*.json'))}")
     return str(path)
+
+
+def answer_options(instruction: str) -> list[str] | None:
+    """The options of an ``Answer format: a/b/c`` line (lower case), or ``None`` without one."""
+    match = _ANSWER_FORMAT.search(instruction)
+    if match is None:
+        return None
+    options = [o.strip().lower() for o in match.group(1).strip().split("/") if o.strip()]
+    return options if len(options) >= 2 else None
 
 
 def _check_records(records: list[Any], where: str) -> list[dict[str, str]]:
@@ -39,7 +56,14 @@ def _check_records(records: list[Any], where: str) -> list[dict[str, str]]:
                 raise MoleConfigError(
                     f"{where}: record {i} lacks the text field {key!r} (LLM-Adapters format: instruction, input, output, answer)"
                 )
-        out.append({k: ("" if rec.get(k) is None else str(rec.get(k))) for k in ("instruction", "input", "output", "answer")})
+        clean = {k: ("" if rec.get(k) is None else str(rec.get(k))) for k in ("instruction", "input", "output", "answer")}
+        options = answer_options(clean["instruction"])
+        if options and clean["answer"].strip() and clean["answer"].strip().lower() not in options:
+            raise MoleConfigError(
+                f"{where}: record {i} has answer {clean['answer']!r}, which is not one of the options of its "
+                f"'Answer format:' line {options}"
+            )
+        out.append(clean)
     return out
 
 

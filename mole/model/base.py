@@ -8,6 +8,7 @@ Three sources (``model.source``):
   fp32 Llama and cached (:mod:`mole.model.smollm2`). The offline default.
 * ``hub`` — ``from_pretrained(model.hf_id)`` for users who are online (or ``hf_id`` a local directory).
   ``model.config`` holds the architecture's shape so ``mole-params`` can count parameters offline.
+  A repository's own Python code runs only with ``model.trust_remote_code=true`` (default false).
 
 :func:`build_skeleton` builds any of them on the meta device: shapes only, no weights, no download.
 """
@@ -55,11 +56,16 @@ def hf_config(model_cfg: DictConfig) -> PretrainedConfig:
     model_type = fields.pop("model_type")
     if src == "config" and "vocab_size" not in fields:
         fields["vocab_size"] = len(byte_tokenizer())
-    return AutoConfig.for_model(model_type, **fields)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # noqa: BLE001 - transformers validates shapes with several error types
+        detail = " ".join(ln.strip() for ln in str(err).splitlines() if ln.strip())[:300]
+        raise MoleConfigError(f"model.config: transformers rejects the architecture of model={model_cfg.get('name')} ({detail})") from None
 
 
 def build_skeleton(model_cfg: DictConfig) -> torch.nn.Module:
     """The model on the meta device: every parameter's shape, no memory, no weights."""
+    _dtype(model_cfg)  # the same keys are valid here as for a real build
     config = hf_config(model_cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -89,9 +95,12 @@ def build_model(model_cfg: DictConfig, seed: int | None = None):
         hf_id = model_cfg.get("hf_id")
         if not hf_id:
             raise MoleConfigError(f"model.hf_id must name a Hub model or local directory for model={model_cfg.get('name')}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(hf_id)
-            model = AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype)
+        trust = model_cfg.get("trust_remote_code", False)
+        if not isinstance(trust, bool):
+            raise MoleConfigError(f"model.trust_remote_code must be true or false, got {trust!r}")
+        try:  # remote code (a model repository's own Python) runs only with model.trust_remote_code=true
+            tokenizer = AutoTokenizer.from_pretrained(hf_id, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, trust_remote_code=trust)
         except OSError as err:
             raise MoleConfigError(
                 f"model.hf_id={hf_id!r} could not be loaded (needs the Hugging Face Hub or a local "

@@ -48,12 +48,14 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
     if missing or unexpected:
         raise MoleConfigError(
             f"{path}: adapter does not match the model built from its config "
-            f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+            f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); "
+            "was it trained with another method or model?"
         )
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
             raise MoleConfigError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}; "
+                "was it trained with another method or model?"
             )
     with torch.no_grad():
         params = dict(model.named_parameters())

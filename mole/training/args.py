@@ -29,6 +29,9 @@ class TrainArgs:
     eval_batch_size: int = 8  # micro-batch for validation loss
     init_from: str | None = None  # a previous run directory: start from its adapter (MoR Table 2, stage 2)
     lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): lr of *lora_B* parameters x this (eta_B); 1 = off
+    save_every: int = 0  # resumable checkpoint every N steps into RUN_DIR/checkpoints/; 0: none
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint of the run directory
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> MoleConfigError:
@@ -43,12 +46,14 @@ class TrainArgs:
             raise bad("epochs", "a positive number")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise bad("lr", "a positive number")
-        for key in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
+        for key in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
             if not (is_int(getattr(self, key)) and getattr(self, key) >= 1):
                 raise bad(key, "a positive integer")
-        for key in ("eval_every", "warmup_steps"):
+        for key in ("eval_every", "warmup_steps", "save_every"):
             if not (is_int(getattr(self, key)) and getattr(self, key) >= 0):
                 raise bad(key, "a non-negative integer")
+        if not isinstance(self.resume, bool):
+            raise bad("resume", "true or false")
         if self.scheduler not in SCHEDULERS:
             raise bad("scheduler", f"one of {list(SCHEDULERS)}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):

@@ -19,14 +19,13 @@ from mole.losses.lm import lm_loss
 from mole.model.context import routing_inputs
 from mole.model.routing import collect_routing
 from mole.training.args import TrainArgs
+from mole.utils.errors import NonFiniteLossError
+
+__all__ = ["NonFiniteLossError", "TrainState", "loss_step", "total_steps", "train", "validation_loss"]
 
 log = logging.getLogger(__name__)
 
 AuxLoss = Callable[..., torch.Tensor]  # (router outputs, token mask) -> unweighted scalar; has .weight
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message says at which step."""
 
 
 @dataclass
@@ -104,10 +103,19 @@ def train(
     args: TrainArgs,
     accelerator,
     num_steps: int,
+    state: TrainState | None = None,
+    batches: Iterator[dict] | None = None,
+    on_step: Callable[[int, TrainState], None] | None = None,
 ) -> TrainState:
-    """Run ``num_steps`` optimizer steps; evaluate validation loss at the start, every ``eval_every``
-    steps and at the end."""
-    state = TrainState()
+    """Run optimizer steps up to ``num_steps``; evaluate validation loss at the start, every ``eval_every``
+    steps and at the end.
+
+    A resumed run passes its restored ``state`` (the loop continues after ``state.step``) and the
+    positioned ``batches`` (:class:`mole.training.checkpoint.BatchStream`); ``on_step(step, state)`` runs
+    after each step (checkpoints). Raises :class:`NonFiniteLossError` before applying a step whose loss or
+    gradient norm is not finite, so the weights are those of the last finite step.
+    """
+    state = state if state is not None else TrainState()
 
     def evaluate(step: int) -> None:
         start = time.perf_counter()
@@ -117,16 +125,18 @@ def train(
             state.val_loss.append({"step": step, "loss": loss})
             log.info("step %d: val/loss %.4f", step, loss)
 
-    evaluate(0)
-    if num_steps == 0:
+    if state.step == 0:  # a resumed run restored its history
+        evaluate(0)
+    if state.step >= num_steps:
         return state
 
     model.train()
-    batches = _batches(train_loader)
-    progress = tqdm(total=num_steps, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    batches = batches if batches is not None else _batches(train_loader)
+    progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
     # logging_redirect_tqdm: console log lines go above the progress bar instead of through it
     with progress as bar, logging_redirect_tqdm():
-        for step in range(1, num_steps + 1):
+        for step in range(state.step + 1, num_steps + 1):
             # ---- single optimisation step: grad_accum micro-batches ----
             step_start = time.perf_counter()
             sums: dict[str, float] = {}
@@ -142,7 +152,11 @@ def train(
                     f"training loss became {sums['loss']} at step {step}; lower trainer.lr or check the data"
                 )
             if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+                norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+                if norm is not None and not torch.isfinite(norm):  # the step would write NaN into the weights
+                    raise NonFiniteLossError(
+                        f"gradient norm became {float(norm)} at step {step}; lower trainer.lr or check the data"
+                    )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -160,4 +174,6 @@ def train(
             # ---- once in a while: validation loss (and always after the last step) ----
             if step == num_steps or (args.eval_every and step % args.eval_every == 0):
                 evaluate(step)
+            if on_step is not None:
+                on_step(step, state)
     return state

@@ -1,0 +1,158 @@
+"""Failures: a non-finite loss, failed jobs in a sweep, and what is (never) read from a run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import load_file
+
+from mole.config import compose_config
+from mole.pipeline import run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- a NaN / inf loss ----
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_finite_adapter(tmp_path, capsys):
+    from mole.cli.train import _single_run
+
+    run_dir = tmp_path / "run"
+    # lr=1e30: step 1 is finite, but its update makes the weights ~1e30 and the logits of step 2 overflow
+    with pytest.raises(SystemExit) as stop:
+        _single_run(compose_config([*TINY, "trainer.max_steps=5", "trainer.lr=1e30"]), str(run_dir))
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    (line,) = [ln for ln in captured.err.splitlines() if "error:" in ln]
+    assert re.fullmatch(
+        r"mole-train: error: training loss became (nan|inf) at step 2; lower trainer.lr or check the data; "
+        rf"the adapter of step 1, the last finite one, is saved in {re.escape(str(run_dir))}/adapter.safetensors",
+        line,
+    ), line
+    assert "Traceback" not in captured.out + captured.err
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["finished"] is False and metrics["failed"] is True and metrics["error"] == line.split("error: ", 1)[1]
+    assert metrics["steps"] == 1 and metrics["last_good_step"] == 1 and len(metrics["train_loss"]) == 1
+    assert math.isfinite(metrics["train_loss"][0]["loss"])
+    assert "NonFiniteLossError" in (run_dir / "error.txt").read_text()
+    saved = load_file(run_dir / "adapter.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    # it is the adapter after step 1: a 1-step run (same lr at step 1: the linear decay starts at factor 1)
+    one = run_train(compose_config([*TINY, "trainer.max_steps=1", "trainer.lr=1e30"]), tmp_path / "one")
+    assert one["finished"]
+    reference = load_file(tmp_path / "one" / "adapter.safetensors")
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
+    assert max(t.abs().max().item() for t in saved.values()) > 1e20  # the huge step was applied, not skipped
+
+    # a failed run is not "finished": running it again needs no force
+    again = run_train(compose_config([*TINY, "trainer.max_steps=1", "trainer.lr=1e-3"]), run_dir)
+    assert again["finished"] and not (run_dir / "error.txt").exists()
+
+
+# ---- sweeps: a failed job does not stop the others ----
+
+
+def test_sweep_job_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    import mole.cli.train as cli
+    import mole.training.loop as loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA exploded")
+
+    monkeypatch.setattr(loop, "loss_step", broken)
+    monkeypatch.setitem(cli._SWEEP, "jobs", [])
+    monkeypatch.setitem(cli._SWEEP, "failed", [])
+    cli._sweep_job(compose_config(TINY), str(tmp_path / "job"))  # does not raise
+    assert cli._SWEEP["failed"] == [str(tmp_path / "job")]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "mole-train" in ln]  # (not the progress bar)
+    assert lines == ["mole-train: job job failed: RuntimeError: CUDA exploded"]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert metrics["failed"] and metrics["error"] == "RuntimeError: CUDA exploded" and metrics["steps"] == 0
+    trace = (tmp_path / "job" / "error.txt").read_text()
+    assert trace.startswith("Traceback") and "in broken" in trace
+
+
+def test_multirun_sweep_runs_every_job_and_reports_the_failed_ones(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MOLE_OUTPUT_DIR": str(out)}
+    # the failing jobs come first: the valid one still runs after them
+    proc = subprocess.run(
+        [sys.executable, "-m", "mole.cli.train", "-m", "model=tiny_llama", "eval=none", "trainer.max_steps=2",
+         "trainer.batch_size=2", "trainer.lr=-1,1e30,1e-3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and errors[0].startswith("mole-train: error: 2 of 3 sweep jobs failed ("), errors
+
+    jobs = {re.search(r"trainer\.lr=([^,]+)", p.name).group(1): p for p in (out / "sweeps" / "multirun").iterdir() if p.is_dir()}
+    assert set(jobs) == {"-1", "1e+30", "0.001"}, set(jobs)  # Hydra writes the parsed floats
+    by_lr = {"bad": jobs["-1"], "nan": jobs["1e+30"], "ok": jobs["0.001"]}
+    bad = json.loads((by_lr["bad"] / "metrics.json").read_text())
+    assert bad["failed"] and bad["error"] == "trainer.lr must be a positive number, got -1"
+    assert "MoleConfigError" in (by_lr["bad"] / "error.txt").read_text()
+    nan = json.loads((by_lr["nan"] / "metrics.json").read_text())
+    assert nan["failed"] and "at step 2" in nan["error"] and (by_lr["nan"] / "adapter.safetensors").is_file()
+    ok = json.loads((by_lr["ok"] / "metrics.json").read_text())
+    assert ok["finished"] and ok["steps"] == 2 and "failed" not in ok and not (by_lr["ok"] / "error.txt").exists()
+    assert f"job {by_lr['bad'].name} failed: trainer.lr must be a positive number" in proc.stderr
+
+
+# ---- only safetensors / JSON / YAML from run directories; no remote code ----
+
+
+def _sources() -> list[Path]:
+    return [p for d in ("mole", "scripts") for p in (ROOT / d).rglob("*.py")]
+
+
+def test_no_pickle_or_torch_load_in_the_package():
+    offending = [
+        f"{p.relative_to(ROOT)}: {ln.strip()}"
+        for p in _sources()
+        for ln in p.read_text().splitlines()
+        if re.search(r"torch\.(load|save)\(|\bpickle\b|\bdill\b|joblib", ln)
+    ]
+    assert offending == []
+
+
+def test_remote_code_runs_only_when_the_config_says_so(monkeypatch):
+    # every trust_remote_code in the package passes the config's value; the shipped configs say false
+    text = "\n".join(p.read_text() for p in _sources())
+    assert re.findall(r"trust_remote_code\s*=\s*(?!trust\b)[A-Z1]\w*", text) == []  # never True / a constant
+    # from a name or directory the user gives: only with the config's value; otherwise local files only
+    # (the SmolLM2 GGUF shipped in a PyPI package and its converted cache: no code in them)
+    loads = re.findall(r"\.from_pretrained\([^)]*\)", text)  # calls, not docstrings
+    assert loads and all("trust_remote_code=trust" in c or "local_files_only=True" in c for c in loads), loads
+    assert len([c for c in loads if "trust_remote_code=trust" in c]) == 2
+    for cfg_file in (ROOT / "conf" / "model").glob("*.yaml"):
+        text = cfg_file.read_text()
+        if "source: hub" in text:
+            assert re.search(r"^trust_remote_code: false\b", text, re.M), cfg_file.name
+
+    import mole.model.base as base
+    from mole.model.tokenizer import byte_tokenizer
+    from mole.utils.errors import MoleConfigError
+
+    seen = {}
+    tiny = base.AutoModelForCausalLM.from_config(base.hf_config(compose_config(TINY).model))
+    monkeypatch.setattr(base.AutoTokenizer, "from_pretrained", lambda *a, **k: seen.setdefault("tok", k) and byte_tokenizer())
+    monkeypatch.setattr(base.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: seen.setdefault("model", k) and tiny)
+    base.build_model(compose_config(["model=qwen2_1_5b"]).model)
+    assert seen["tok"]["trust_remote_code"] is False and seen["model"]["trust_remote_code"] is False
+    seen.clear()
+    base.build_model(compose_config(["model=qwen2_1_5b", "model.trust_remote_code=true"]).model)
+    assert seen["tok"]["trust_remote_code"] is True and seen["model"]["trust_remote_code"] is True
+    with pytest.raises(MoleConfigError, match="model.trust_remote_code must be true or false, got 'yes'"):
+        base.build_model(compose_config(["model=qwen2_1_5b", "model.trust_remote_code=yes"]).model)
