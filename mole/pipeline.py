@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mole
 from mole.experts.layout import expand_layout
-from mole.model.base import build_model, build_skeleton
+from mole.model.base import adapter_dtype, build_model, build_skeleton
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, load_adapter, save_adapter
 from mole.utils.errors import MoleConfigError
@@ -74,6 +75,7 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig) -> InjectionRepo
         targets=list(ex.targets),
         expert_factory=_factory(cfg.adapter, "adapter"),
         router_factory=_factory(cfg.router, "router"),
+        adapter_dtype=adapter_dtype(cfg.model),
     )
 
 
@@ -201,44 +203,73 @@ def _peak_memory_mb() -> float:
 
 
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train one run into ``run_dir`` and return its metrics (see the module docstring)."""
-    from accelerate import Accelerator
+    """Train one run into ``run_dir`` and return its metrics (see the module docstring).
+
+    In one process of a multi-process run (started by ``accelerate launch``, see
+    :mod:`mole.training.launch`) every process trains its shard; only the main one writes files.
+    """
     from accelerate.utils import set_seed
 
+    from mole.model.base import enable_gradient_checkpointing
     from mole.training import TrainArgs, train
+    from mole.training.distributed import DistributedArgs, build_accelerator, is_deepspeed
     from mole.training.loop import total_steps
     from mole.training.optim import build_optimizer, build_scheduler
+    from mole.training.tracking import RoutingMonitor, check_trackers, start_trackers
+    from mole.utils.secrets import write_config
 
     run_dir = Path(run_dir)
     if is_finished(run_dir) and not cfg.get("force", False):
         log.info("%s already holds a finished run; skipping (force=true to run it again)", run_dir)
         return json.loads((run_dir / METRICS_FILE).read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
 
     # ---- validate and build (cheap checks first, then the model) ----
     args = TrainArgs.from_config(cfg.trainer)
+    dist = DistributedArgs.from_config(cfg.get("distributed"))
+    check_trackers(args.log_with)
     aux_losses = build_aux_losses(cfg)
-    accelerator = Accelerator()
+    accelerator = build_accelerator(args, dist, run_dir)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(int(cfg.seed))
     model, tokenizer, report = build_mole_model(cfg)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = parameter_report(model, report)
     log.info("trainable params %d of %d (%.4f%% of the base model)", params["trainable"], params["total"], params["percent"])
     train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if main:
+        write_config(cfg, run_dir / CONFIG_FILE)
+    start_trackers(accelerator, cfg, args, run_dir)
 
     optimizer = build_optimizer(model, args)
-    num_steps = total_steps(args, len(train_loader))
+    # each process walks 1/P of the batches (Accelerate pads the last round): optimizer steps per epoch shrink P-fold
+    num_steps = total_steps(args, math.ceil(len(train_loader) / accelerator.num_processes))
     scheduler = build_scheduler(optimizer, args, num_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
 
     # ---- train ----
-    log.info("training %d steps (%d train / %d val records)", num_steps, data_info["train_records"], data_info["val_records"])
-    state = train(model, optimizer, scheduler, train_loader, val_loader, aux_losses, args, accelerator, num_steps)
+    global_batch = args.batch_size * accelerator.num_processes * args.grad_accum
+    log.info("training %d steps (%d train / %d val records; global batch %d = %d x %d processes x %d accumulation)",
+             num_steps, data_info["train_records"], data_info["val_records"], global_batch, args.batch_size,
+             accelerator.num_processes, args.grad_accum)
+    monitor = RoutingMonitor(report.routers_per_layer)
+    state = train(model, optimizer, scheduler, train_loader, val_loader, aux_losses, args, accelerator, num_steps, monitor=monitor)
+    sharded = is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+    # ZeRO-3 shards the parameters: gathering them is a collective every process joins
+    full_state = accelerator.get_state_dict(model) if sharded else None
     model = accelerator.unwrap_model(model)
-    save_adapter(model, run_dir / ADAPTER_FILE)
+    if main:
+        save_adapter(model, run_dir / ADAPTER_FILE, state=full_state)
+    # the other processes are done: release them (and flush the trackers) before the main one evaluates
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not main:
+        return {}
 
     metrics: dict[str, Any] = {
         "method": cfg.get("method_name"),
@@ -250,18 +281,24 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "trainable_percent": params["percent"],
         "experts_per_layer": report.experts_per_layer,
         "steps": state.step,
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": global_batch,
+        "mixed_precision": args.mixed_precision,
         **data_info,
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
         "train_time_s": round(state.train_time_s, 3),
         "val_time_s": round(state.eval_time_s, 3),
         "time_per_step_s": round(state.train_time_s / state.step, 4) if state.step else None,
+        "routing_stats": state.routing_stats,
         "versions": _versions(),
     }
 
     # ---- evaluate the final model through lm-eval ----
     eval_cfg = cfg.get("eval") or {}
-    if eval_cfg.get("at_end") and eval_cfg.get("tasks"):
+    if eval_cfg.get("at_end") and eval_cfg.get("tasks") and sharded:
+        log.warning("ZeRO-3 shards the base model over the processes: no lm-eval pass here; run mole-eval checkpoint=%s", run_dir)
+    elif eval_cfg.get("at_end") and eval_cfg.get("tasks"):
         results = evaluate(model, tokenizer, eval_cfg, run_dir / "eval")
         metrics["eval"] = results.get("results", {})
     metrics["peak_memory_mb"] = round(_peak_memory_mb(), 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from mole.model.layer import MoLELinear
@@ -47,6 +48,7 @@ def inject_mole(
     targets: Sequence[str],
     expert_factory: Callable[..., nn.Module],
     router_factory: Callable[..., nn.Module | None],
+    adapter_dtype: torch.dtype | None = None,
 ) -> InjectionReport:
     """Adapt ``targets`` in every decoder layer and freeze everything else.
 
@@ -56,6 +58,8 @@ def inject_mole(
         targets: attribute names of the Linears to adapt (``experts.targets``).
         expert_factory: ``(in_features, out_features, num_experts) -> experts`` (``adapter`` config).
         router_factory: ``(in_features, num_experts) -> router or None`` (``router`` config).
+        adapter_dtype: dtype of the experts and routers (``model.adapter_dtype``); ``None``: the base
+            Linear's dtype. fp32 adapters on a bf16 base train in full precision (the layer casts its input).
 
     Returns:
         An :class:`InjectionReport`.
@@ -91,9 +95,10 @@ def inject_mole(
             experts = expert_factory(
                 in_features=linear.in_features, out_features=linear.out_features, num_experts=num_experts
             )
-            experts.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            dtype = adapter_dtype or linear.weight.dtype
+            experts.to(device=linear.weight.device, dtype=dtype)
             if router is not None:
-                router.to(device=linear.weight.device, dtype=linear.weight.dtype)
+                router.to(device=linear.weight.device, dtype=dtype)
                 routers += 1
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer

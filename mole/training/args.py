@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from omegaconf import DictConfig, OmegaConf
 
 from mole.utils.errors import MoleConfigError
 
 SCHEDULERS = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -27,6 +29,10 @@ class TrainArgs:
     max_grad_norm: float = 1.0  # 0 disables clipping
     log_every: int = 1  # steps between progress-bar / log updates
     eval_batch_size: int = 8  # micro-batch for validation loss
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast through Accelerate (fp16 needs a GPU)
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory)
+    log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb (offline unless WANDB_MODE)
+    tracker_project: str = "mole"  # the trackers' project name (wandb project; tb/<name>/ under the run)
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> MoleConfigError:
@@ -53,6 +59,20 @@ class TrainArgs:
             raise bad("weight_decay", "a non-negative number")
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0):
             raise bad("max_grad_norm", "a non-negative number")
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise bad("mixed_precision", f"one of {list(MIXED_PRECISION)}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise bad("gradient_checkpointing", "true or false")
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
+        if self.log_with is None:
+            self.log_with = []
+        if not (isinstance(self.log_with, list) and all(t in TRACKERS for t in self.log_with)):
+            raise bad("log_with", f"a list drawn from {list(TRACKERS)} (e.g. trainer.log_with=[tensorboard])")
+        if not (isinstance(self.tracker_project, str) and self.tracker_project.strip()):
+            raise bad("tracker_project", "a non-empty name")
 
     @classmethod
     def from_config(cls, node: DictConfig) -> TrainArgs:
