@@ -59,6 +59,8 @@ def test_bad_distributed_values_name_the_key(override, message):
 def test_bad_deepspeed_values_name_the_key():
     with pytest.raises(MoleConfigError, match="distributed.deepspeed.zero_stage must be 0, 1, 2 or 3"):
         DistributedArgs.from_config(compose_config([*TINY, "distributed=deepspeed_zero2", "distributed.deepspeed.zero_stage=4"]).distributed)
+    with pytest.raises(MoleConfigError, match="zero3_save_16bit_model must be true with zero_stage=3"):
+        DistributedArgs.from_config(compose_config([*TINY, "distributed=deepspeed_zero3", "distributed.deepspeed.zero3_save_16bit_model=false"]).distributed)
     with pytest.raises(MoleConfigError, match="distributed.deepspeed.offload_optimizer_device must be one of"):
         DistributedArgs.from_config(compose_config([*TINY, "distributed=deepspeed_zero3", "distributed.deepspeed.offload_optimizer_device=disk"]).distributed)
 

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from mole import CONF_DIR
 
+SECRET = "sk-live-1234567890abcdef"
 HAS_JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
 HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
@@ -28,7 +29,8 @@ def test_joblib_multirun_runs_two_jobs_in_parallel_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MOLE_OUTPUT_DIR": str(out),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "mole.cli.train", "-m", "hydra/launcher=mole_joblib",
-                           "model=tiny_llama", "eval=none", "trainer.max_steps=1", "method=lora,mola"],
+                           "model=tiny_llama", "eval=none", "trainer.max_steps=1", "method=lora,mola",
+                           f"+creds.api_key={SECRET}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr  # the joblib launcher ran the sweep
@@ -37,6 +39,10 @@ def test_joblib_multirun_runs_two_jobs_in_parallel_processes(tmp_path):
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["finished"] and metrics["steps"] == 1 and metrics["method"] == job.name.split("method=")[1].split(",")[0]
+    # the sweep's multirun.yaml, each job's .hydra/ and directory name: the secret is redacted everywhere
+    assert (out / "sweeps" / "multirun" / "multirun.yaml").is_file()
+    assert [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()] == []
+    assert all("creds.api_key=redacted" in j.name for j in jobs)
 
 
 def test_joblib_config_composes():

@@ -13,6 +13,8 @@ goes to the run directory and ``accelerate launch`` starts the processes that tr
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,9 +27,14 @@ from mole.cli.common import report_user_errors
 
 
 def _redact_hydra_files(hydra_cfg) -> None:
-    """Hydra saved the overrides and config under ``.hydra/`` before the job started: redact secrets there."""
+    """Hydra saved the overrides and config (``.hydra/``, a sweep's ``multirun.yaml``) before the job
+    started: redact secrets there."""
+    from hydra.types import RunMode
+
     from mole.utils.secrets import redact_yaml_file
 
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        redact_yaml_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
     if not hydra_cfg.output_subdir:
         return
     folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
@@ -39,8 +46,11 @@ def _redact_hydra_files(hydra_cfg) -> None:
 @report_user_errors("mole-train")
 def _app(cfg: DictConfig) -> None:
     from mole.pipeline import run_train
+    from mole.training.distributed import launched
     from mole.training.launch import LaunchError, launch, needs_launch
 
+    if launched() and int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank of `accelerate launch -m mole.cli.train`: rank 0 logs
     hydra_cfg = HydraConfig.get()
     _redact_hydra_files(hydra_cfg)
     run_dir = hydra_cfg.runtime.output_dir

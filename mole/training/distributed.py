@@ -87,6 +87,11 @@ class DistributedArgs:
             for key in ("offload_optimizer_device", "offload_param_device"):
                 if ds[key] not in OFFLOAD_DEVICES:
                     raise MoleConfigError(f"distributed.deepspeed.{key} must be one of {list(OFFLOAD_DEVICES)}, got {ds[key]!r}")
+            if ds["zero_stage"] == 3 and not ds["zero3_save_16bit_model"]:
+                raise MoleConfigError(
+                    "distributed.deepspeed.zero3_save_16bit_model must be true with zero_stage=3: "
+                    "the sharded adapter is gathered to be saved"
+                )
             if self.cpu:
                 raise MoleConfigError("distributed.cpu=true cannot run DeepSpeed (it needs CUDA); use distributed=ddp for CPU processes")
             self.deepspeed = ds
