@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-all lint params clean
+.PHONY: help setup train test test-slow test-all test-gpu lint params clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,11 +32,14 @@ train: setup ## fine-tune the default (SmolLM2-135M, MoLA + MoR) on the shipped 
 test: setup ## the fast CPU test suite
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-slow: setup ## tests marked slow (the real SmolLM2 model)
+test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 test-all: setup ## every CPU test, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+test-gpu: setup ## tests that need a CUDA GPU (DeepSpeed: pip install '.[deepspeed]' first)
+	$(BIN)/python -m pytest -q -m gpu $(ARGS)
 
 lint: setup ## ruff over the code and tests
 	$(BIN)/ruff check mole tests scripts

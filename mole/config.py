@@ -4,6 +4,7 @@ Resolvers (registered when :mod:`mole` is imported):
 
 * ``${mole_fixture:NAME}`` — absolute path of a fixture shipped in ``mole/data/fixtures/``.
 * ``${mole_slug:TEXT}`` — a run-directory name from Hydra's override string: ``/`` becomes ``_``,
+  secret-looking keys' values become ``redacted`` (:mod:`mole.utils.secrets`),
   and an empty string (no overrides) becomes ``default``.
 * ``${mul:A,B}`` — A * B, for shapes derived from other keys.
 """
@@ -18,7 +19,9 @@ from mole import CONF_DIR
 
 
 def _slug(text: str | None) -> str:
-    text = (text or "").strip()
+    from mole.utils.secrets import redact_overrides
+
+    text = redact_overrides((text or "").strip(), "redacted")  # a secret on the command line never names a directory
     return text.replace("/", "_").replace(" ", "") or "default"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mole
 from mole.experts.layout import expand_layout
-from mole.model.base import build_model, build_skeleton
+from mole.model.base import adapter_dtype, build_model, build_skeleton
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, load_adapter, save_adapter
 from mole.utils.errors import MoleConfigError
@@ -137,6 +138,7 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
         single_targets=list(ex.get("single_targets") or []),
         expert_factory=_factory(cfg.adapter, "adapter"),
         router_factory=router_factory,
+        adapter_dtype=adapter_dtype(cfg.model),
         placement=cfg.router.get("placement", "linear"),
         level=cfg.router.get("level", "token"),
         **({"share_groups": [list(g) for g in share]} if share else {}),
@@ -312,36 +314,48 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     try:
         return _train_run(cfg, run_dir, metrics)
     except (Exception, KeyboardInterrupt) as err:
-        record_failure(run_dir, err, metrics)
+        if int(os.environ.get("RANK", "0")) == 0:  # in a multi-process run, only the main process writes
+            record_failure(run_dir, err, metrics)
         raise
 
 
 def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    from accelerate import Accelerator
+    """The run itself. In one process of a multi-process run (started by ``accelerate launch``, see
+    :mod:`mole.training.launch`) every process trains its shard; only the main one writes files."""
     from accelerate.utils import set_seed
 
+    from mole.model.base import enable_gradient_checkpointing
     from mole.training import TrainArgs, TrainState, train
     from mole.training import checkpoint as ckpt
+    from mole.training.distributed import DistributedArgs, build_accelerator, is_deepspeed
     from mole.training.failures import clear_failure
     from mole.training.loop import total_steps
     from mole.training.optim import build_optimizer, build_scheduler
+    from mole.training.tracking import RoutingMonitor, check_trackers, start_trackers
     from mole.utils.errors import NonFiniteLossError
+    from mole.utils.secrets import redacted_yaml, write_config
 
     wall_start = time.perf_counter()
 
     # ---- validate and build (cheap checks first, then the model) ----
     args = TrainArgs.from_config(cfg.trainer)
+    dist = DistributedArgs.from_config(cfg.get("distributed"))
+    check_trackers(args.log_with)
     run_seed(cfg)
     eval_cfg = cfg.get("eval") or {}
     if eval_cfg.get("at_end") and eval_cfg.get("tasks"):
         check_eval_config(eval_cfg)
     aux_losses = build_aux_losses(cfg)
-    resume_from = ckpt.prepare_run_dir(run_dir, resume=args.resume, force=bool(cfg.get("force", False)))
-    accelerator = Accelerator()
+    accelerator = build_accelerator(args, dist, run_dir)
+    main = accelerator.is_main_process
+    resume_from = ckpt.prepare_run_dir(run_dir, resume=args.resume, force=bool(cfg.get("force", False)),
+                                       is_main_process=main)
     set_seed(int(cfg.seed))
     model, tokenizer, report = build_mole_model(cfg)
     if args.init_from:
         init_from_run(model, cfg, args.init_from)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = parameter_report(model, report)
     log.info("trainable params %d of %d (%.4f%% of the base model)", params["trainable"], params["total"], params["percent"])
     metrics.update({
@@ -356,11 +370,14 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     })
     train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
     metrics.update(data_info)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / CONFIG_FILE).write_text(config_yaml)
+    config_yaml = redacted_yaml(cfg)
+    if main:
+        write_config(cfg, run_dir / CONFIG_FILE)
+    start_trackers(accelerator, cfg, args, run_dir)
 
     optimizer = build_optimizer(model, args)
-    num_steps = total_steps(args, len(train_loader))
+    # each process walks 1/P of the batches (Accelerate pads the last round): optimizer steps per epoch shrink P-fold
+    num_steps = total_steps(args, math.ceil(len(train_loader) / accelerator.num_processes))
     scheduler = build_scheduler(optimizer, args, num_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if val_loader is not None:
@@ -372,32 +389,52 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
                                      optimizer=optimizer, scheduler=scheduler, stream=stream)
     checkpointer = ckpt.Checkpointer(
         run_dir, args.save_every, args.keep_checkpoints, model=accelerator.unwrap_model(model), optimizer=optimizer,
-        scheduler=scheduler, stream=stream, config_yaml=config_yaml, is_main_process=accelerator.is_main_process,
+        scheduler=scheduler, stream=stream, config_yaml=config_yaml, is_main_process=main,
     ) if args.save_every else None
 
     # ---- train ----
-    log.info("training %d steps (%d train / %d val records)%s", num_steps, data_info["train_records"],
-             data_info["val_records"], f", resumed after step {state.step}" if resume_from is not None else "")
+    global_batch = args.batch_size * accelerator.num_processes * args.grad_accum
+    log.info("training %d steps (%d train / %d val records; global batch %d = %d x %d processes x %d accumulation)%s",
+             num_steps, data_info["train_records"], data_info["val_records"], global_batch, args.batch_size,
+             accelerator.num_processes, args.grad_accum,
+             f", resumed after step {state.step}" if resume_from is not None else "")
+    monitor = RoutingMonitor(report.routers_per_layer)
     try:
         train(model, optimizer, scheduler, train_loader, val_loader, aux_losses, args, accelerator, num_steps,
-              state=state, batches=stream, on_step=checkpointer)
+              state=state, batches=stream, on_step=checkpointer, monitor=monitor)
     except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"{err}; {_keep_last_good_adapter(accelerator.unwrap_model(model), run_dir, state, metrics)}") from None
+        kept = _keep_last_good_adapter(accelerator.unwrap_model(model), run_dir, state, metrics) if main else ""
+        raise NonFiniteLossError(f"{err}; {kept}") from None
     finally:  # the curve so far, also for a failure record
         metrics.update({
             "steps": state.step,
+            "num_processes": accelerator.num_processes,
+            "global_batch_size": global_batch,
+            "mixed_precision": args.mixed_precision,
             "train_loss": state.train_loss,
             "val_loss": state.val_loss,
             "train_time_s": round(state.train_time_s, 3),
             "val_time_s": round(state.eval_time_s, 3),
             "time_per_step_s": round(state.train_time_s / state.step, 4) if state.step else None,
+            "routing_stats": state.routing_stats,
         })
+    sharded = is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+    # ZeRO-3 shards the parameters: gathering them is a collective every process joins
+    full_state = accelerator.get_state_dict(model) if sharded else None
     model = accelerator.unwrap_model(model)
-    save_adapter(model, run_dir / ADAPTER_FILE)
+    if main:
+        save_adapter(model, run_dir / ADAPTER_FILE, state=full_state)
+    # the other processes are done: release them (and flush the trackers) before the main one evaluates
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not main:
+        return {}
     metrics["versions"] = _versions()
 
     # ---- evaluate the final model through lm-eval ----
-    if eval_cfg.get("at_end") and eval_cfg.get("tasks"):
+    if eval_cfg.get("at_end") and eval_cfg.get("tasks") and sharded:
+        log.warning("ZeRO-3 shards the base model over the processes: no lm-eval pass here; run mole-eval checkpoint=%s", run_dir)
+    elif eval_cfg.get("at_end") and eval_cfg.get("tasks"):
         results = evaluate(model, tokenizer, eval_cfg, run_dir / "eval")
         metrics["eval"] = results.get("results", {})
     metrics["peak_memory_mb"] = round(_peak_memory_mb(), 1)

@@ -5,11 +5,17 @@
     mole-train -m method=mola,mola_mor seed=1,2   # a grid sweep
     mole-train trainer.save_every=10              # resumable checkpoints in RUN_DIR/checkpoints/
     mole-train trainer.save_every=10 trainer.resume=true   # continue an interrupted run
+    mole-train distributed=ddp distributed.num_processes=4   # 4 processes via accelerate launch
+    mole-train -m hydra/launcher=mole_joblib method=lora,mola # sweep jobs in parallel (pip install 'mole[joblib]')
 
 A user error (bad config key, missing file, non-finite loss) ends with one line ``mole-train: error: ...``
 and exit status 2. In a sweep (``-m``) a failed job records its error in its own directory
 (``metrics.json`` with ``failed: true``, ``error.txt``) and the other jobs still run; the sweep then
 ends with one line saying how many jobs failed, and exit status 1.
+
+With ``distributed.num_processes > 1`` (or DeepSpeed) Hydra composes here, once; the resolved config
+goes to the run directory and ``accelerate launch`` starts the processes that train from it
+(:mod:`mole.training.launch`). Under ``accelerate launch`` itself this command trains directly.
 """
 
 from __future__ import annotations
@@ -34,11 +40,43 @@ log = logging.getLogger(PROG)
 _SWEEP: dict[str, list] = {"jobs": [], "failed": []}
 
 
+def _redact_hydra_files(hydra_cfg) -> None:
+    """Hydra saved the overrides and config (``.hydra/``, a sweep's ``multirun.yaml``) before the job
+    started: redact secrets there."""
+    from mole.utils.secrets import redact_yaml_file
+
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        redact_yaml_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    if not hydra_cfg.output_subdir:
+        return
+    folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        redact_yaml_file(folder / name)
+
+
+def _train_one(cfg: DictConfig, run_dir: str) -> None:
+    """Train in this process, or start ``accelerate launch`` when the config asks for several processes."""
+    from mole.pipeline import run_train
+    from mole.training.distributed import launched
+    from mole.training.launch import launch, needs_launch
+
+    if launched() and int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank of `accelerate launch -m mole.cli.train`: rank 0 logs
+    if needs_launch(cfg):
+        launch(cfg, run_dir)
+    else:
+        run_train(cfg, run_dir)
+
+
 @report_user_errors(PROG)
 def _single_run(cfg: DictConfig, run_dir: str) -> None:
-    from mole.pipeline import run_train
+    from mole.training.launch import LaunchError
 
-    run_train(cfg, run_dir)
+    try:
+        _train_one(cfg, run_dir)
+    except LaunchError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _sweep_job(cfg: DictConfig, run_dir: str) -> None:
@@ -48,12 +86,11 @@ def _sweep_job(cfg: DictConfig, run_dir: str) -> None:
     batch, skipping ``on_multirun_end``; a ``SystemExit`` (how user errors end a single run) would even
     stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end.
     """
-    from mole.pipeline import run_train
     from mole.utils.errors import error_line
 
     _SWEEP["jobs"].append(run_dir)
     try:
-        run_train(cfg, run_dir)
+        _train_one(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - isolate the job, whatever failed
         line = error_line(err)
         log.error("job failed: %s (details in %s)", line, Path(run_dir) / "error.txt")
@@ -64,6 +101,7 @@ def _sweep_job(cfg: DictConfig, run_dir: str) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    _redact_hydra_files(hydra_cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         _sweep_job(cfg, hydra_cfg.runtime.output_dir)
     else:

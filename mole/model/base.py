@@ -35,6 +35,35 @@ def _dtype(model_cfg: DictConfig) -> torch.dtype:
     return DTYPES[name]
 
 
+def adapter_dtype(model_cfg: DictConfig) -> torch.dtype | None:
+    """``model.adapter_dtype``: the experts' and routers' dtype (default float32); ``null``: the base's dtype."""
+    name = model_cfg.get("adapter_dtype", "float32")
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise MoleConfigError(f"model.adapter_dtype must be null or one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (``trainer.gradient_checkpointing``).
+
+    Non-reentrant checkpointing (``use_reentrant=False``): gradients reach the adapters inside a
+    checkpointed layer even though the frozen base's inputs do not require grad, so
+    ``enable_input_require_grads`` (needed by the reentrant variant) is not called, and router
+    outputs collected for the auxiliary losses keep their graph.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise MoleConfigError(f"trainer.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False  # no KV cache in training; transformers warns otherwise
+
+
 def _source(model_cfg: DictConfig) -> str:
     src = model_cfg.get("source")
     if src not in SOURCES:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from mole.model.layer import MoLELinear
@@ -54,6 +55,7 @@ def inject_mole(
     placement: str = "linear",
     level: str = "token",
     share_groups: Sequence[Sequence[str]] = DEFAULT_SHARE_GROUPS,
+    adapter_dtype: torch.dtype | None = None,
 ) -> InjectionReport:
     """Adapt ``targets`` in every decoder layer and freeze everything else.
 
@@ -72,6 +74,8 @@ def inject_mole(
             see :mod:`mole.routers.placement`.
         level: ``token`` or ``instance`` (one decision per sequence from mean-pooled features).
         share_groups: the Linears that read the same input, for ``placement="shared"``.
+        adapter_dtype: dtype of the experts and routers (``model.adapter_dtype``); ``None``: the base
+            Linear's dtype. fp32 adapters on a bf16 base train in full precision (the layer casts its input).
 
     Returns:
         An :class:`InjectionReport`.
@@ -114,7 +118,7 @@ def inject_mole(
         return router
 
     def place(module: nn.Module, like: nn.Linear) -> nn.Module:
-        return module.to(device=like.weight.device, dtype=like.weight.dtype)
+        return module.to(device=like.weight.device, dtype=adapter_dtype or like.weight.dtype)
 
     report = InjectionReport(experts_per_layer=list(experts_per_layer))
     for idx, (layer, num_experts) in enumerate(zip(layers, experts_per_layer, strict=True)):

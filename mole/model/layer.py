@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 from mole.routers.base import Router, RouterOutput
@@ -55,10 +56,14 @@ class MoLELinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., d_out)
-        flat = x.reshape(-1, self.in_features)  # (N, d_in), N = tokens in the batch
+        # (N, d_in), N = tokens in the batch; in the adapters' dtype (fp32 adapters on a bf16 base)
+        flat = x.reshape(-1, self.in_features).to(next(self.mole_experts.parameters()).dtype)
         gates = None
         if self.mole_router is not None:
-            routed = self.mole_router(flat)  # gates (N, E)
+            # Selective precision (Fedus et al. 2022, Switch Transformer, Sec. 2.4): the router runs
+            # outside autocast, in its own dtype (fp32 by default), so gates and probabilities are fp32
+            with torch.autocast(device_type=flat.device.type, enabled=False):
+                routed = self.mole_router(flat)  # gates (N, E)
             gates = routed.gates
             if self.routing_sink is not None:
                 self.routing_sink.append(routed)

@@ -23,10 +23,14 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if is_trainable_name(n)}
 
 
-def save_adapter(model: nn.Module, path: str | Path) -> Path:
-    """Write the trainable weights to ``path`` atomically (a temp file renamed into place)."""
+def save_adapter(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trainable weights to ``path`` atomically (a temp file renamed into place).
+
+    ``state``: a full state dict to take them from instead of the model (gathered from a sharded model).
+    """
     path = Path(path)
-    state = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
+    source = trainable_state_dict(model) if state is None else {n: t for n, t in state.items() if is_trainable_name(n)}
+    state = {n: t.detach().contiguous().cpu() for n, t in source.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "mole-adapter-v1"})
     os.replace(tmp, path)

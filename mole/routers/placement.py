@@ -16,6 +16,7 @@ placement. They publish each RouterOutput to ``routing_sink`` once (see :mod:`mo
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from mole.model.context import RoutingContext
@@ -82,7 +83,8 @@ class SharedRouter(nn.Module):
         hit = cache.get(id(self))
         if hit is not None and hit[0] is x:
             return hit[1]
-        out = self.router(flat)
+        with torch.autocast(device_type=flat.device.type, enabled=False):  # fp32 routing, as MoLELinear
+            out = self.router(flat)
         if self.routing_sink is not None:
             self.routing_sink.append(out)
         cache[id(self)] = (x, out.gates)
@@ -132,8 +134,10 @@ class LayerRouter(nn.Module):
             layer.register_forward_pre_hook(pre, with_kwargs=True)
 
     def _route(self, hidden: Tensor) -> None:
-        flat = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-        out = self.router(flat)
+        dtype = next(self.router.parameters()).dtype
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # (N, d), in the router's dtype
+        with torch.autocast(device_type=flat.device.type, enabled=False):  # fp32 routing, as MoLELinear
+            out = self.router(flat)
         if self.routing_sink is not None:
             self.routing_sink.append(out)
         self._context.cache[id(self)] = out.gates

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from omegaconf import DictConfig, OmegaConf
 
 from mole.utils.errors import MoleConfigError
 
 SCHEDULERS = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -32,6 +34,10 @@ class TrainArgs:
     save_every: int = 0  # resumable checkpoint every N steps into RUN_DIR/checkpoints/; 0: none
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest checkpoint of the run directory
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast through Accelerate (fp16 needs a GPU)
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory)
+    log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb (offline unless WANDB_MODE)
+    tracker_project: str = "mole"  # the trackers' project name (wandb project; tb/<name>/ under the run)
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> MoleConfigError:
@@ -65,6 +71,20 @@ class TrainArgs:
         if not (isinstance(self.lora_plus_ratio, (int, float)) and not isinstance(self.lora_plus_ratio, bool)
                 and self.lora_plus_ratio > 0):
             raise bad("lora_plus_ratio", "a positive number (1.0 turns LoRA+ off)")
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise bad("mixed_precision", f"one of {list(MIXED_PRECISION)}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise bad("gradient_checkpointing", "true or false")
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
+        if self.log_with is None:
+            self.log_with = []
+        if not (isinstance(self.log_with, list) and all(t in TRACKERS for t in self.log_with)):
+            raise bad("log_with", f"a list drawn from {list(TRACKERS)} (e.g. trainer.log_with=[tensorboard])")
+        if not (isinstance(self.tracker_project, str) and self.tracker_project.strip()):
+            raise bad("tracker_project", "a non-empty name")
 
     @classmethod
     def from_config(cls, node: DictConfig) -> TrainArgs:

@@ -307,6 +307,7 @@ def save_checkpoint(
         "data": position,
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
+        "routing_stats": state.routing_stats,
         "train_time_s": state.train_time_s,
         "eval_time_s": state.eval_time_s,
     })
@@ -382,6 +383,7 @@ def load_checkpoint(
         step=int(trainer_state["step"]),
         train_loss=list(trainer_state["train_loss"]),
         val_loss=list(trainer_state["val_loss"]),
+        routing_stats=list(trainer_state.get("routing_stats", [])),
         train_time_s=float(trainer_state["train_time_s"]),
         eval_time_s=float(trainer_state["eval_time_s"]),
     )
@@ -404,8 +406,13 @@ class Checkpointer:
             log.info("step %d: checkpoint %s", step, path)
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> Path | None:
-    """The checkpoint to resume from, or ``None`` for a fresh start (which removes old checkpoints)."""
+def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool, is_main_process: bool = True) -> Path | None:
+    """The checkpoint to resume from, or ``None`` for a fresh start (which removes old checkpoints).
+
+    Only the main process removes anything; the others just read where to resume from.
+    """
+    if not is_main_process:
+        return latest_checkpoint(run_dir) if resume and not force else None
     remove_stale_temporaries(run_dir)
     if resume and not force:
         path = latest_checkpoint(run_dir)

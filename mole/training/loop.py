@@ -19,6 +19,7 @@ from mole.losses.lm import lm_loss
 from mole.model.context import routing_inputs
 from mole.model.routing import collect_routing
 from mole.training.args import TrainArgs
+from mole.training.distributed import backward, lm_normalizer, reduce_mean
 from mole.utils.errors import NonFiniteLossError
 
 __all__ = ["NonFiniteLossError", "TrainState", "loss_step", "total_steps", "train", "validation_loss"]
@@ -35,23 +36,41 @@ class TrainState:
     step: int = 0
     train_loss: list[dict] = field(default_factory=list)  # every step: loss, lm_loss, aux terms, lr
     val_loss: list[dict] = field(default_factory=list)  # per evaluation: step, loss
+    routing_stats: list[dict] = field(default_factory=list)  # every log_every steps: step, per-layer entropies
     train_time_s: float = 0.0  # optimisation steps only (forward, backward, optimizer)
     eval_time_s: float = 0.0  # validation-loss passes
 
 
-def loss_step(model: nn.Module, batch: dict, aux_losses: dict[str, AuxLoss]) -> tuple[torch.Tensor, dict]:
+def loss_step(
+    model: nn.Module,
+    batch: dict,
+    aux_losses: dict[str, AuxLoss],
+    *,
+    num_tokens: torch.Tensor | None = None,
+    on_routing: Callable | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Forward one micro-batch: LM loss plus the weighted auxiliary routing terms.
+
+    Args:
+        num_tokens: divide the LM loss's token sum by this instead of this batch's token count (several
+            processes: see :func:`mole.training.distributed.lm_normalizer`).
+        on_routing: called with ``(router outputs, token mask)`` after the forward (routing statistics).
 
     Returns ``(total loss, {"lm_loss": ..., "aux/<name>": unweighted value})`` with tensors, no syncs.
     """
     with collect_routing(model) as routing, routing_inputs(model, prompt_mask(batch)):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    lm = lm_loss(logits, batch["labels"])
+    if num_tokens is None:
+        lm = lm_loss(logits, batch["labels"])
+    else:
+        lm = lm_loss(logits, batch["labels"], reduction="sum") / num_tokens
     parts = {"lm_loss": lm.detach()}
     total = lm
+    # router rows are the batch's tokens in (B, T) order; padding is left out of every statistic
+    token_mask = batch["attention_mask"].reshape(-1).bool()  # (B*T,)
+    if on_routing is not None:
+        on_routing(routing, token_mask)
     if aux_losses:
-        # router rows are the batch's tokens in (B, T) order; padding is left out of every statistic
-        token_mask = batch["attention_mask"].reshape(-1).bool()  # (B*T,)
         for name, term in aux_losses.items():
             value = term(routing, token_mask).to(lm.device)
             parts[f"aux/{name}"] = value.detach()
@@ -65,18 +84,32 @@ def prompt_mask(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, loader: DataLoader | None) -> float | None:
-    """Token-weighted mean LM loss over the validation set (``None`` without one)."""
+def validation_loss(model: nn.Module, loader: DataLoader | None, accelerator=None) -> float | None:
+    """Token-weighted mean LM loss over the validation set (``None`` without one).
+
+    With several processes each sees a shard; per-example sums are gathered (``gather_for_metrics``
+    drops the examples Accelerate repeats to even out the last batch) so every process gets the mean
+    over the whole set.
+    """
     if loader is None:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    gather = accelerator is not None and accelerator.num_processes > 1
     for batch in loader:
         with routing_inputs(model, prompt_mask(batch)):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += lm_loss(logits, batch["labels"], reduction="sum").item()
-        count += int((batch["labels"][:, 1:] != -100).sum())
+        if gather:
+            b = logits.shape[0]
+            sums = lm_loss(logits, batch["labels"], reduction="none").view(b, -1).sum(dim=1)  # (B,) per example
+            counts = (batch["labels"][:, 1:] != -100).sum(dim=1)  # (B,)
+            sums, counts = accelerator.gather_for_metrics((sums, counts))
+            total += sums.sum().item()
+            count += int(counts.sum())
+        else:
+            total += lm_loss(logits, batch["labels"], reduction="sum").item()
+            count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
 
@@ -106,6 +139,7 @@ def train(
     state: TrainState | None = None,
     batches: Iterator[dict] | None = None,
     on_step: Callable[[int, TrainState], None] | None = None,
+    monitor=None,
 ) -> TrainState:
     """Run optimizer steps up to ``num_steps``; evaluate validation loss at the start, every ``eval_every``
     steps and at the end.
@@ -114,15 +148,20 @@ def train(
     positioned ``batches`` (:class:`mole.training.checkpoint.BatchStream`); ``on_step(step, state)`` runs
     after each step (checkpoints). Raises :class:`NonFiniteLossError` before applying a step whose loss or
     gradient norm is not finite, so the weights are those of the last finite step.
+
+    Losses are averaged over processes (the global batch's); ``monitor`` (a
+    :class:`mole.training.tracking.RoutingMonitor`) collects routing statistics every ``log_every`` steps.
+    Scalars go to ``accelerator.log`` (a no-op without trackers).
     """
     state = state if state is not None else TrainState()
 
     def evaluate(step: int) -> None:
         start = time.perf_counter()
-        loss = validation_loss(model, val_loader)
+        loss = validation_loss(model, val_loader, accelerator)
         state.eval_time_s += time.perf_counter() - start
         if loss is not None:
             state.val_loss.append({"step": step, "loss": loss})
+            accelerator.log({"val/loss": loss}, step=step)
             log.info("step %d: val/loss %.4f", step, loss)
 
     if state.step == 0:  # a resumed run restored its history
@@ -140,13 +179,17 @@ def train(
             # ---- single optimisation step: grad_accum micro-batches ----
             step_start = time.perf_counter()
             sums: dict[str, float] = {}
-            for _ in range(args.grad_accum):
+            log_step = step % args.log_every == 0 or step == num_steps
+            hook = monitor if (log_step and monitor is not None and monitor.active) else None
+            for micro in range(args.grad_accum):
                 batch = next(batches)
-                loss, parts = loss_step(model, batch, aux_losses)
-                # each backward() adds to the gradients, so scale each micro-batch to average them
-                accelerator.backward(loss / args.grad_accum)
-                for k, v in {"loss": loss.detach(), **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum  # .item() syncs; once per micro-batch
+                loss, parts = loss_step(model, batch, aux_losses, num_tokens=lm_normalizer(accelerator, batch["labels"]),
+                                        on_routing=hook)
+                # each backward() adds to the gradients; micro-batches are averaged (see backward())
+                backward(accelerator, loss, args.grad_accum, last=micro == args.grad_accum - 1)
+                # averaged over processes: the global batch's values; one sync per micro-batch
+                for k, v in reduce_mean(accelerator, {"loss": loss.detach(), **parts}).items():
+                    sums[k] = sums.get(k, 0.0) + v / args.grad_accum
             if not math.isfinite(sums["loss"]):
                 raise NonFiniteLossError(
                     f"training loss became {sums['loss']} at step {step}; lower trainer.lr or check the data"
@@ -166,8 +209,15 @@ def train(
             # ---- logging (CPU only) ----
             lr = scheduler.get_last_lr()[0]
             state.train_loss.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr})
+            scalars = {**sums, "lr": lr}
+            if hook is not None:
+                routing = hook.pop(accelerator)
+                if routing:
+                    state.routing_stats.append({"step": step, **{k: round(v, 6) for k, v in routing.items()}})
+                    scalars.update(routing)
+            accelerator.log(scalars, step=step)
             bar.update(1)
-            if step % args.log_every == 0 or step == num_steps:
+            if log_step:
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", lm=f"{sums['lm_loss']:.4f}", lr=f"{lr:.2e}")
                 log.info("step %d/%d: %s", step, num_steps, " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
 

@@ -1,0 +1,236 @@
+"""Processes, precision and the Accelerator: the ``distributed`` config group and what the loop needs from it.
+
+* :class:`DistributedArgs` — the validated ``distributed`` node (``single``, ``ddp``, ``deepspeed_zero2``,
+  ``deepspeed_zero3``).
+* :func:`build_accelerator` — one :class:`accelerate.Accelerator` from ``trainer`` + ``distributed``:
+  mixed precision (fp16 is refused on the CPU), DeepSpeed ZeRO through ``DeepSpeedPlugin``, trackers.
+* :func:`lm_normalizer`, :func:`backward`, :func:`reduce_mean` — the three places where the training
+  loop differs with several processes.
+
+Global batch. Every process draws ``trainer.batch_size`` examples per micro-batch, so one optimizer step
+sees ``batch_size x num_processes x grad_accum`` examples. Accelerate's default sharding
+(``split_batches=False``) cuts the *same* shuffled order (the sampler's generator is synchronised from
+process 0 at every epoch) into per-process batches of ``batch_size`` and deals them out in turn: process
+``r`` gets batches ``r, r + P, r + 2P, ...``. Global batch ``s`` is therefore examples
+``[s*B*P, (s+1)*B*P)`` of the permutation — exactly the batch a single process with batch size
+``B*P`` draws, so ``batch_size=2`` on 2 processes and ``batch_size=4`` on one train on identical data.
+
+Token weighting. The LM loss is the mean over the *global* batch's response tokens: each process
+divides its token sum by (global tokens / P), and DDP's gradient average divides by P again, so the
+gradient is that of the single-process mean whatever the tokens per process. The auxiliary routing
+losses use each process's own tokens (local balance statistics, as in Switch Transformer and most MoE
+code) and are averaged over processes; with them the two runs differ slightly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mole.utils.errors import MoleConfigError
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+DEEPSPEED_KEYS = {
+    "zero_stage": 2,
+    "offload_optimizer_device": "none",
+    "offload_optimizer_nvme_path": None,
+    "offload_param_device": "none",
+    "offload_param_nvme_path": None,
+    "zero3_init_flag": False,
+    "zero3_save_16bit_model": False,
+}
+
+
+@dataclass
+class DistributedArgs:
+    """The ``distributed`` config node (see ``conf/distributed/single.yaml``)."""
+
+    name: str = "single"
+    num_processes: int = 1
+    cpu: bool = False
+    backend: str | None = None
+    main_process_port: int | None = None
+    deepspeed: dict[str, Any] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str, value: Any = None) -> MoleConfigError:
+            got = getattr(self, key) if value is None else value
+            return MoleConfigError(f"distributed.{key} must be {expected}, got {got!r}")
+
+        if not (isinstance(self.num_processes, int) and not isinstance(self.num_processes, bool) and self.num_processes >= 1):
+            raise bad("num_processes", "a positive integer")
+        if not isinstance(self.cpu, bool):
+            raise bad("cpu", "true or false")
+        if self.backend not in (None, "gloo", "nccl", "mpi"):
+            raise bad("backend", "null, gloo, nccl or mpi")
+        if self.main_process_port is not None and not (isinstance(self.main_process_port, int) and 0 < self.main_process_port < 65536):
+            raise bad("main_process_port", "null or a port number")
+        if self.deepspeed is not None:
+            if not isinstance(self.deepspeed, dict):
+                raise bad("deepspeed", "null or a mapping (see conf/distributed/deepspeed_zero2.yaml)")
+            unknown = sorted(set(self.deepspeed) - set(DEEPSPEED_KEYS))
+            if unknown:
+                raise MoleConfigError(f"distributed.deepspeed: unknown keys {unknown}; known keys are {sorted(DEEPSPEED_KEYS)}")
+            ds = {**DEEPSPEED_KEYS, **self.deepspeed}
+            if ds["zero_stage"] not in (0, 1, 2, 3):
+                raise MoleConfigError(f"distributed.deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds['zero_stage']!r}")
+            for key in ("offload_optimizer_device", "offload_param_device"):
+                if ds[key] not in OFFLOAD_DEVICES:
+                    raise MoleConfigError(f"distributed.deepspeed.{key} must be one of {list(OFFLOAD_DEVICES)}, got {ds[key]!r}")
+            if ds["zero_stage"] == 3 and not ds["zero3_save_16bit_model"]:
+                raise MoleConfigError(
+                    "distributed.deepspeed.zero3_save_16bit_model must be true with zero_stage=3: "
+                    "the sharded adapter is gathered to be saved"
+                )
+            if self.cpu:
+                raise MoleConfigError("distributed.cpu=true cannot run DeepSpeed (it needs CUDA); use distributed=ddp for CPU processes")
+            self.deepspeed = ds
+
+    @classmethod
+    def from_config(cls, node: DictConfig | None) -> DistributedArgs:
+        values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MoleConfigError(f"distributed: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def multi_process(self) -> bool:
+        """Whether this run needs ``accelerate launch`` (several processes, or DeepSpeed)."""
+        return self.num_processes > 1 or self.deepspeed is not None
+
+
+def launched() -> bool:
+    """Whether this process was started by ``accelerate launch`` / torchrun (it is then one rank of a run)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def use_cpu(dist: DistributedArgs) -> bool:
+    return dist.cpu or not torch.cuda.is_available()
+
+
+def check_precision(mixed_precision: str, dist: DistributedArgs) -> None:
+    """Refuse fp16 autocast on the CPU (no fp16 kernels or loss scaler there): a clear error, not a downgrade."""
+    if mixed_precision == "fp16" and use_cpu(dist):
+        raise MoleConfigError(
+            "trainer.mixed_precision=fp16 needs a CUDA GPU; on the CPU use trainer.mixed_precision=bf16 or no"
+        )
+
+
+def check_deepspeed(dist: DistributedArgs) -> None:
+    """DeepSpeed is an optional extra: one line saying how to get it."""
+    if dist.deepspeed is None:
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MoleConfigError(
+            f"distributed={dist.name} needs DeepSpeed, which is not installed: pip install 'mole[deepspeed]' "
+            "(or pip install deepspeed), or choose distributed=ddp"
+        )
+    if not torch.cuda.is_available():
+        raise MoleConfigError(f"distributed={dist.name}: DeepSpeed needs a CUDA GPU; on the CPU use distributed=ddp distributed.cpu=true")
+
+
+def _deepspeed_plugin(dist: DistributedArgs, grad_accum: int, max_grad_norm: float):
+    from accelerate.utils import DeepSpeedPlugin
+
+    ds = dist.deepspeed or {}
+    return DeepSpeedPlugin(
+        zero_stage=int(ds["zero_stage"]),
+        gradient_accumulation_steps=grad_accum,
+        gradient_clipping=max_grad_norm if max_grad_norm > 0 else None,
+        offload_optimizer_device=ds["offload_optimizer_device"],
+        offload_param_device=ds["offload_param_device"],
+        offload_optimizer_nvme_path=ds["offload_optimizer_nvme_path"],
+        offload_param_nvme_path=ds["offload_param_nvme_path"],
+        zero3_init_flag=bool(ds["zero3_init_flag"]),
+        zero3_save_16bit_model=bool(ds["zero3_save_16bit_model"]),
+    )
+
+
+def build_accelerator(args, dist: DistributedArgs, run_dir: Path):
+    """The run's :class:`accelerate.Accelerator`.
+
+    Args:
+        args: :class:`mole.training.TrainArgs` (``mixed_precision``, ``grad_accum``, ``log_with``).
+        dist: the ``distributed`` settings.
+        run_dir: the run directory (trackers write under it).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    check_precision(args.mixed_precision, dist)
+    check_deepspeed(dist)
+    if not launched():
+        # One process: Accelerate's state is a process-wide singleton, so a second run in the same
+        # process (tests, notebooks) with another precision or device would be refused; start afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    handlers = [InitProcessGroupKwargs(backend=dist.backend)] if dist.backend else []
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        cpu=dist.cpu,
+        deepspeed_plugin=_deepspeed_plugin(dist, args.grad_accum, args.max_grad_norm) if dist.deepspeed else None,
+        log_with=list(args.log_with) or None,
+        # the schedule counts optimizer steps already: one scheduler.step() per step, whatever the processes
+        step_scheduler_with_optimizer=False,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tb")),
+        kwargs_handlers=handlers,
+    )
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training loop's helpers
+
+
+def lm_normalizer(accelerator, labels: torch.Tensor) -> torch.Tensor | None:
+    """Tokens per process of the global micro-batch, ``(global response tokens) / P``; ``None`` with one process.
+
+    Dividing each process's token-sum loss by it makes DDP's averaged gradient the gradient of the
+    global batch's token mean (see the module docstring). One all-reduce of a scalar.
+    """
+    if accelerator.num_processes == 1:
+        return None
+    local = (labels[:, 1:] != -100).sum().to(torch.float32)  # response tokens on this process
+    total = accelerator.reduce(local.reshape(1), reduction="sum")  # (1,)
+    return (total / accelerator.num_processes).clamp_min(1.0).reshape(())
+
+
+def backward(accelerator, loss: torch.Tensor, grad_accum: int, last: bool) -> None:
+    """Backward one micro-batch of ``grad_accum``; ``last`` marks the one before the optimizer step.
+
+    Plain and DDP runs scale each micro-batch by ``1 / grad_accum`` so the accumulated gradient is
+    their mean. DeepSpeed scales by its own ``gradient_accumulation_steps`` (set to ``grad_accum``) and
+    steps its engine only at the accumulation boundary, which Accelerate reads from ``sync_gradients``.
+    """
+    if is_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last)
+        accelerator.backward(loss)
+    else:
+        accelerator.backward(loss / grad_accum)
+
+
+def reduce_mean(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors averaged over processes, as floats: one collective and one host sync for them all."""
+    keys = list(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])  # (K,)
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(keys, stacked.tolist(), strict=True))
