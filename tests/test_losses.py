@@ -70,3 +70,15 @@ def test_lm_loss_counts_only_labelled_tokens():
     labels = torch.tensor([[-100, -100, 3, -100]])
     expected = -torch.log_softmax(logits[0, 1], -1)[3]
     torch.testing.assert_close(lm_loss(logits, labels), expected)
+
+
+def test_balance_with_a_variable_number_of_slots_per_token():
+    # top-p / dynamic / threshold routing: token 1 takes experts {0, 1}, token 2 only {0}: 3 slots,
+    # F = [2/3, 1/3, 0, 0], P = [0.4, 0.3, 0.2, 0.1] -> 4 * (2/3 * 0.4 + 1/3 * 0.3) = 4 * 11/30
+    s = _stats([[0.4, 0.3, 0.2, 0.1]] * 2, [[0, 1], [0]], None)
+    assert balance_loss(s).item() == pytest.approx(44 / 30)
+
+
+def test_balance_with_variable_slots_and_no_slot_at_all_is_zero():
+    s = _stats([[0.5, 0.5]] * 2, [[], []], None)  # threshold routing that kept no expert
+    assert balance_loss(s).item() == 0.0

@@ -2,5 +2,6 @@
 
 from mole.losses.lm import lm_loss
 from mole.losses.routing import BalanceLoss, balance_loss
+from mole.losses.tsallis import TsallisLoss, mean_tsallis_entropy
 
-__all__ = ["BalanceLoss", "balance_loss", "lm_loss"]
+__all__ = ["BalanceLoss", "TsallisLoss", "balance_loss", "lm_loss", "mean_tsallis_entropy"]

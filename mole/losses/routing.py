@@ -18,8 +18,8 @@ from mole.utils.errors import MoleConfigError
 def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tensor:
     """Switch load-balancing loss extended to top-k (HMoRA eq. 17-19; Fedus et al. 2022).
 
-    ``L = M * sum_i F_i * P_i``, with ``F_i`` the fraction of the ``k`` routing slots per token that went
-    to choice i (eq. 18) and ``P_i`` the mean router probability of choice i (eq. 19). Its minimum, 1,
+    ``L = M * sum_i F_i * P_i``, with ``F_i`` the fraction of the routing slots (``k`` per token, or as many
+    as ``selected`` marks when ``k`` is ``None``) that went to choice i (eq. 18) and ``P_i`` the mean router probability of choice i (eq. 19). Its minimum, 1,
     is reached when routing is uniform.
 
     Args:
@@ -31,7 +31,12 @@ def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tenso
     n, m = probs.shape
     if n == 0:
         return probs.sum() * 0.0
-    frac = selected.float().sum(dim=0) / (stats.k * n)  # (M,) F_i, eq. 18
+    counts = selected.float().sum(dim=0)  # (M,) slots per choice
+    if stats.k is None:
+        # a variable number of slots per token: F_i is the fraction of all slots taken (0 if none were)
+        frac = counts / counts.sum().clamp_min(1.0)  # (M,) F_i, eq. 18
+    else:
+        frac = counts / (stats.k * n)  # (M,) F_i, eq. 18
     mean_prob = probs.mean(dim=0)  # (M,) P_i, eq. 19
     return m * (frac * mean_prob).sum()
 

@@ -23,14 +23,16 @@ class BalanceStats:
     Attributes:
         probs: ``(N, M)`` router probabilities over the M choices (experts, or MoR sub-routers).
         selected: ``(N, M)`` bool, the choices that took a routing slot for each token.
-        k: routing slots per token (the number of ``True`` per row of ``selected``).
+        k: routing slots per token (the number of ``True`` per row of ``selected``), or ``None`` when the
+            number varies per token (top-p, dynamic, threshold routing): the slots are then counted from
+            ``selected``.
         level: ``"token"`` when rows are the batch's tokens (padding rows are masked out by the
             losses), ``"sequence"`` when rows are sequences (instance-level and task routers).
     """
 
     probs: Tensor
     selected: Tensor
-    k: int
+    k: int | None
     level: str = "token"
 
 

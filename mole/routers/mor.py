@@ -9,8 +9,18 @@ Source: Xia et al., "Mixture of Routers", arXiv:2503.23362.
 * CRW (eq. 7): every sub-router weighs ``1 / n_routers``; there is no main router.
 * A load-balancing loss on the main router keeps sub-router use balanced (Sec. 3.2).
 
-MoR is a plug-in: it replaces the router of any method. ``top_k=None`` keeps every expert (soft inner
-routing, as in LoRAMoE + MoR); an integer gives the top-k routing of MoLA + MoR.
+MoR is a plug-in: it replaces the router of any method, so the selection applied to the combined scores
+``F'`` is the plugged method's (``select``):
+
+* ``topk`` (default): the top-k experts, renormalised (MoLA + MoR); ``top_k=None`` keeps every expert.
+* ``soft``: every expert with its score (LoRAMoE + MoR).
+* ``topp``: top-p on ``F'`` (:func:`mole.routers.select.keep_top_p`), at least ``keep_top_k`` experts.
+* ``dynamic``: DynMoLE's entropy-switched soft / top-p routing on ``F'``
+  (:func:`mole.routers.select.dynamic_select`; ``q``, ``threshold``, ``top_p``, ``keep_top_k``,
+  ``normalized_entropy`` as in :class:`mole.routers.dynamic.DynamicRouter`).
+
+``keep_top_k=None`` takes each selection's own default: 1 for ``topp`` (plain top-p), 2 for ``dynamic``
+(DynMoLE). ``F'`` is a mixture of distributions, so it sums to 1 like a softmax row.
 
 Decisions where the paper is silent, marked NOTE(deviation) below:
 
@@ -29,7 +39,19 @@ import torch
 from torch import Tensor, nn
 
 from mole.routers.base import BalanceStats, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.routers.select import (
+    check_keep_top_k,
+    check_q,
+    check_threshold,
+    check_top_p,
+    dynamic_select,
+    keep_top_p,
+)
 from mole.utils.errors import MoleConfigError
+
+SELECTS = ("topk", "soft", "topp", "dynamic")
+# keep_top_k=None: the least number of experts each selection keeps by default
+DEFAULT_KEEP_TOP_K = {"topp": 1, "dynamic": 2}
 
 
 class MoRRouter(nn.Module):
@@ -39,13 +61,19 @@ class MoRRouter(nn.Module):
         in_features: width of the token features.
         num_experts: number of experts E.
         n_routers: number of sub-routers (the paper sweeps 2, 3, 4).
-        top_k: experts kept per token from the combined scores; ``None`` keeps all (soft).
-        renorm: renormalisation of the kept expert scores, ``"sum"`` or ``"softmax"``.
+        top_k: experts kept per token from the combined scores (``select="topk"``); ``None`` keeps all.
+        renorm: renormalisation of the kept top-k expert scores, ``"sum"`` or ``"softmax"``.
         main_top_k: sub-routers the main router keeps per token; ``None`` keeps all.
         expert_balance: also expose the expert choice to the balance loss (MoLA's own loss), besides
             the main router's choice of sub-routers.
         equal_weights: CRW (eq. 7): weigh sub-routers equally and build no main router.
         dropout: dropout on the routers' input.
+        select: selection on the combined scores: ``"topk"``, ``"soft"``, ``"topp"`` or ``"dynamic"``.
+        top_p: top-p target (``topp``, ``dynamic``).
+        keep_top_k: least number of experts (``topp``, ``dynamic``); ``None`` for 1 (topp) / 2 (dynamic).
+        q: Tsallis entropic index (``dynamic``).
+        threshold: entropy above which a token goes to every expert (``dynamic``).
+        normalized_entropy: compare the entropy divided by its maximum with ``threshold`` (``dynamic``).
     """
 
     def __init__(
@@ -59,12 +87,33 @@ class MoRRouter(nn.Module):
         expert_balance: bool = False,
         equal_weights: bool = False,
         dropout: float = 0.0,
+        select: str = "topk",
+        top_p: float = 0.75,
+        keep_top_k: int | None = None,
+        q: float = 1.1,
+        threshold: float = 0.9,
+        normalized_entropy: bool = False,
     ):
         super().__init__()
         if not isinstance(n_routers, int) or n_routers < 1:
             raise MoleConfigError(f"router.n_routers must be a positive integer, got {n_routers!r}")
-        check_top_k(top_k, num_experts)
-        check_renorm(renorm)
+        if select not in SELECTS:
+            raise MoleConfigError(f"router.select must be one of {list(SELECTS)}, got {select!r}")
+        if select == "topk":
+            check_top_k(top_k, num_experts)
+            check_renorm(renorm)
+            if top_k is None:
+                select = "soft"  # top_k: null keeps every expert
+        if select in DEFAULT_KEEP_TOP_K:
+            keep_top_k = DEFAULT_KEEP_TOP_K[select] if keep_top_k is None else keep_top_k
+            check_top_p(top_p)
+            check_keep_top_k(keep_top_k, num_experts)
+        if select == "dynamic":
+            check_q(q)
+            check_threshold(threshold)
+        # stored as given: the keys of a selection that is not used are not checked
+        self.select, self.top_p, self.keep_top_k = select, top_p, keep_top_k
+        self.q, self.threshold, self.normalized_entropy = q, threshold, bool(normalized_entropy)
         if main_top_k is not None and not equal_weights:
             check_top_k(main_top_k, n_routers, key="router.main_top_k")
         self.num_experts, self.n_routers = num_experts, n_routers
@@ -95,11 +144,20 @@ class MoRRouter(nn.Module):
                 weights, chosen = keep_top_k(main_probs, self.main_top_k, "sum")  # eq. 6
                 balance.append(BalanceStats(main_probs, chosen, self.main_top_k))
             scores = torch.einsum("nr,nre->ne", weights, sub_probs)  # (N, E), eq. 6
-        if self.top_k is None:
+        if self.select == "soft":
             return RouterOutput(gates=scores, probs=scores, balance=balance)
-        gates, selected = keep_top_k(scores, self.top_k, self.renorm)  # (N, E), Algorithm 1 line 7
+        k = None  # slots per token vary for topp / dynamic
+        if self.select == "topk":
+            gates, selected = keep_top_k(scores, self.top_k, self.renorm)  # (N, E), Algorithm 1 line 7
+            k = self.top_k
+        elif self.select == "topp":
+            gates, selected = keep_top_p(scores, self.top_p, min_k=self.keep_top_k)  # (N, E)
+        else:
+            gates, selected = dynamic_select(
+                scores, self.q, self.threshold, self.top_p, self.keep_top_k, self.normalized_entropy
+            )  # (N, E)
         if self.expert_balance or self.equal_weights:
-            balance.append(BalanceStats(scores, selected, self.top_k))
+            balance.append(BalanceStats(scores, selected, k))
         return RouterOutput(gates=gates, probs=scores, selected=selected, balance=balance)
 
 
@@ -110,11 +168,17 @@ def CRWRouter(  # noqa: N802 - a constructor, named like the class it builds for
     top_k: int | None = 2,
     renorm: str = "sum",
     dropout: float = 0.0,
+    select: str = "topk",
+    top_p: float = 0.75,
+    keep_top_k: int | None = None,
+    q: float = 1.1,
+    threshold: float = 0.9,
+    normalized_entropy: bool = False,
 ) -> MoRRouter:
     """Consistent Routing Weighting (MoR eq. 7): a :class:`MoRRouter` whose sub-routers weigh equally.
 
     With no main router, the balance loss (if configured) acts on the expert choice, as in the method
-    CRW plugs into (MoLA's top-k balance loss).
+    CRW plugs into (MoLA's top-k balance loss). ``select`` and its keys as in :class:`MoRRouter`.
     """
     return MoRRouter(
         in_features,
@@ -124,4 +188,10 @@ def CRWRouter(  # noqa: N802 - a constructor, named like the class it builds for
         renorm=renorm,
         equal_weights=True,
         dropout=dropout,
+        select=select,
+        top_p=top_p,
+        keep_top_k=keep_top_k,
+        q=q,
+        threshold=threshold,
+        normalized_entropy=normalized_entropy,
     )

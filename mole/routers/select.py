@@ -1,0 +1,192 @@
+"""Selection functions on router probability rows, shared by the routers (all vectorised, no host syncs).
+
+* :func:`keep_top_p` — top-p routing (Huang et al. 2024; DynMoLE eq. 7).
+* :func:`tsallis_entropy`, :func:`max_tsallis_entropy` — Tsallis entropy (DynMoLE eq. 9; Shannon at q=1).
+* :func:`dynamic_select` — DynMoLE's entropy-switched hybrid routing (eq. 17-18).
+* :func:`threshold_select` — threshold routing (Sparse MoA eq. 4-5, AdaMoLE).
+* ``check_*`` — argument validation that names the config key.
+
+Top-k lives in :func:`mole.routers.base.keep_top_k`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mole.routers.base import check_top_k
+from mole.utils.errors import MoleConfigError
+
+# Prefix sums are compared with p up to this slack: a prefix that reaches p up to fp32 rounding of the
+# cumulative sum (e.g. 0.5 + 0.3 against p = 0.8) counts as reaching it.
+TOP_P_TOLERANCE = 1e-6
+# Smallest probability fed to log (Shannon entropy), so that 0 * log 0 = 0 with a finite gradient.
+_TINY = 1e-30
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_top_p(top_p: float, key: str = "router.top_p") -> None:
+    """Reject a top-p outside ``(0, 1]``."""
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise MoleConfigError(f"{key} must be in (0, 1], got {top_p!r}")
+
+
+def check_q(q: float, key: str = "router.q") -> None:
+    """Reject a Tsallis entropic index that is not a positive number."""
+    if not _is_number(q) or q <= 0:
+        raise MoleConfigError(f"{key} (the Tsallis entropic index) must be a positive number, got {q!r}")
+
+
+def check_threshold(threshold: float, key: str = "router.threshold") -> None:
+    """Reject an entropy threshold that is not a non-negative number."""
+    if not _is_number(threshold) or threshold < 0:
+        raise MoleConfigError(f"{key} must be a non-negative number, got {threshold!r}")
+
+
+def check_keep_top_k(keep_top_k: int, num_experts: int, key: str = "router.keep_top_k") -> None:
+    """Reject a minimum expert count that is not a positive integer or exceeds the experts of a layer."""
+    if keep_top_k is None:
+        raise MoleConfigError(f"{key} must be a positive integer, got None")
+    check_top_k(keep_top_k, num_experts, key=key)
+
+
+def keep_top_p(probs: Tensor, p: float, min_k: int = 1) -> tuple[Tensor, Tensor]:
+    """Top-p routing: keep the smallest prefix of the sorted probabilities whose sum reaches ``p``.
+
+    Huang et al. 2024 ("Harder Tasks Need More Experts"); DynMoLE eq. 7. The probabilities are sorted in
+    descending order; the expert at rank r is kept iff the sum of the ranks before it is still below ``p``
+    (so the expert whose probability carries the sum across ``p`` is kept), or ``r < min_k``. The kept
+    probabilities are renormalised by their sum.
+
+    Rules where the definition is silent:
+
+    * a prefix that reaches ``p`` up to fp32 rounding (``TOP_P_TOLERANCE``) counts as reaching it:
+      ``[0.5, 0.3, ...]`` with ``p = 0.8`` keeps 2 experts;
+    * ties are broken by expert index (stable sort: the lower index ranks first), so the *number* kept does
+      not depend on the tie order and the chosen set is deterministic;
+    * ``p = 1`` keeps every expert.
+
+    Args:
+        probs: ``(N, M)`` probabilities (rows sum to 1).
+        p: cumulative-probability target in ``(0, 1]``.
+        min_k: never keep fewer than this many (DynMoLE's Keep-Top-k, eq. 18).
+
+    Returns:
+        ``(weights, selected)``: ``(N, M)`` renormalised weights, exactly 0 outside the kept set, and the
+        ``(N, M)`` bool mask of kept entries.
+    """
+    m = probs.shape[-1]
+    if p >= 1.0 or min_k >= m:
+        selected = torch.ones_like(probs, dtype=torch.bool)  # (N, M)
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # (N, M), (N, M)
+        before = F.pad(sorted_p.cumsum(dim=-1)[..., :-1], (1, 0))  # (N, M) exclusive prefix sums
+        rank = torch.arange(m, device=probs.device)  # (M,)
+        keep_sorted = (before < p - TOP_P_TOLERANCE) | (rank < min_k)  # (N, M) in sorted order
+        selected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # (N, M) in expert order
+    kept = torch.where(selected, probs, torch.zeros_like(probs))  # (N, M)
+    weights = kept / kept.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+    return weights, selected
+
+
+def tsallis_entropy(probs: Tensor, q: float) -> Tensor:
+    """Tsallis entropy of each row, ``S_q(p) = (1 - sum_i p_i^q) / (q - 1)`` (DynMoLE eq. 9), in fp32.
+
+    At ``q = 1`` it is the Shannon entropy ``-sum_i p_i log p_i`` (the limit, DynMoLE eq. 32), with
+    ``0 log 0 = 0``.
+
+    Args:
+        probs: ``(N, M)`` probabilities.
+        q: entropic index, > 0.
+
+    Returns:
+        ``(N,)`` entropies.
+    """
+    p = probs.float()
+    if q == 1:
+        return -(p * p.clamp_min(_TINY).log()).sum(dim=-1)
+    return (1.0 - p.pow(q).sum(dim=-1)) / (q - 1.0)
+
+
+def max_tsallis_entropy(num_experts: int, q: float) -> float:
+    """The largest Tsallis entropy over ``M`` outcomes, reached at the uniform distribution.
+
+    ``(1 - M^(1-q)) / (q - 1)``; ``log M`` at ``q = 1``. E.g. ``M = 6, q = 1.1``: about 1.641.
+    """
+    if q == 1:
+        return math.log(num_experts)
+    return (1.0 - num_experts ** (1.0 - q)) / (q - 1.0)
+
+
+def dynamic_select(
+    probs: Tensor,
+    q: float,
+    threshold: float,
+    top_p: float,
+    keep_top_k: int,
+    normalized: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """DynMoLE hybrid routing (eq. 17-18), token by token.
+
+    * ``S_q(p) > threshold``: soft routing, every expert with its probability (eq. 17, first case);
+    * otherwise ``Top_(p,k)``: top-p, but never fewer than ``keep_top_k`` experts, renormalised.
+
+    NOTE(deviation): eq. 18 literally switches to Top-k when ``p_(j) < p_(k)`` with ``p_(j)`` the last
+    probability top-p keeps, i.e. when top-p keeps *more* than k experts, which contradicts the text around
+    it ("Top_k ensures that at least k experts are selected", Sec. 5.3.2 "Keep-Top-k means the minimum
+    number of activated experts"). We follow the text: the kept set is the top ``max(j, keep_top_k)``
+    experts (the larger of the top-p and top-k sets).
+
+    Args:
+        probs: ``(N, M)`` probabilities (rows sum to 1).
+        q: Tsallis entropic index.
+        threshold: entropy above which a token is routed softly.
+        top_p: the top-p target.
+        keep_top_k: the least number of experts in the top-p branch.
+        normalized: compare ``S_q / max S_q`` (in [0, 1]) with the threshold instead of ``S_q``.
+
+    Returns:
+        ``(gates, selected)``: ``(N, M)`` gates (exactly 0 outside the chosen set) and bool mask (a soft
+        token selects every expert).
+    """
+    entropy = tsallis_entropy(probs, q)  # (N,)
+    if normalized:
+        top = max_tsallis_entropy(probs.shape[-1], q)
+        entropy = entropy / top if top > 0 else torch.zeros_like(entropy)
+    soft = (entropy > threshold).unsqueeze(-1)  # (N, 1)
+    sparse_gates, sparse_selected = keep_top_p(probs, top_p, min_k=keep_top_k)  # (N, M), (N, M)
+    gates = torch.where(soft, probs, sparse_gates)  # (N, M)
+    return gates, sparse_selected | soft
+
+
+def threshold_select(gates: Tensor, tau: Tensor | float, renorm: bool, subtract: bool = False) -> tuple[Tensor, Tensor]:
+    """Threshold routing: expert i is kept iff ``g_i >= tau`` (Sparse MoA eq. 4; AdaMoLE).
+
+    Kept experts keep their gate (MoA: "its weight is still used to control its influence"); with
+    ``subtract`` they weigh ``g_i - tau`` instead (AdaMoLE's released implementation, which also gives the
+    threshold network a gradient). With ``renorm`` the kept weights are divided by their sum (AdaMoLE,
+    softmax gates). A token whose gates all fall below ``tau`` keeps no expert: its weights are all 0
+    (the layer returns the frozen base output for it, as Sparse MoA intends for tokens that "require no
+    expert intervention"); renormalisation then leaves the zeros as they are.
+
+    Args:
+        gates: ``(N, M)`` gate values (softmax probabilities or sigmoid scores).
+        tau: the threshold, a float or ``(N, 1)`` per token.
+        renorm: divide the kept weights by their sum.
+        subtract: weigh a kept expert by ``g_i - tau`` instead of ``g_i``.
+
+    Returns:
+        ``(weights, selected)``, both ``(N, M)``; weights exactly 0 outside ``selected``.
+    """
+    selected = gates >= tau  # (N, M)
+    weights = gates - tau if subtract else gates
+    weights = torch.where(selected, weights, torch.zeros_like(weights))  # (N, M)
+    if renorm:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+    return weights, selected
