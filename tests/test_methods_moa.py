@@ -135,7 +135,8 @@ def test_moa_soft_layer_gate_column_i_weighs_expert_i(tiny_cfg):
             torch.testing.assert_close(out.reshape(flat.shape[0], -1), lin.base_layer(flat) + g[:, i : i + 1] * delta)
         ffn_in, ffn_out = seen["mlp"]
         flat = ffn_in.reshape(-1, 64)
-        plain = mlp.down_proj(mlp.act_fn(mlp.gate_proj(flat)) * mlp.up_proj(flat))
+        up_out = seen["up"][1].reshape(-1, 128)  # up_proj's output, its own LoRA expert included
+        plain = mlp.down_proj(mlp.act_fn(mlp.gate_proj(flat)) * up_out)
         torch.testing.assert_close(ffn_out.reshape(-1, 64), plain + g[:, 5:6] * mlp.mole_parallel_adapter(flat, None))
         b, t = IDS.shape
         q_in, q_out = seen["q"]

@@ -92,7 +92,7 @@ class PromptTuning(nn.Module):
         model.register_forward_hook(self._drop_virtual, with_kwargs=True)
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
-        kwargs = {**dict(zip(self._names, args)), **kwargs}  # positional arguments by name
+        kwargs = {**dict(zip(self._names, args, strict=False)), **kwargs}  # positional arguments by name
         p = self.num_virtual_tokens
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
