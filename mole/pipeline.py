@@ -69,14 +69,36 @@ def _keyword_names(fn) -> tuple[str, ...]:
 
 
 PLACEMENT_KEYS = ("placement", "level")  # read by the injector, not passed to the router's constructor
+MODEL_KEYS = ("task_encoder",)  # build one module per model (HMoRA's task encoder), handed to every router
 
 
-def inject_from_config(model: torch.nn.Module, cfg: DictConfig) -> InjectionReport:
+def _router_factory(model: torch.nn.Module, cfg: DictConfig, tokenizer=None):
+    """The router factory; a ``router.task_encoder`` node first builds ``model.mole_task_encoder`` (router=hybrid)."""
+    skip = (*PLACEMENT_KEYS, *MODEL_KEYS)
+    node = OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in skip])
+    factory = _factory(node, "router")
+    if cfg.router.get("task_encoder") is None:
+        return factory
+    if "task_encoder" not in factory.accepts:
+        raise MoleConfigError(f"router.task_encoder is set but router._target_={node._target_!r} takes no task encoder")
+    from mole.routers.hybrid import attach_task_encoder
+
+    encoder = attach_task_encoder(model, cfg.router.task_encoder, tokenizer)
+
+    def bound(**kwargs):
+        return factory(task_encoder=encoder, **kwargs)
+
+    bound.accepts = factory.accepts  # type: ignore[attr-defined]
+    return bound
+
+
+def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) -> InjectionReport:
     """Apply the ``experts``, ``adapter`` and ``router`` config to a base model, in place.
 
-    The adapter may be a Linear adapter (LoRA, DoRA), block experts (parallel adapter, prompt, MixLoRA
-    FFN experts; see :mod:`mole.adapters.kinds`) or both, or a whole-model baseline (full fine-tuning,
-    prompt tuning).
+    ``tokenizer`` gives token ids the routers need (HMoRA's ``e_task`` initialisation); ``None`` when
+    counting parameters on the meta device. The adapter may be a Linear adapter (LoRA, DoRA, Hydra), block
+    experts (parallel adapter, prompt, MixLoRA FFN experts; see :mod:`mole.adapters.kinds`) or both, or a
+    whole-model baseline (full fine-tuning, prompt tuning).
     """
     from mole.adapters.kinds import plan_adapter
     from mole.model.blocks import BlockSpec
@@ -94,20 +116,25 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig) -> InjectionRepo
         groups=ex.get("groups"),
         per_layer=ex.get("per_layer"),
     )
-    router_node = OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in PLACEMENT_KEYS])
+    router_factory = _router_factory(model, cfg, tokenizer)
     share = ex.get("share_groups")
-    return inject_mole(
+    report = inject_mole(
         model,
         experts_per_layer=layout,
         targets=targets,
         single_targets=single_targets,
         expert_factory=None if plan.linear is None else _factory(plan.linear, "adapter"),
-        router_factory=_factory(router_node, "router"),
+        router_factory=router_factory,
         placement=cfg.router.get("placement", "linear"),
         level=cfg.router.get("level", "token"),
         blocks=[BlockSpec(key, _factory(node, key), layers) for key, node, layers in plan.blocks],
         **({"share_groups": [list(g) for g in share]} if share else {}),
     )
+    if cfg.router.get("task_encoder") is not None:
+        from mole.routers.hybrid import drop_unused_task_encoder
+
+        drop_unused_task_encoder(model)
+    return report
 
 
 def build_mole_model(cfg: DictConfig, *, meta: bool = False):
@@ -127,7 +154,7 @@ def build_mole_model(cfg: DictConfig, *, meta: bool = False):
         return model, tokenizer, report
     model, tokenizer = build_model(cfg.model, seed=cfg.get("seed"))
     torch.manual_seed(cfg.get("seed", 0))  # adapter and router initialisation
-    report = inject_from_config(model, cfg)
+    report = inject_from_config(model, cfg, tokenizer)
     return model, tokenizer, report
 
 
@@ -142,16 +169,34 @@ def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[st
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     base = total - sum(p.numel() for n, p in model.named_parameters() if is_trainable_name(n))
+    layers = decoder_layers(model)
+    # modules trained once per model, outside the decoder layers (HMoRA's task encoder)
+    per_model = {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in model.named_children()
+        if name.startswith("mole_")
+    }
     return {
         "trainable": trainable,
         "total": total,
         "base": base,
         "percent": round(100.0 * trainable / base, 4),
+        **({"per_model": per_model} if per_model else {}),
         "layers": [
-            {"layer": i, "experts": e, "routers": r, "adapted": len(report.adapted.get(i, []))}
+            {"layer": i, "experts": e, "routers": r, "adapted": len(report.adapted.get(i, [])),
+             **_layer_info(layers[i])}
             for i, (e, r) in enumerate(zip(report.experts_per_layer, report.routers_per_layer, strict=True))
         ],
     }
+
+
+def _layer_info(layer: torch.nn.Module) -> dict[str, Any]:
+    """What a layer's routers report about themselves (``layer_info()``; HMoRA's ``a_l`` and router kinds)."""
+    for m in layer.modules():
+        info = getattr(m, "layer_info", None)
+        if callable(info):
+            return info()
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,6 +303,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     accelerator = Accelerator()
     set_seed(int(cfg.seed))
     model, tokenizer, report = build_mole_model(cfg)
+    if args.init_from:
+        init_from_run(model, cfg, args.init_from)
     params = parameter_report(model, report)
     log.info("trainable params %d of %d (%.4f%% of the base model)", params["trainable"], params["total"], params["percent"])
     train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
@@ -343,6 +390,32 @@ def load_run_config(checkpoint: str | Path) -> DictConfig:
     if not isinstance(cfg, DictConfig) or "model" not in cfg:
         raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
     return cfg
+
+
+def init_from_run(model: torch.nn.Module, cfg: DictConfig, source: str | Path) -> None:
+    """Start from a previous run's adapter (``trainer.init_from``; MoR Table 2's second stage).
+
+    The previous run must use the same base model and the same adapter structure (method, layout,
+    router); everything else (data, trainer, seed) may differ.
+    """
+    source = Path(source)
+    try:
+        prev = load_run_config(source)
+    except MoleConfigError as err:
+        raise MoleConfigError(f"trainer.init_from: {err}") from None
+    if prev.model.get("name") != cfg.model.get("name"):
+        raise MoleConfigError(
+            f"trainer.init_from={str(source)!r} was trained on model={prev.model.get('name')}, "
+            f"this run uses model={cfg.model.get('name')}; the adapters do not transfer"
+        )
+    try:
+        load_adapter(model, source / ADAPTER_FILE)
+    except MoleConfigError as err:
+        raise MoleConfigError(
+            f"trainer.init_from: {err} (run {source} used method={prev.get('method_name')}; "
+            f"this run uses method={cfg.get('method_name')})"
+        ) from None
+    log.info("initialised the adapters from %s", source / ADAPTER_FILE)
 
 
 def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = None) -> dict:

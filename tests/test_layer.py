@@ -12,7 +12,16 @@ from mole.model.base import build_model
 from mole.model.inject import mole_layers
 from mole.model.layer import MoLELinear
 from mole.pipeline import build_mole_model
-from mole.routers import CRWRouter, MoRRouter, SoftRouter, TopKRouter
+from mole.routers import (
+    CRWRouter,
+    DynamicRouter,
+    MoRRouter,
+    SigmoidRouter,
+    SoftRouter,
+    ThresholdRouter,
+    TopKRouter,
+    TopPRouter,
+)
 
 
 class _One(nn.Module):
@@ -55,6 +64,11 @@ ROUTERS = {
     "mor": lambda d, e: MoRRouter(d, e, n_routers=3, top_k=2),
     "mor_soft": lambda d, e: MoRRouter(d, e, n_routers=2, top_k=None),
     "crw": lambda d, e: CRWRouter(d, e, n_routers=2, top_k=2),
+    "topp": lambda d, e: TopPRouter(d, e, top_p=0.6),
+    "dynamic": lambda d, e: DynamicRouter(d, e),
+    "sigmoid": lambda d, e: SigmoidRouter(d, e),
+    "threshold": lambda d, e: ThresholdRouter(d, e, tau_max=0.5),
+    "mor_dynamic": lambda d, e: MoRRouter(d, e, n_routers=2, select="dynamic"),
 }
 
 
@@ -74,8 +88,9 @@ def test_stacked_experts_equal_the_per_expert_loop(router):
     g_stacked = (experts.lora_A.grad.clone(), experts.lora_B.grad.clone())
     experts.zero_grad()
     reference_forward(experts, x, gates.detach()).square().sum().backward()
-    torch.testing.assert_close(g_stacked[0], experts.lora_A.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g_stacked[1], experts.lora_B.grad, rtol=1e-4, atol=1e-5)
+    # fp32 summation order differs between the two; tolerate rounding relative to the gradients' scale
+    for got, want in zip(g_stacked, (experts.lora_A.grad, experts.lora_B.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
 def test_sparse_gates_give_zero_contribution_from_unchosen_experts():
@@ -94,12 +109,7 @@ def test_sparse_gates_give_zero_contribution_from_unchosen_experts():
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["method=lora"],
-        ["method=loramoe"],
-        ["method=mola"],
-        ["method=loramoe_mor"],
-        ["method=mola_mor"],
-        ["method=mola_crw"],
+        # every preset: tests/test_presets.py
         ["router=topk", "experts=uniform_8", "router.renorm=softmax"],
         ["router=mor", "router.n_routers=4", "router.main_top_k=2"],
     ],

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from mole import CONF_DIR
 from mole.model.inject import mole_layers
 from mole.model.routing import collect_routing
 from mole.pipeline import build_mole_model, parameter_report
@@ -127,3 +130,22 @@ def test_overlapping_single_targets_is_a_config_error(tiny_cfg):
 def test_unknown_placement_is_a_config_error(tiny_cfg):
     with pytest.raises(MoleConfigError, match="router.placement"):
         build_mole_model(tiny_cfg("router.placement=everywhere"))
+
+
+_ROUTERS = sorted(p.stem for p in (Path(CONF_DIR) / "router").glob("*.yaml") if p.stem != "none")
+# every router with the default layout is in test_configs.py; here, two more shapes: an odd uniform
+# count and the reversed MoLA layout (2 experts in the top layers)
+_LAYOUTS = ["uniform_5", "mola_8642"]
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+@pytest.mark.parametrize("router", _ROUTERS)
+def test_any_router_combines_with_any_layout(tiny_cfg, router, layout):
+    """`mole-train router=<r> experts=<layout>`: every pair builds, routes and gives finite outputs."""
+    model, _, rep = build_mole_model(tiny_cfg(f"router={router}", f"experts={layout}"))
+    assert all(r > 0 for r in rep.routers_per_layer)
+    with collect_routing(model) as outs:
+        logits = model(input_ids=IDS).logits
+    assert torch.isfinite(logits).all() and outs
+    for out in outs:
+        assert out.gates.shape[0] == IDS.numel() and torch.isfinite(out.gates).all()

@@ -1,10 +1,13 @@
 """``mole-params``: count trainable parameters without weights or downloads (the model on the meta device).
 
     mole-params model=qwen2_1_5b method=lora        # HMoRA Table 3: LoRA r=8 on all 7 linears, 0.60%
+    mole-params model=qwen2_1_5b method=hmora       # HMoRA Table 3 w/o LW: 6.31%, a_l per layer
     mole-params router=mor experts=mola_2468        # the same overrides as mole-train
 
 Prints one JSON object: ``trainable``, ``total``, ``base``, ``percent`` (trainable / base model), and
-per layer the number of experts, routers and adapted modules.
+per layer the number of experts, routers and adapted modules (HMoRA: the mixing weight ``a_l`` and
+which routers the layer has, ``router_kinds``), and ``per_model``: modules trained once per model
+(HMoRA's task encoder).
 """
 
 from __future__ import annotations

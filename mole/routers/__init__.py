@@ -2,6 +2,7 @@
 
 from mole.routers.base import BalanceStats, Router, RouterOutput, keep_top_k
 from mole.routers.dynamic import DynamicRouter
+from mole.routers.hybrid import HybridRouter, TaskEncoder
 from mole.routers.mor import CRWRouter, MoRRouter
 from mole.routers.none import no_router
 from mole.routers.select import (
@@ -21,12 +22,14 @@ __all__ = [
     "BalanceStats",
     "CRWRouter",
     "DynamicRouter",
+    "HybridRouter",
     "MoRRouter",
     "Router",
     "RouterOutput",
     "SigmoidRouter",
     "SoftRouter",
     "ThresholdRouter",
+    "TaskEncoder",
     "TopKRouter",
     "TopPRouter",
     "dynamic_select",

@@ -27,6 +27,8 @@ class TrainArgs:
     max_grad_norm: float = 1.0  # 0 disables clipping
     log_every: int = 1  # steps between progress-bar / log updates
     eval_batch_size: int = 8  # micro-batch for validation loss
+    init_from: str | None = None  # a previous run directory: start from its adapter (MoR Table 2, stage 2)
+    lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): lr of *lora_B* parameters x this (eta_B); 1 = off
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> MoleConfigError:
@@ -53,6 +55,11 @@ class TrainArgs:
             raise bad("weight_decay", "a non-negative number")
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0):
             raise bad("max_grad_norm", "a non-negative number")
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            raise bad("init_from", "null or the path of a previous run directory")
+        if not (isinstance(self.lora_plus_ratio, (int, float)) and not isinstance(self.lora_plus_ratio, bool)
+                and self.lora_plus_ratio > 0):
+            raise bad("lora_plus_ratio", "a positive number (1.0 turns LoRA+ off)")
 
     @classmethod
     def from_config(cls, node: DictConfig) -> TrainArgs:

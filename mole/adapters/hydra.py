@@ -1,0 +1,107 @@
+"""HydraLoRA experts: one shared down-projection A, one up-projection B_i per expert.
+
+Source: Tian et al., "HydraLoRA: An Asymmetric LoRA Architecture for Efficient Fine-Tuning"
+(NeurIPS 2024); HMoRA Appendix C ("Hydra LoRA") and E.2. The layer computes
+
+    z = W x + sum_i g_i (alpha / r) B_i A dropout(x)
+
+with A ``(r, d_in)`` shared by all E experts (Kaiming-uniform, as LoRA) and B_i ``(d_out, r)`` zero, so
+a fresh adapter changes nothing. Stacked, with no loop over experts:
+
+    h = dropout(x) @ A^T                         (N, r)     once, whatever E is
+    h = [g_1 h, ..., g_E h] * alpha / r          (N, E*r)
+    z = h @ B_all^T                              (N, d_out) B_all = [B_1 ... B_E]  (d_out, E*r)
+
+Parameters are named ``lora_A`` / ``lora_B`` like :class:`~mole.adapters.lora.LoRAExperts`, so LoRA+
+(``*lora_B*`` learning rate) and checkpoints treat both kinds alike. With one expert it is plain LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mole.utils.errors import MoleConfigError
+
+
+def check_lora_args(num_experts: int, rank: int, alpha: float, dropout: float) -> None:
+    """Reject adapter settings that cannot build (the same checks as :class:`LoRAExperts`)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
+    if num_experts < 1:
+        raise MoleConfigError(f"the experts layout gives {num_experts} experts for a layer; need >= 1")
+
+
+class HydraLoRAExperts(nn.Module):
+    """E HydraLoRA experts of rank r for one Linear ``d_in -> d_out`` (shared A, per-expert B).
+
+    Args:
+        in_features: d_in of the adapted Linear.
+        out_features: d_out of the adapted Linear.
+        num_experts: E (the number of B matrices).
+        rank: r of A and of every B_i.
+        alpha: LoRA alpha; the update is scaled by ``alpha / rank``.
+        dropout: dropout on the experts' input.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int = 1,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        check_lora_args(num_experts, rank, alpha, dropout)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))  # shared A
+        self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # [B_1 ... B_E]
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA's reference initialisation
+
+    def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:
+        """Mixture of the experts' updates.
+
+        Args:
+            x: ``(N, d_in)`` token features.
+            gates: ``(N, E)`` expert weights, or ``None`` (every expert weighs 1; plain LoRA when E = 1).
+
+        Returns:
+            ``(N, d_out)``: ``sum_i g_i (alpha/r) B_i A dropout(x)``.
+        """
+        h = F.linear(self.dropout(x), self.lora_A)  # (N, r), the shared down-projection, once
+        n = h.shape[0]
+        if gates is None:
+            weights = h.new_full((n, self.num_experts), self.scaling)  # (N, E)
+        else:
+            weights = gates.to(h.dtype) * self.scaling  # (N, E)
+        h = (weights.unsqueeze(-1) * h.unsqueeze(1)).reshape(n, self.num_experts * self.rank)  # (N, E*r)
+        return F.linear(h, self.lora_B)  # (N, d_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
+            f"rank={self.rank}, scaling={self.scaling:g}, shared_A=True"
+        )
+
+
+def hydra_reference_forward(experts: HydraLoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
+    """The plain per-expert loop ``sum_i g_i (alpha/r) B_i A dropout(x)``, for tests and benchmarks."""
+    xd = experts.dropout(x)
+    r = experts.rank
+    out = x.new_zeros(x.shape[0], experts.out_features)
+    for i in range(experts.num_experts):
+        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
+        g_i = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)  # (N,)
+        out = out + g_i[:, None] * experts.scaling * F.linear(F.linear(xd, experts.lora_A), b_i)
+    return out

@@ -1,0 +1,91 @@
+"""HMoRA's Constrained Generalized Jensen-Shannon auxiliary loss (HMoRA Sec. 3.3, eq. 9-13).
+
+For one router's N gate distributions ``g^(1..N)`` over e experts, with H the Shannon entropy (eq. 9):
+
+    balance   = H(mean_n g^(n))                                   (near log e: balanced selection)
+    certainty = mean_n H(g^(n))                                   (near 0: decisive routing)
+    CGJS      = min(balance, gamma_b log e) - max(certainty, gamma_c log e)          eq. 11
+    L_aux     = max((gamma_b - gamma_c) log e - CGJS, 0) / log e                     eq. 12
+
+applied separately to every token router and every task router, summed over routers and weighted by
+lambda (eq. 13). Defaults gamma_b = 1, gamma_c = 0.4, lambda = 0.003 (HMoRA Sec. 4.1).
+
+NOTE(deviation): with top-k routing the loss acts on each router's dense softmax distribution before
+top-k (:meth:`RouterOutput.distributions`). The renormalised top-2 gates have entropy at most log 2,
+below gamma_c log 8 for gamma_c >= 0.34, which would leave the certainty term without gradient; HMoRA
+Table 9 and Fig. 5 show gamma_c changing top-2 routing's certainty, which only the dense form can do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mole.routers.base import RouterOutput, real_rows
+from mole.utils.errors import MoleConfigError
+
+
+def entropy(p: Tensor) -> Tensor:
+    """Shannon entropy (natural log) of each row of ``p`` ``(..., E)``; ``0 log 0 = 0`` (eq. 9)."""
+    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+
+
+def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tensor:
+    """``L_aux`` of one router's gate distributions (HMoRA eq. 10-12).
+
+    Args:
+        probs: ``(N, E)`` gate distributions, rows summing to 1 (padding rows already removed).
+        gamma_b: balance cap, in [0, 1].
+        gamma_c: certainty floor, in [0, 1].
+
+    Returns:
+        A scalar in ``[0, 1]``; 0 for fewer than two experts or no rows.
+    """
+    n, e = probs.shape
+    if n == 0 or e < 2:
+        return probs.sum() * 0.0
+    p = probs.float()
+    log_e = math.log(e)
+    balance = entropy(p.mean(dim=0))  # H(mean g), eq. 10 first term
+    certainty = entropy(p).mean()  # mean H(g), eq. 10 second term
+    cgjs = torch.clamp(balance, max=gamma_b * log_e) - torch.clamp(certainty, min=gamma_c * log_e)  # eq. 11
+    return torch.clamp((gamma_b - gamma_c) * log_e - cgjs, min=0.0) / log_e  # eq. 12
+
+
+class CGJSLoss:
+    """The ``loss.cgjs`` term: ``sum`` over routers of :func:`cgjs_loss` (HMoRA eq. 13), times ``weight``.
+
+    Args:
+        weight: lambda (0.003 in HMoRA).
+        gamma_b: balance cap (1).
+        gamma_c: certainty floor (0.4; HMoRA Table 9 sweeps 0 .. 0.8).
+        task_routers: also apply it to task routers (HMoRA Table 4 switches this off).
+    """
+
+    name = "cgjs"
+
+    def __init__(self, weight: float = 0.003, gamma_b: float = 1.0, gamma_c: float = 0.4, task_routers: bool = True):
+        for key, value in (("weight", weight), ("gamma_b", gamma_b), ("gamma_c", gamma_c)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise MoleConfigError(f"loss.cgjs.{key} must be a non-negative number, got {value!r}")
+        for key, value in (("gamma_b", gamma_b), ("gamma_c", gamma_c)):
+            if value > 1:
+                raise MoleConfigError(f"loss.cgjs.{key} must be in [0, 1], got {value!r}")
+        if not isinstance(task_routers, bool):
+            raise MoleConfigError(f"loss.cgjs.task_routers must be true or false, got {task_routers!r}")
+        self.weight, self.gamma_b, self.gamma_c = float(weight), float(gamma_b), float(gamma_c)
+        self.task_routers = task_routers
+
+    def __call__(self, outputs: list[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+        """Sum over every router distribution in ``outputs``; token rows exclude padding (``token_mask``)."""
+        terms = [
+            cgjs_loss(real_rows(d.probs, d.level, token_mask), self.gamma_b, self.gamma_c)
+            for out in outputs
+            for d in out.distributions()
+            if self.task_routers or d.kind != "task"
+        ]
+        if not terms:
+            return torch.zeros(())
+        return torch.stack(terms).sum()

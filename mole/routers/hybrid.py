@@ -1,0 +1,305 @@
+"""HMoRA's hierarchical hybrid routing: a token router and a task router mixed per layer.
+
+Source: Liao et al., "HMoRA: Making LLMs More Effective with Hierarchical Mixture of LoRA Experts"
+(ICLR 2025), Sec. 3.2 eq. 6-8, Appendix A (eq. 14-16), Appendix B, Appendix E.3.
+
+* Task representation (eq. 6): ``H_task = TaskEncoder(Embed(T^in) : e_task)`` at ``e_task``'s position.
+  :class:`TaskEncoder` is a 1-layer ``torch.nn.TransformerEncoderLayer`` (width = the LLM's hidden
+  size, 16 heads, FFN width 2x, Appendix E.3) over the frozen embeddings of the prompt tokens with a
+  trainable ``e_task`` appended (initialised from the embedding of "?"). One encoder per model
+  (``model.mole_task_encoder``); ``H_task`` is computed once per forward and shared by every task router.
+* Hybrid gates (eq. 7): ``g = a_l g_task + (1 - a_l) g_token`` with
+  ``a_l = sigmoid(-eps + 2 eps l / L + mu)`` (eq. 8). Where ``a_l < beta_low`` the layer has only a
+  token router (``g = g_token``); where ``a_l > beta_high`` only a task router (``g = g_task``;
+  Appendix B). The router that is not used is not built: it costs neither parameters nor time.
+
+Decisions, marked NOTE(deviation) where the paper is silent or we differ:
+
+* Layer index: ``l`` runs over ``0 .. L`` with ``L = num_layers - 1``. Appendix B: "as l increases from
+  0 to L, a_l transitions from sigma(-eps + mu) to sigma(eps + mu)", and Table 5 lists six values
+  ``a^(0) .. a^(5)`` for ``L = 5``. The trainable-parameter percentages of HMoRA Table 10 (every
+  hierarchical row) and Table 12 (HMoRA w/o LW on Llama-3.2-1B, 6.61%) are reproduced only with this
+  reading (0-based with ``L = num_layers`` or 1-based give other router counts).
+* Top-k placement: each router is an ``f_R`` of Appendix A, so top-k with the second softmax (eq. 15)
+  is applied to each router's distribution *before* mixing (eq. 7 mixes the routers' gate values);
+  a layer with both routers may therefore activate up to ``2k`` experts per token.
+* The entropy losses (CGJS) see each router's dense softmax distribution (before top-k), exposed as
+  ``GateDist(token probs, "token", "token")`` and ``GateDist(task probs, "task", "sequence")``.
+* The task encoder has no positional encoding (a plain ``TransformerEncoderLayer``, as the paper's
+  "as implemented in PyTorch"): its output at ``e_task`` depends on the set of prompt tokens.
+* Prompt tokens come from the model's :class:`~mole.model.context.RoutingContext`: the training loop
+  sets the prompt mask (tokens whose label is ignored). NOTE(deviation): without it (lm-eval's
+  log-likelihood requests, where context and continuation arrive as one sequence) every real token
+  counts as prompt, so the task router also reads the scored continuation.
+* KV-cache generation: an incremental step (``context.incremental``) sees only the new tokens, so it
+  reuses the task representation of the last full forward (kept detached on the encoder, ``(B, d)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mole.model.context import RoutingContext, install_context
+from mole.routers.base import BalanceStats, GateDist, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.utils.errors import MoleConfigError
+
+TASK_ENCODER_ATTR = "mole_task_encoder"
+
+
+def layer_alpha(layer_idx: int, num_layers: int, eps: float, mu: float) -> float:
+    """``a_l = sigmoid(-eps + 2 eps l / L + mu)`` (HMoRA eq. 8), ``l`` in ``0 .. L = num_layers - 1``.
+
+    A one-layer model (``L = 0``) takes ``l / L = 0``.
+    """
+    frac = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
+    return 1.0 / (1.0 + math.exp(-(-eps + 2.0 * eps * frac + mu)))
+
+
+class TaskEncoder(nn.Module):
+    """``H_task = TaskEncoder(Embed(T^in) : e_task)`` at ``e_task``'s position (HMoRA eq. 6).
+
+    Args:
+        embedding: the LLM's (frozen) input embedding; held by reference, not as a submodule.
+        context: the model's routing context (input ids, attention and prompt masks, per-forward cache).
+        heads: attention heads (16 in HMoRA Appendix E.3); must divide the embedding width.
+        ffn_mult: FFN width as a multiple of the model width (2 in HMoRA).
+        dropout: dropout inside the encoder layer (PyTorch's default, 0.1, as the paper's setting).
+        init_token_id: the token whose embedding initialises ``e_task`` ("?" in HMoRA).
+    """
+
+    def __init__(self, embedding: nn.Embedding, context: RoutingContext, *, heads: int = 16,
+                 ffn_mult: float = 2, dropout: float = 0.1, init_token_id: int = 0):
+        super().__init__()
+        width = int(embedding.weight.shape[1])
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or width % heads:
+            divisors = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
+            raise MoleConfigError(
+                f"router.task_encoder.heads={heads!r} must be a positive integer dividing the model width "
+                f"{width}; e.g. one of {divisors[-6:]}"
+            )
+        if not (isinstance(ffn_mult, (int, float)) and ffn_mult > 0):
+            raise MoleConfigError(f"router.task_encoder.ffn_mult must be a positive number, got {ffn_mult!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise MoleConfigError(f"router.task_encoder.dropout must be in [0, 1), got {dropout!r}")
+        vocab = int(embedding.weight.shape[0])
+        if not (0 <= init_token_id < vocab):
+            raise MoleConfigError(f"router.task_encoder.init_token: token id {init_token_id} is outside the vocabulary ({vocab})")
+        self.width, self.heads = width, heads
+        self.layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=int(ffn_mult * width), dropout=dropout, batch_first=True
+        )
+        self.e_task = nn.Parameter(embedding.weight[init_token_id].detach().clone())  # (d,)
+        object.__setattr__(self, "_embedding", embedding)  # frozen, owned by the LLM
+        object.__setattr__(self, "_context", context)
+        self._last: Tensor | None = None  # (B, d) detached, the last full forward's H_task (generation)
+        self.users = 0  # task routers reading H_task (set while the model is built)
+
+    def encode(self, input_ids: Tensor, prompt: Tensor) -> Tensor:
+        """``H_task`` for a batch.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            prompt: ``(B, T)`` bool, the prompt's real tokens.
+
+        Returns:
+            ``(B, d)``: the encoder's output at ``e_task``'s position.
+        """
+        prompt = prompt.bool()
+        cols = prompt.any(dim=0).nonzero()
+        width = int(cols.max()) + 1 if cols.numel() else 0  # the prompts' span; the rest is never read
+        ids, prompt = input_ids[:, :width], prompt[:, :width]
+        emb = self._embedding(ids).to(self.e_task.dtype)  # (B, T', d), frozen
+        b = ids.shape[0]
+        seq = torch.cat([emb, self.e_task.expand(b, 1, -1)], dim=1)  # (B, T'+1, d): Embed(T^in) : e_task
+        ignore = torch.cat([~prompt, prompt.new_zeros(b, 1)], dim=1)  # (B, T'+1), True = not attended
+        out = self.layer(seq, src_key_padding_mask=ignore)  # (B, T'+1, d)
+        return out[:, -1]  # (B, d)
+
+    def representation(self) -> Tensor:
+        """This forward's ``H_task`` ``(B, d)``: computed once, then served from the context's cache."""
+        ctx = self._context
+        key = (TASK_ENCODER_ATTR, id(self))
+        hit = ctx.cache.get(key)
+        if hit is not None:
+            return hit
+        if ctx.incremental:
+            shape = ctx.batch_shape
+            if self._last is None or shape is None or self._last.shape[0] != shape[0]:
+                raise RuntimeError("hybrid routing: a cached generation step without the prompt's task representation")
+            h = self._last
+        else:
+            if ctx.input_ids is None:
+                raise RuntimeError("hybrid routing needs the model to be called with input_ids (task encoder input)")
+            h = self.encode(ctx.input_ids, ctx.prompt_tokens())
+            self._last = h.detach()
+        ctx.cache[key] = h
+        return h
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, heads={self.heads}"
+
+
+def task_token_id(tokenizer, token: str) -> int:
+    """The id of ``token`` in ``tokenizer`` (a single token), for ``e_task``'s initialisation."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        raise MoleConfigError(
+            f"router.task_encoder.init_token={token!r} is not a single token of the tokenizer (encodes to {ids})"
+        )
+    return int(tid)
+
+
+def attach_task_encoder(model: nn.Module, node, tokenizer=None) -> TaskEncoder:
+    """Build the model's task encoder from ``router.task_encoder`` and register it as ``model.mole_task_encoder``.
+
+    Args:
+        model: the base model (its input embedding gives the width and ``e_task``'s initialisation).
+        node: ``{heads, ffn_mult, dropout, init_token}``.
+        tokenizer: looks up ``init_token``'s id; ``None`` (meta-device counting) uses id 0.
+    """
+    node = dict(node or {})
+    known = {"heads", "ffn_mult", "dropout", "init_token"}
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise MoleConfigError(f"router.task_encoder: unknown keys {unknown}; known keys are {sorted(known)}")
+    token = node.pop("init_token", "?")
+    token_id = 0 if tokenizer is None else task_token_id(tokenizer, str(token))
+    embedding = model.get_input_embeddings()
+    encoder = TaskEncoder(embedding, install_context(model), init_token_id=token_id, **node)
+    encoder.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+    setattr(model, TASK_ENCODER_ATTR, encoder)
+    return encoder
+
+
+def drop_unused_task_encoder(model: nn.Module) -> None:
+    """Remove ``model.mole_task_encoder`` when no layer built a task router (every ``a_l < beta_low``).
+
+    HMoRA Table 10's row ``eps=0, mu=-2`` (a = 0.12 everywhere: token routing only) counts 5.04%,
+    the trainable parameters without the task encoder.
+    """
+    encoder = getattr(model, TASK_ENCODER_ATTR, None)
+    if isinstance(encoder, TaskEncoder) and encoder.users == 0:
+        delattr(model, TASK_ENCODER_ATTR)
+
+
+class HybridRouter(nn.Module):
+    """Token router on ``x`` plus task router on ``H_task``, mixed by ``a_l`` (HMoRA eq. 7-8).
+
+    Args:
+        in_features: width of the token features the token router reads.
+        num_experts: number of experts E.
+        layer_idx: 0-based index of the decoder layer.
+        num_layers: decoder layers of the model (``L = num_layers - 1``).
+        context: the model's routing context (batch shape for broadcasting the task gates).
+        task_encoder: the model's :class:`TaskEncoder` (held by reference); needed where a task router is built.
+        eps, mu: eq. 8's hyperparameters (HMoRA Sec. 4.2: 4 and -2).
+        beta_low, beta_high: below / above, only the token / the task router exists (0.2 / 0.8).
+        top_k: experts kept per router (``None``: soft routing, eq. 14); top-2 in HMoRA Sec. 4.2.
+        renorm: renormalisation of the kept probabilities, ``"softmax"`` (eq. 15) or ``"sum"``.
+        dropout: dropout on both routers' inputs (HMoRA Appendix E.3).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        context: RoutingContext | None = None,
+        task_encoder: TaskEncoder | None = None,
+        eps: float = 4.0,
+        mu: float = -2.0,
+        beta_low: float = 0.2,
+        beta_high: float = 0.8,
+        top_k: int | None = 2,
+        renorm: str = "softmax",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        for key, value in (("eps", eps), ("mu", mu), ("beta_low", beta_low), ("beta_high", beta_high)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise MoleConfigError(f"router.{key} must be a number, got {value!r}")
+        if not 0.0 <= beta_low <= beta_high <= 1.0:
+            raise MoleConfigError(f"router: need 0 <= beta_low <= beta_high <= 1, got beta_low={beta_low}, beta_high={beta_high}")
+        check_top_k(top_k, num_experts)
+        check_renorm(renorm)
+        self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
+        self.layer_idx = layer_idx
+        self.alpha = layer_alpha(layer_idx, num_layers, eps, mu)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        use_token, use_task = self.alpha <= beta_high, self.alpha >= beta_low
+        self.token_gate = nn.Linear(in_features, num_experts, bias=False) if use_token else None
+        self.task_gate = None
+        if use_task:
+            if task_encoder is None:
+                raise MoleConfigError(
+                    "router=hybrid: a layer with a task router needs the model's task encoder "
+                    "(build the model with mole.pipeline, which creates model.mole_task_encoder)"
+                )
+            self.task_gate = nn.Linear(task_encoder.width, num_experts, bias=False)
+            task_encoder.users += 1
+        object.__setattr__(self, "_task_encoder", task_encoder)
+        object.__setattr__(self, "_context", context)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Which routers this layer has: ``token``, ``task`` or both."""
+        return [k for k, m in (("token", self.token_gate), ("task", self.task_gate)) if m is not None]
+
+    def layer_info(self) -> dict:
+        """For ``mole-params``: the layer's mixing weight and routers."""
+        return {"a_l": round(self.alpha, 4), "router_kinds": self.kinds}
+
+    def _select(self, probs: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.top_k is None:
+            return probs, None
+        return keep_top_k(probs, self.top_k, self.renorm)  # eq. 15-16
+
+    def _per_token(self, n: int, rows: int) -> int:
+        """How many token rows each sequence's task gates cover (``T``; 1 for pooled instance rows)."""
+        if n == rows:
+            return 1
+        shape = None if self._context is None else self._context.batch_shape
+        if shape is None or shape[0] != rows or shape[0] * shape[1] != n:
+            raise RuntimeError(f"hybrid routing: {n} token rows do not match the batch of {rows} sequences")
+        return shape[1]
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        n = x.shape[0]  # N = B * T tokens
+        gates = probs = selected = None
+        balance: list[BalanceStats] = []
+        dists: list[GateDist] = []
+        if self.token_gate is not None:
+            p_tok = torch.softmax(self.token_gate(self.dropout(x)).float(), dim=-1)  # (N, E), eq. 14
+            g_tok, s_tok = self._select(p_tok)  # (N, E)
+            dists.append(GateDist(p_tok, "token", "token"))
+            if s_tok is not None:
+                balance.append(BalanceStats(p_tok, s_tok, self.top_k, "token"))
+            gates, probs, selected = g_tok, p_tok, s_tok
+        if self.task_gate is not None:
+            h = self._task_encoder.representation().to(device=x.device, dtype=self.task_gate.weight.dtype)  # (B, d)
+            p_task = torch.softmax(self.task_gate(self.dropout(h)).float(), dim=-1)  # (B, E)
+            g_task, s_task = self._select(p_task)  # (B, E)
+            dists.append(GateDist(p_task, "task", "sequence"))
+            if s_task is not None:
+                balance.append(BalanceStats(p_task, s_task, self.top_k, "sequence"))
+            t = self._per_token(n, p_task.shape[0])
+            g_task, p_task_n = g_task.repeat_interleave(t, dim=0), p_task.repeat_interleave(t, dim=0)  # (N, E)
+            s_task = None if s_task is None else s_task.repeat_interleave(t, dim=0)
+            if gates is None:  # a_l > beta_high: task routing only
+                gates, probs, selected = g_task, p_task_n, s_task
+            else:  # eq. 7
+                a = self.alpha
+                gates = a * g_task + (1.0 - a) * gates
+                probs = a * p_task_n + (1.0 - a) * probs
+                selected = None if selected is None else selected | s_task
+        return RouterOutput(gates=gates, probs=probs, selected=selected, balance=balance, dists=dists)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, a_l={self.alpha:.4f}, routers={self.kinds}, top_k={self.top_k}"
