@@ -119,10 +119,21 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
     """Apply the ``experts``, ``adapter`` and ``router`` config to a base model, in place.
 
     ``tokenizer`` gives token ids the routers need (HMoRA's ``e_task`` initialisation); ``None`` when
-    counting parameters on the meta device.
+    counting parameters on the meta device. The adapter may be a Linear adapter (LoRA, DoRA, Hydra), block
+    experts (parallel adapter, prompt, MixLoRA FFN experts; see :mod:`mole.adapters.kinds`) or both, or a
+    whole-model baseline (full fine-tuning, prompt tuning).
     """
+    from mole.adapters.kinds import plan_adapter
+    from mole.model.blocks import BlockSpec
+
     num_layers = len(decoder_layers(model))
     ex = cfg.experts
+    targets = [ex.targets] if isinstance(ex.targets, str) else list(ex.targets or [])  # experts.targets=q_proj: one
+    single_targets = list(ex.get("single_targets") or [])
+    plan = plan_adapter(cfg.adapter, targets, single_targets)
+    if plan.kind == "model":  # whole-model baselines: no experts, no routers
+        _factory(plan.model, "adapter")(model=model)
+        return InjectionReport(experts_per_layer=[0] * num_layers, routers_per_layer=[0] * num_layers)
     layout = expand_layout(
         num_layers,
         num_experts=ex.get("num_experts"),
@@ -134,13 +145,14 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
     report = inject_mole(
         model,
         experts_per_layer=layout,
-        targets=[ex.targets] if isinstance(ex.targets, str) else list(ex.targets or []),  # experts.targets=q_proj: one
-        single_targets=list(ex.get("single_targets") or []),
-        expert_factory=_factory(cfg.adapter, "adapter"),
+        targets=targets,
+        single_targets=single_targets,
+        expert_factory=None if plan.linear is None else _factory(plan.linear, "adapter"),
         router_factory=router_factory,
         adapter_dtype=adapter_dtype(cfg.model),
         placement=cfg.router.get("placement", "linear"),
         level=cfg.router.get("level", "token"),
+        blocks=[BlockSpec(key, _factory(node, key), layers) for key, node, layers in plan.blocks],
         **({"share_groups": [list(g) for g in share]} if share else {}),
     )
     if cfg.router.get("task_encoder") is not None:
@@ -175,11 +187,14 @@ def build_mole_model(cfg: DictConfig, *, meta: bool = False):
 def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[str, Any]:
     """Trainable and total parameters; ``percent`` is trainable / base-model parameters, as the papers report.
 
-    Shared (tied) parameters are counted once.
+    Shared (tied) parameters are counted once. ``base`` is every parameter that is not an added
+    (``mole_``) one, so full fine-tuning reports 100%.
     """
+    from mole.model.inject import is_trainable_name
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    base = total - trainable
+    base = total - sum(p.numel() for n, p in model.named_parameters() if is_trainable_name(n))
     layers = decoder_layers(model)
     # modules trained once per model, outside the decoder layers (HMoRA's task encoder)
     per_model = {

@@ -7,13 +7,30 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny models are dominated by per-op overhead: one thread is faster than two fighting, here and in the
+# subprocesses the tests start
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mole.config import compose_config  # noqa: E402
 
-TINY = ["model=tiny_llama", "eval=none", "trainer.max_steps=2", "trainer.batch_size=2", "adapter.dropout=0.0"]
+NO_DROPOUT = "adapter.dropout=0.0"
+TINY = ["model=tiny_llama", "eval=none", "trainer.max_steps=2", "trainer.batch_size=2", NO_DROPOUT]
+
+
+def compose_tiny(overrides, base=TINY):
+    """``base`` + overrides; adapters without a dropout key (prompt, full fine-tuning) skip ``NO_DROPOUT``."""
+    from hydra.errors import ConfigCompositionException
+
+    full = [*base, *overrides]
+    try:
+        return compose_config(full)
+    except ConfigCompositionException as err:
+        if "adapter.dropout" not in str(err):
+            raise
+        return compose_config([o for o in full if o != NO_DROPOUT])
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +43,6 @@ def tiny_cfg():
     """Compose ``train.yaml`` for tiny_llama with extra overrides, as ``mole-train`` would."""
 
     def make(*overrides: str):
-        return compose_config([*TINY, *overrides])
+        return compose_tiny(overrides)
 
     return make

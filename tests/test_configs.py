@@ -5,18 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, compose_tiny
 
 from mole import CONF_DIR
 from mole.config import compose_config
 from mole.data import load_datasets
-from mole.model.inject import mole_layers
 from mole.pipeline import build_aux_losses, build_mole_model
 from mole.training import TrainArgs
 
 GROUPS = ["model", "method", "router", "experts", "adapter", "loss", "data", "trainer", "eval", "distributed", "paths"]
 # options that need a partner choice to make sense on their own
-PARTNERS = {("router", "none"): ["experts=single"], ("experts", "single"): ["router=none"], ("data", "local"): ["data.path=${mole_fixture:mc_train.json}"]}
+PARTNERS = {("router", "none"): ["experts=single"], ("experts", "single"): ["router=none"], ("data", "local"): ["data.path=${mole_fixture:mc_train.json}"],
+            # adapters of blocks or of the whole model adapt no Linear unless told to
+            **{("adapter", a): ["experts.targets=[]"] for a in ("parallel_adapter", "prompt", "ffn_expert", "full_finetune", "prompt_tuning")},
+            ("adapter", "dora"): ["experts=single", "router=none"]}
 
 
 def _options():
@@ -30,7 +32,7 @@ def test_every_config_option_composes_and_builds(group, option):
     overrides = [*TINY, f"{group}={option}", *PARTNERS.get((group, option), [])]
     if group == "model":
         overrides = [o for o in overrides if not o.startswith("model=")] + [f"model={option}"]
-    cfg = compose_config(overrides)
+    cfg = compose_tiny(overrides, base=[])
     assert cfg[group] is not None if group not in ("method",) else cfg.method_name == option
     TrainArgs.from_config(cfg.trainer)
     build_aux_losses(cfg)
@@ -42,7 +44,7 @@ def test_every_config_option_composes_and_builds(group, option):
         model, _, report = build_mole_model(cfg)
         train, val = load_datasets(cfg.data, seed=cfg.seed)
         assert train and val
-    assert mole_layers(model) and len(report.experts_per_layer) == cfg.model.get("num_layers", len(report.experts_per_layer))
+    assert any(p.requires_grad for p in model.parameters()) and len(report.experts_per_layer) == cfg.model.get("num_layers", len(report.experts_per_layer))
 
 
 def test_the_users_own_example_composes():

@@ -1,6 +1,30 @@
-"""Expert kinds (adapters). Each is selected by a file in ``conf/adapter/`` naming it as ``_target_``."""
+"""Expert kinds (adapters). Each is selected by a file in ``conf/adapter/`` naming it as ``_target_``.
 
+Linear adapters (one expert set per adapted Linear): :class:`LoRAExperts`, :class:`HydraLoRAExperts`,
+:class:`DoRAExpert`.
+Block adapters (whole FFN / attention blocks, :mod:`mole.model.blocks`): :class:`ParallelAdapterExperts`,
+:class:`PromptExperts`, :class:`FFNLoRAExperts` (MixLoRA). Whole-model baselines: :class:`FullFineTune`,
+:class:`PromptTuning`. See :mod:`mole.adapters.kinds` for how they combine.
+"""
+
+from mole.adapters.baselines import FullFineTune, PromptTuning
+from mole.adapters.dora import DoRAExpert
+from mole.adapters.ffn import FFNLoRAExperts, MixLoRAFFN
 from mole.adapters.hydra import HydraLoRAExperts, hydra_reference_forward
 from mole.adapters.lora import LoRAExperts, reference_forward
+from mole.adapters.parallel import ParallelAdapterExperts
+from mole.adapters.prompt import PromptExperts
 
-__all__ = ["HydraLoRAExperts", "LoRAExperts", "hydra_reference_forward", "reference_forward"]
+__all__ = [
+    "DoRAExpert",
+    "FFNLoRAExperts",
+    "FullFineTune",
+    "HydraLoRAExperts",
+    "LoRAExperts",
+    "MixLoRAFFN",
+    "ParallelAdapterExperts",
+    "PromptExperts",
+    "PromptTuning",
+    "hydra_reference_forward",
+    "reference_forward",
+]

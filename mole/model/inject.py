@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mole.model.layer import MoLELinear
 from mole.utils.errors import MoleConfigError
+
+if TYPE_CHECKING:
+    from mole.model.blocks import BlockSpec
 
 TRAINABLE_PREFIX = "mole_"
 
@@ -49,13 +53,14 @@ def inject_mole(
     *,
     experts_per_layer: Sequence[int],
     targets: Sequence[str],
-    expert_factory: Callable[..., nn.Module],
+    expert_factory: Callable[..., nn.Module] | None,
     router_factory: Callable[..., nn.Module | None],
     single_targets: Sequence[str] = (),
     placement: str = "linear",
     level: str = "token",
     share_groups: Sequence[Sequence[str]] = DEFAULT_SHARE_GROUPS,
     adapter_dtype: torch.dtype | None = None,
+    blocks: Sequence[BlockSpec] = (),
 ) -> InjectionReport:
     """Adapt ``targets`` in every decoder layer and freeze everything else.
 
@@ -63,7 +68,9 @@ def inject_mole(
         model: a Hugging Face causal LM, modified in place.
         experts_per_layer: E for each decoder layer (from :func:`mole.experts.expand_layout`).
         targets: attribute names of the Linears that get a mixture of experts (``experts.targets``).
-        expert_factory: ``(in_features, out_features, num_experts) -> experts`` (``adapter`` config).
+        expert_factory: ``(in_features, out_features, num_experts) -> experts`` (``adapter`` config), or
+            ``None`` when only blocks are adapted; ``base_layer`` (the frozen Linear) is passed too when the
+            factory accepts it (DoRA; its ``accepts`` attribute lists its keyword arguments).
         router_factory: ``(in_features, num_experts, **extra) -> router or None`` (``router`` config);
             ``extra`` holds ``layer_idx``, ``num_layers`` and ``context`` when the factory accepts them
             (its ``accepts`` attribute lists its keyword arguments).
@@ -76,10 +83,13 @@ def inject_mole(
         share_groups: the Linears that read the same input, for ``placement="shared"``.
         adapter_dtype: dtype of the experts and routers (``model.adapter_dtype``); ``None``: the base
             Linear's dtype. fp32 adapters on a bf16 base train in full precision (the layer casts its input).
+        blocks: block experts added to every (selected) layer after its Linears, claiming their gate
+            columns after the Linear experts (see :mod:`mole.model.blocks`).
 
     Returns:
         An :class:`InjectionReport`.
     """
+    from mole.model.blocks import inject_blocks
     from mole.model.context import install_context
     from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
 
@@ -90,7 +100,9 @@ def inject_mole(
             f"experts layout gives {len(experts_per_layer)} layers but the model has {len(layers)}"
         )
     targets, single_targets = list(targets), list(single_targets)
-    if not targets and not single_targets:
+    if expert_factory is None and (targets or single_targets):
+        raise MoleConfigError("experts.targets / experts.single_targets name Linear modules but no Linear adapter is configured")
+    if not targets and not single_targets and not blocks:
         raise MoleConfigError("experts.targets is empty; list the Linear modules to adapt, e.g. [q_proj, v_proj]")
     overlap = sorted(set(targets) & set(single_targets))
     if overlap:
@@ -107,6 +119,7 @@ def inject_mole(
 
     context = install_context(model)
     accepts = set(getattr(router_factory, "accepts", ()))
+    expert_extra = "base_layer" in set(getattr(expert_factory, "accepts", ()))
     num_layers = len(layers)
 
     def make_router(idx: int, in_features: int, num_experts: int) -> nn.Module | None:
@@ -135,8 +148,9 @@ def inject_mole(
             short = name.rsplit(".", 1)[-1]
             single = short in single_targets
             n_exp = 1 if single else num_experts
+            extra = {"base_layer": linear} if expert_extra else {}
             experts = place(expert_factory(in_features=linear.in_features, out_features=linear.out_features,
-                                           num_experts=n_exp), linear)
+                                           num_experts=n_exp, **extra), linear)
             router, source = None, None
             if single:
                 pass
@@ -161,23 +175,32 @@ def inject_mole(
             setattr(parent, child, MoLELinear(linear, experts, router, gate_source=source))
         if shared:
             layer.mole_shared_routers = nn.ModuleDict(shared)
+        block_names: list[str] = []
+        if blocks:  # block experts claim their gate columns after the Linears, before the layer router is built
+            block_names, made = inject_blocks(layer, idx, blocks, num_experts, num_layers=num_layers, placement=placement,
+                                              make_router=make_router, layer_router=layer_router)
+            routers += made
         if layer_router is not None and layer_router.num_experts:
-            first = found[0][1]
-            layer_router.build(lambda _i=idx, **kw: make_router(_i, **kw), in_features=_hidden_size(model, first))
-            place(layer_router, first)
+            ref = next(layer.parameters())
+            layer_router.build(lambda _i=idx, **kw: make_router(_i, **kw), in_features=_hidden_size(model, layer))
+            layer_router.to(device=ref.device, dtype=ref.dtype)
             layer_router.attach(layer)
             layer.mole_layer_router = layer_router
             routers += 1
-        report.adapted[idx] = [n for n, _ in found]
+        report.adapted[idx] = [n for n, _ in found] + block_names
         report.routers_per_layer.append(routers)
 
     mark_trainable(model)
     return report
 
 
-def _hidden_size(model: nn.Module, fallback: nn.Linear) -> int:
+def _hidden_size(model: nn.Module, layer: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
-    return int(size) if size else fallback.in_features
+    if size:
+        return int(size)
+    from mole.adapters.parallel import hidden_size_of
+
+    return hidden_size_of(layer)
 
 
 def mark_trainable(model: nn.Module) -> None:

@@ -20,7 +20,14 @@ ADAPTER_FILE = "adapter.safetensors"
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if is_trainable_name(n)}
+    """The saved parameters: the ``mole_`` ones, or every parameter under full fine-tuning.
+
+    ``named_parameters`` lists a shared (tied) parameter once, so no two entries share storage.
+    """
+    from mole.adapters.baselines import saves_everything
+
+    everything = saves_everything(model)
+    return {n: p.detach() for n, p in model.named_parameters() if everything or is_trainable_name(n)}
 
 
 def save_adapter(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -1,0 +1,199 @@
+"""MixLoRA FFN experts (Li et al. 2024, arXiv:2404.15159; HMoRA Appendix E.2).
+
+The FFN block of each layer becomes E experts; expert i is the whole gated FFN with LoRA on its three
+Linears, and a top-k router (one per FFN block) weighs them, with a load-balancing loss:
+
+    FFN_i(x) = (W_down + s B^d_i A^d_i) h_i,   h_i = f((W_gate + s B^g_i A^g_i) x) * ((W_up + s B^u_i A^u_i) x)
+    y = sum_i g_i(x) FFN_i(x)
+
+computed without a Python loop over experts and without repeating frozen work:
+
+* ``W_gate x`` and ``W_up x`` are computed ONCE per token and shared by every expert; each expert adds
+  its LoRA deltas to them.
+* ``W_down`` is linear, so ``sum_i g_i W_down h_i = W_down (sum_i g_i h_i)``: the frozen down projection
+  is applied once to the gate-weighted sum of the experts' hidden activations (exact). Its bias, if any,
+  is added with weight ``sum_i g_i`` (1 for top-k and softmax gates).
+* Only the (token, expert) pairs with a non-zero gate are computed (P pairs: k per token for top-k, E per
+  token for soft routing). For the LoRA products the A/B matrices of all experts are stacked
+  (``(E*r, d)`` / ``(d_out, E*r)``) and each pair's rank-r activation is placed in its expert's block of
+  an otherwise zero ``(P, E*r)`` matrix, so one matrix product serves every pair.
+
+Cost per layer, beside the frozen FFN (which costs what the base model's does): P intermediate
+activations of width I (memory ``k x`` the base FFN's for top-k), and LoRA products of
+``P * E * r * (d + I)`` multiply-adds for gate/up/down — E times the minimum ``P * r * (d + I)``
+because of the zero blocks, small while ``E * r`` is much smaller than d (8 x 8 = 64 here).
+
+A fresh block equals the base FFN exactly when the gates of each token sum to 1 (softmax, top-k):
+every ``B`` is zero, so every expert is the frozen FFN.
+
+The attention Linears get a plain LoRA through ``experts.single_targets`` and ``adapter.linear``.
+NOTE(deviation): one dropout mask on the block's input is shared by all experts (as for stacked LoRA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mole.adapters.parallel import hidden_size_of
+from mole.model.blocks import BlockExperts
+from mole.utils.errors import MoleConfigError
+
+FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class FFNLoRAExperts(BlockExperts):
+    """E MixLoRA experts (stacked LoRA on gate/up/down) for the FFN block of one decoder layer.
+
+    Args:
+        layer: the decoder layer (read for its widths; its ``mlp`` is replaced on :meth:`attach`).
+        num_experts: E.
+        rank: r of every LoRA.
+        alpha: the LoRA updates are scaled by ``alpha / rank``.
+        dropout: dropout on the LoRA inputs.
+        hidden_size, intermediate_size: the widths, when no layer is given.
+    """
+
+    attr_name = "mole_experts"
+    position = "ffn"
+
+    def __init__(
+        self,
+        layer: nn.Module | None = None,
+        num_experts: int = 1,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        hidden_size: int | None = None,
+        intermediate_size: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
+        if not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
+        if num_experts < 1:
+            raise MoleConfigError(f"the experts layout gives {num_experts} experts for a layer; need >= 1")
+        if layer is not None:
+            mlp = getattr(layer, "mlp", None)
+            if not all(isinstance(getattr(mlp, n, None), nn.Module) for n in (*FFN_LINEARS, "act_fn")):
+                raise MoleConfigError(
+                    f"adapter=ffn_expert needs a gated FFN (mlp.gate_proj/up_proj/down_proj/act_fn) in {type(layer).__name__}"
+                )
+            hidden_size = hidden_size_of(layer)
+            intermediate_size = mlp.gate_proj.out_features
+        if hidden_size is None or intermediate_size is None:
+            raise MoleConfigError("FFNLoRAExperts needs a decoder layer or hidden_size and intermediate_size")
+        d, inter, er = hidden_size, intermediate_size, num_experts * rank
+        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        self.in_features, self.intermediate_size = d, inter
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate_A = nn.Parameter(torch.empty(er, d))  # (E*r, d)
+        self.gate_B = nn.Parameter(torch.zeros(inter, er))  # (I, E*r)
+        self.up_A = nn.Parameter(torch.empty(er, d))
+        self.up_B = nn.Parameter(torch.zeros(inter, er))
+        self.down_A = nn.Parameter(torch.empty(er, inter))  # (E*r, I)
+        self.down_B = nn.Parameter(torch.zeros(d, er))  # (d, E*r)
+        for a in (self.gate_A, self.up_A, self.down_A):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # per expert the LoRA reference init (fan_in = its d_in)
+
+    def attach(self, layer: nn.Module) -> None:
+        mlp = layer.mlp
+        taken = [n for n in FFN_LINEARS if type(getattr(mlp, n)) is not nn.Linear]
+        if taken or any(n.startswith("mole_") for n, _ in mlp.named_children()) or mlp._forward_hooks:
+            raise MoleConfigError(
+                "adapter=ffn_expert replaces the FFN block, which already carries an adapter "
+                f"({taken or 'a block adapter'}); remove gate_proj/up_proj/down_proj from experts.targets and "
+                "experts.single_targets, and list block adapters that run beside the FFN after ffn_expert"
+            )
+        layer.mlp = MixLoRAFFN(mlp, self)
+
+    def _pair_lora(self, h: Tensor, A: Tensor, B: Tensor, onehot: Tensor, weight: Tensor | None) -> Tensor:
+        """``s B_e A_e h_p`` for every pair p with expert e = its one-hot row: ``h (P, d_in) -> (P, d_out)``."""
+        p = h.shape[0]
+        a = F.linear(h, A).view(p, self.num_experts, self.rank) * onehot.unsqueeze(-1)  # (P, E, r), other blocks 0
+        scale = self.scaling if weight is None else (weight * self.scaling).unsqueeze(-1).unsqueeze(-1)
+        return F.linear((a * scale).view(p, -1), B)
+
+    def mix(self, x: Tensor, gate_out: Tensor, up_out: Tensor, gates: Tensor | None, act) -> tuple[Tensor, Tensor, Tensor]:
+        """The experts of the selected (token, expert) pairs, mixed.
+
+        Args:
+            x: ``(N, d)`` the block's input.
+            gate_out, up_out: ``(N, I)`` the frozen ``W_gate x`` and ``W_up x`` (with their biases).
+            gates: ``(N, E)`` router gates (0 = not selected), or ``None`` for one expert of weight 1.
+            act: the FFN's activation.
+
+        Returns:
+            ``(h_mix (N, I), lora_down (N, d), gate_sum (N,))``: ``sum_i g_i h_i``, ``sum_i g_i s B^d_i A^d_i h_i``
+            and ``sum_i g_i``.
+        """
+        n = x.shape[0]
+        if gates is None:
+            tok = torch.arange(n, device=x.device)
+            exp = torch.zeros(n, dtype=torch.long, device=x.device)
+            w = x.new_ones(n)
+            gate_sum = w
+        else:
+            tok, exp = gates.nonzero(as_tuple=True)  # (P,), (P,): the selected pairs
+            w = gates[tok, exp].to(x.dtype)  # (P,)
+            gate_sum = gates.to(x.dtype).sum(dim=-1)
+        onehot = F.one_hot(exp, self.num_experts).to(x.dtype)  # (P, E)
+        xd = self.dropout(x)[tok]  # (P, d)
+        g = gate_out[tok] + self._pair_lora(xd, self.gate_A, self.gate_B, onehot, None)  # (P, I)
+        u = up_out[tok] + self._pair_lora(xd, self.up_A, self.up_B, onehot, None)  # (P, I)
+        h = act(g) * u  # (P, I): expert e_p's hidden activation for token t_p
+        h_mix = x.new_zeros(n, self.intermediate_size).index_add(0, tok, h * w.unsqueeze(-1))  # (N, I)
+        down = self._pair_lora(self.dropout(h), self.down_A, self.down_B, onehot, w)  # (P, d), weighted by g
+        lora_down = x.new_zeros(n, self.in_features).index_add(0, tok, down)  # (N, d)
+        return h_mix, lora_down, gate_sum
+
+    def extra_repr(self) -> str:
+        return (f"d={self.in_features}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
+                f"rank={self.rank}, scaling={self.scaling:g}")
+
+
+class MixLoRAFFN(nn.Module):
+    """The FFN block with MixLoRA experts; keeps the original ``gate_proj/up_proj/down_proj/act_fn``
+    children (same parameter names as the base model) and adds ``mole_experts``."""
+
+    def __init__(self, mlp: nn.Module, experts: FFNLoRAExperts):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        for attr in ("config", "hidden_size", "intermediate_size"):  # plain attributes some code reads
+            if hasattr(mlp, attr):
+                object.__setattr__(self, attr, getattr(mlp, attr))
+        self.mole_experts = experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        gates = self.mole_experts.route(flat, x)  # (N, E) or None
+        gate_out, up_out = self.gate_proj(flat), self.up_proj(flat)  # (N, I) each: frozen, once
+        h_mix, lora_down, gate_sum = self.mole_experts.mix(flat, gate_out, up_out, gates, self.act_fn)
+        y = F.linear(h_mix, self.down_proj.weight)  # W_down (sum_i g_i h_i), once
+        if self.down_proj.bias is not None:
+            y = y + gate_sum.unsqueeze(-1) * self.down_proj.bias
+        return (y + lora_down).view(*x.shape[:-1], -1)
+
+
+def reference_forward(mlp: MixLoRAFFN, x: Tensor, gates: Tensor | None) -> Tensor:
+    """``sum_i g_i FFN_i(x)`` with every expert computed as a whole FFN, one at a time (for tests)."""
+    ex = mlp.mole_experts
+    r, s = ex.rank, ex.scaling
+    out = 0.0
+    for i in range(ex.num_experts):
+        blk = slice(i * r, (i + 1) * r)
+        w_gate = mlp.gate_proj.weight + s * ex.gate_B[:, blk] @ ex.gate_A[blk]
+        w_up = mlp.up_proj.weight + s * ex.up_B[:, blk] @ ex.up_A[blk]
+        w_down = mlp.down_proj.weight + s * ex.down_B[:, blk] @ ex.down_A[blk]
+        h = mlp.act_fn(F.linear(x, w_gate, mlp.gate_proj.bias)) * F.linear(x, w_up, mlp.up_proj.bias)
+        y = F.linear(h, w_down, mlp.down_proj.bias)
+        g = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)
+        out = out + g.unsqueeze(-1) * y
+    return out
