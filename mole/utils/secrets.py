@@ -1,9 +1,10 @@
 """Keep secrets out of run directories and logs.
 
 A config key *looks like a secret* when its last component (lower-cased) contains ``api_key``,
-``apikey``, ``password``, ``passwd``, ``secret`` or ``credential``, or is ``token`` / ends in ``_token``
-(``hf_token``, ``access_token``, ``wandb_token``) — except the tokenizer's special-token names
-(``pad_token``, ``eos_token``, ...). Their values are replaced by :data:`REDACTED` wherever mole writes
+``apikey``, ``password``, ``passwd``, ``secret`` or ``credential``, or is ``token`` or a credential's
+``*_token`` (``hf_token``, ``access_token``, ``auth_token``, ``wandb_token``, ...; see
+:data:`_TOKEN_PREFIXES`). Other ``*_token`` keys name tokens of a vocabulary (``pad_token``, HMoRA's
+``init_token``) and are left alone. Their values are replaced by :data:`REDACTED` wherever mole writes
 a config (``config.yaml``, Hydra's ``.hydra/`` files, tracker hyper-parameters, run-directory names).
 ``null`` and empty values are left as they are: they hold nothing.
 
@@ -21,7 +22,9 @@ import yaml
 REDACTED = "<redacted>"
 
 _SECRET_WORDS = ("api_key", "apikey", "password", "passwd", "secret", "credential")
-_SPECIAL_TOKENS = {f"{w}_token" for w in ("pad", "eos", "bos", "unk", "sep", "cls", "mask", "chat", "im_start", "im_end")}
+# `<prefix>_token` keys that hold credentials (anything else ending in _token is a vocabulary token)
+_TOKEN_PREFIXES = ("hf", "huggingface", "hub", "access", "auth", "api", "wandb", "github", "gh", "bearer",
+                   "refresh", "session", "private", "personal", "user", "slack", "openai")
 # `key=value` items of a Hydra override string (`a.b=1,c.api_key=xyz`)
 _OVERRIDE = re.compile(r"(?P<key>[+~]{0,2}[A-Za-z0-9_.\-/@]+)=(?P<value>[^,\s]*)")
 
@@ -31,7 +34,7 @@ def is_secret_key(key: str) -> bool:
     name = str(key).rsplit(".", 1)[-1].strip().lower().replace("-", "_")
     if any(word in name for word in _SECRET_WORDS):
         return True
-    return (name == "token" or name.endswith("_token")) and name not in _SPECIAL_TOKENS
+    return name == "token" or (name.endswith("_token") and name[: -len("_token")] in _TOKEN_PREFIXES)
 
 
 def _holds_value(value: Any) -> bool:
