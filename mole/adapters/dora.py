@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mole.adapters.lora import check_lora_args
 from mole.utils.errors import MoleConfigError
 
 
@@ -64,12 +65,7 @@ class DoRAExpert(nn.Module):
                 f"adapter=dora is a single-adapter baseline but the experts layout gives {num_experts} experts "
                 "for a layer; use experts=single router=none"
             )
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
-        if not (isinstance(alpha, (int, float)) and alpha > 0):
-            raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
+        check_lora_args(1, rank, alpha, dropout)
         if base_layer is None:
             raise MoleConfigError("adapter=dora needs the frozen Linear (base_layer); build it through inject_mole")
         self.in_features, self.out_features = in_features, out_features

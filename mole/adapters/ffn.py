@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mole.adapters.lora import check_lora_args
 from mole.adapters.parallel import hidden_size_of
 from mole.model.blocks import BlockExperts
 from mole.utils.errors import MoleConfigError
@@ -71,14 +72,7 @@ class FFNLoRAExperts(BlockExperts):
         intermediate_size: int | None = None,
     ):
         super().__init__()
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
-        if not (isinstance(alpha, (int, float)) and alpha > 0):
-            raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
-        if num_experts < 1:
-            raise MoleConfigError(f"the experts layout gives {num_experts} experts for a layer; need >= 1")
+        check_lora_args(num_experts, rank, alpha, dropout)
         if layer is not None:
             mlp = getattr(layer, "mlp", None)
             if not all(isinstance(getattr(mlp, n, None), nn.Module) for n in (*FFN_LINEARS, "act_fn")):

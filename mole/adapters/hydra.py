@@ -24,19 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.utils.errors import MoleConfigError
-
-
-def check_lora_args(num_experts: int, rank: int, alpha: float, dropout: float) -> None:
-    """Reject adapter settings that cannot build (the same checks as :class:`LoRAExperts`)."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
-    if num_experts < 1:
-        raise MoleConfigError(f"the experts layout gives {num_experts} experts for a layer; need >= 1")
+from mole.adapters.lora import check_lora_args
 
 
 class HydraLoRAExperts(nn.Module):

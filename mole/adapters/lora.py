@@ -31,6 +31,18 @@ from torch import Tensor, nn
 from mole.utils.errors import MoleConfigError
 
 
+def check_lora_args(num_experts: int, rank: int, alpha: float, dropout: float) -> None:
+    """Reject adapter settings that cannot build; shared by every LoRA-based expert kind."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
+    if num_experts < 1:
+        raise MoleConfigError(f"the experts layout gives {num_experts} experts for a layer; need >= 1")
+
+
 class LoRAExperts(nn.Module):
     """E LoRA experts of rank r for one Linear ``d_in -> d_out``, stacked.
 
@@ -53,14 +65,7 @@ class LoRAExperts(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise MoleConfigError(f"adapter.rank must be a positive integer, got {rank!r}")
-        if not (isinstance(alpha, (int, float)) and alpha > 0):
-            raise MoleConfigError(f"adapter.alpha must be a positive number, got {alpha!r}")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise MoleConfigError(f"adapter.dropout must be in [0, 1), got {dropout!r}")
-        if num_experts < 1:
-            raise MoleConfigError(f"the experts layout gives {num_experts} experts for a layer; need >= 1")
+        check_lora_args(num_experts, rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
