@@ -1,0 +1,104 @@
+"""mole-report: a sweep's jobs as one table, failed and unfinished jobs shown as such, never as zeros."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mole.report import find_jobs, read_job, write_report
+from mole.utils.errors import MoleConfigError
+
+
+def _job(root: Path, name: str, metrics: dict | None = None, error: str | None = None, hydra: bool = True) -> Path:
+    d = root / name
+    (d / ".hydra").mkdir(parents=True) if hydra else d.mkdir(parents=True)
+    if hydra:
+        (d / ".hydra" / "overrides.yaml").write_text(f"- {name}\n")
+    if metrics is not None:
+        (d / "metrics.json").write_text(json.dumps(metrics))
+    if error is not None:
+        (d / "error.txt").write_text(error)
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    _job(root, "method=lora", {"finished": True, "method": "lora", "steps": 10, "trainable_percent": 0.6,
+                               "val_loss": [{"step": 0, "loss": 2.0}, {"step": 5, "loss": 0.5}, {"step": 10, "loss": 0.7}],
+                               "eval": {"mole_mc": {"acc,none": 0.25, "acc_stderr,none": 0.1}},
+                               "time_per_step_s": 1.5, "wall_time_s": 20.0})
+    _job(root, "method=mola", {"finished": False, "failed": True, "method": "mola", "steps": 3,
+                               "val_loss": [{"step": 0, "loss": 2.0}],
+                               "error": "training loss became nan at step 4; lower trainer.lr"}, error="Traceback ...")
+    _job(root, "method=hmora")  # started (Hydra wrote .hydra/), no result: killed or still running
+    _job(root, "method=dora", error="Traceback: boom")  # failed before writing metrics
+    (root / "multirun.yaml").write_text("hydra: {}\n")  # sweep-level files are not jobs
+    return root
+
+
+def test_statuses_come_from_what_each_run_wrote(sweep):
+    rows = {r.job: r for r in (read_job(p) for p in find_jobs(sweep))}
+    assert {k: r.status for k, r in rows.items()} == {
+        "method=lora": "finished", "method=mola": "failed", "method=hmora": "incomplete", "method=dora": "failed",
+    }
+    assert rows["method=lora"].overrides == ["method=lora"]
+
+
+def test_report_has_values_of_finished_runs_and_blanks_not_zeros_elsewhere(sweep):
+    md, csv_path, _ = write_report(sweep)
+    text = md.read_text()
+    assert "4 job(s): 1 finished, 2 failed, 1 incomplete" in text
+    rows = {r["job"]: r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
+    lora, mola, hmora = rows["method=lora"], rows["method=mola"], rows["method=hmora"]
+    # last and best validation loss of the finished run: 0.7 and 0.5
+    assert float(lora["val loss (last)"]) == 0.7 and float(lora["val loss (best)"]) == 0.5
+    assert float(lora["mole_mc (acc)"]) == 0.25 and float(lora["trainable %"]) == 0.6
+    # the failed run: its error, its partial curve, and no accuracy (an empty cell, not 0)
+    assert mola["status"] == "failed" and mola["error"].startswith("training loss became nan at step 4")
+    assert mola["mole_mc (acc)"] == "" and float(mola["val loss (last)"]) == 2.0
+    assert all(hmora[k] == "" for k in ("steps", "val loss (last)", "mole_mc (acc)", "error"))
+    md_row = next(line for line in text.splitlines() if line.startswith("| method=hmora |"))
+    assert "| incomplete |" in md_row and "0" not in md_row.replace("method=hmora", "")
+
+
+def test_report_of_a_directory_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(MoleConfigError, match="no run directories"):
+        write_report(tmp_path)
+    with pytest.raises(MoleConfigError, match="not a directory"):
+        write_report(tmp_path / "nowhere")
+
+
+def test_mole_report_on_a_real_sweep_with_a_failed_job(tmp_path):
+    """`mole-train -m` with one invalid job, then `mole-report` on its output directory."""
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MOLE_OUTPUT_DIR": str(out)}
+    train = subprocess.run(
+        [sys.executable, "-m", "mole.cli.train", "-m", "model=tiny_llama", "eval=none", "trainer.max_steps=2",
+         "trainer.batch_size=2", "trainer.lr=-1,1e-3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert train.returncode == 1, train.stderr[-2000:]
+    sweep = out / "sweeps" / "multirun"
+    report = subprocess.run([sys.executable, "-m", "mole.cli.report", str(sweep)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    rows = {r["job"]: r for r in csv.DictReader(io.StringIO((sweep / "report.csv").read_text()))}
+    by_lr = {("bad" if "lr=-1" in k else "ok"): r for k, r in rows.items()}
+    assert by_lr["bad"]["status"] == "failed" and "trainer.lr must be a positive number" in by_lr["bad"]["error"]
+    assert by_lr["bad"]["steps"] == ""
+    assert by_lr["ok"]["status"] == "finished" and by_lr["ok"]["steps"] == "2"
+    assert "2 job(s): 1 finished, 1 failed" in report.stdout
+
+
+def test_mole_report_usage_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mole.cli.report"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("mole-report: error: usage: mole-report SWEEP_DIR")
