@@ -281,10 +281,15 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically: a temp file renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _versions() -> dict[str, str]:
@@ -348,7 +353,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     from mole.training.optim import build_optimizer, build_scheduler
     from mole.training.tracking import RoutingMonitor, check_trackers, start_trackers
     from mole.utils.errors import NonFiniteLossError
-    from mole.utils.secrets import redacted_yaml, write_config
+    from mole.utils.secrets import redacted_yaml
 
     wall_start = time.perf_counter()
 
@@ -385,9 +390,9 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     })
     train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
     metrics.update(data_info)
-    config_yaml = redacted_yaml(cfg)
+    config_yaml = redacted_yaml(cfg)  # the resolved config, secrets redacted: config.yaml and checkpoints
     if main:
-        write_config(cfg, run_dir / CONFIG_FILE)
+        _write_text(run_dir / CONFIG_FILE, config_yaml)
     start_trackers(accelerator, cfg, args, run_dir)
 
     optimizer = build_optimizer(model, args)
