@@ -120,3 +120,28 @@ def test_preset_trains_and_evaluates_through_the_commands(tiny_cfg, tmp_path, pr
     at_end = metrics["eval"]["mole_yesno"]["acc,none"]
     again = run_eval(tmp_path)["results"]["mole_yesno"]["acc,none"]
     assert 0.0 <= at_end <= 1.0 and again == at_end
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg, preset):
+    """`trainer.gradient_checkpointing=true` recomputes the decoder layers in backward: per-forward routing
+    values (HMoRA's task representation, shared and per-layer gates) must be the same in the recompute."""
+    from mole.model.base import enable_gradient_checkpointing
+
+    cfg = tiny_cfg(f"method={preset}")
+    grads = []
+    for checkpointing in (False, True):
+        model, tok, _ = build_mole_model(cfg)
+        with torch.no_grad():  # B != 0, so every adapter and router is on the gradient path
+            for name, p in model.named_parameters():
+                if p.requires_grad and "lora_B" in name:
+                    p.normal_(0, 0.02)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        loss, _ = loss_step(model, _batch(cfg, tok), build_aux_losses(cfg))
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)

@@ -3,8 +3,13 @@
 A Linear sees ``(B, T, d)`` features but not the attention mask, which tokens are the prompt, or values
 computed once per forward and shared by many layers (HMoRA's task representation, a shared router's
 output). :func:`install_context` attaches one :class:`RoutingContext` to a model: a forward pre-hook on
-the model records the batch's ``input_ids`` and ``attention_mask`` and clears the per-forward cache,
-and a forward hook clears it again afterwards so nothing is kept alive between forwards.
+the model clears the per-forward cache, records the batch's ``input_ids`` and ``attention_mask``, and
+runs the context's *producers* — values that every layer reads are computed there, before the first
+decoder layer, so that they stay outside any layer's activation checkpoint.
+
+The cache lives until the next forward (not just until this one returns): with gradient checkpointing
+the decoder layers run again during backward and must read the same per-forward values. It holds only
+small tensors (task representations, gates) and weak references to activations.
 
 ``prompt_mask`` (which tokens are the prompt, HMoRA eq. 6's ``T^in``) is known only to the training
 loop: it sets it with :func:`routing_inputs`. Without it every real token counts as prompt — the case of
@@ -13,7 +18,7 @@ lm-eval's log-likelihood requests, where context and continuation arrive as one 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,7 +35,8 @@ class RoutingContext:
         self.input_ids: Tensor | None = None  # (B, T)
         self.attention_mask: Tensor | None = None  # (B, T), 1 for real tokens
         self.prompt_mask: Tensor | None = None  # (B, T) bool, set by routing_inputs()
-        self.cache: dict[Any, Any] = {}  # per-forward values (cleared before and after each forward)
+        self.cache: dict[Any, Any] = {}  # per-forward values (cleared when the next forward starts)
+        self.producers: list[Callable[[RoutingContext], None]] = []  # run at the start of every forward
         self.incremental = False  # a generation step that extends a cached prefix (past_key_values)
 
     @property
@@ -80,14 +86,11 @@ def install_context(model: nn.Module) -> RoutingContext:
         else:
             ref = input_ids if input_ids is not None else embeds
             ctx.attention_mask = None if ref is None else torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-        return None
-
-    def after(module: nn.Module, args: tuple, kwargs: dict, output):
-        ctx.cache.clear()
+        for produce in ctx.producers:
+            produce(ctx)
         return None
 
     model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after, with_kwargs=True)
     object.__setattr__(model, CONTEXT_ATTR, ctx)
     return ctx
 

@@ -96,6 +96,9 @@ class TaskEncoder(nn.Module):
         object.__setattr__(self, "_context", context)
         self._last: Tensor | None = None  # (B, d) detached, the last full forward's H_task (generation)
         self.users = 0  # task routers reading H_task (set while the model is built)
+        # H_task is computed when the model's forward starts, before the first decoder layer: every task
+        # router reads it, and it stays outside the layers' activation checkpoints (gradient checkpointing)
+        context.producers.append(lambda _ctx: self.representation() if self.users else None)
 
     def encode(self, input_ids: Tensor, prompt: Tensor) -> Tensor:
         """``H_task`` for a batch.

@@ -16,6 +16,8 @@ placement. They publish each RouterOutput to ``routing_sink`` once (see :mod:`mo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -67,8 +69,9 @@ class SharedRouter(nn.Module):
     """One router for several Linears that read the same input tensor (HMoRA router sharing).
 
     The first member to run in a forward computes the gates; the others, called with the very same
-    input tensor, reuse them. The cache lives in the model's per-forward context, so nothing is kept
-    between forwards, and a recomputation (gradient checkpointing) simply routes again.
+    input tensor, reuse them. The cache lives in the model's per-forward context and refers to the
+    input weakly (it never keeps an activation alive); a recomputation (gradient checkpointing) sees a
+    new input tensor and simply routes again.
     """
 
     def __init__(self, router: nn.Module, context: RoutingContext):
@@ -81,13 +84,13 @@ class SharedRouter(nn.Module):
     def route(self, flat: Tensor, x: Tensor) -> Tensor:
         cache = self._context.cache
         hit = cache.get(id(self))
-        if hit is not None and hit[0] is x:
+        if hit is not None and hit[0]() is x:
             return hit[1]
         with torch.autocast(device_type=flat.device.type, enabled=False):  # fp32 routing, as MoLELinear
             out = self.router(flat)
         if self.routing_sink is not None:
             self.routing_sink.append(out)
-        cache[id(self)] = (x, out.gates)
+        cache[id(self)] = (weakref.ref(x), out.gates)
         return out.gates
 
 
