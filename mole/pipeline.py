@@ -106,7 +106,7 @@ def _router_factory(model: torch.nn.Module, cfg: DictConfig, tokenizer=None):
         raise MoleConfigError(f"router.task_encoder is set but router._target_={node._target_!r} takes no task encoder")
     from mole.routers.hybrid import attach_task_encoder
 
-    encoder = attach_task_encoder(model, cfg.router.task_encoder, tokenizer)
+    encoder = attach_task_encoder(model, cfg.router.task_encoder, tokenizer, dtype=adapter_dtype(cfg.model))
 
     def bound(**kwargs):
         return factory(task_encoder=encoder, **kwargs)

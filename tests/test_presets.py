@@ -145,3 +145,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg, preset):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bf16_base_trains_with_fp32_linear_experts_and_routers(tiny_cfg, preset):
+    """`model.dtype=bfloat16`: the frozen base in bf16; Linear experts, routers and HMoRA's task encoder in
+    `model.adapter_dtype` (fp32). Block experts, prompt tuning and full fine-tuning take the base's dtype."""
+    from mole.model.inject import mole_layers
+
+    cfg = tiny_cfg(f"method={preset}", "model.dtype=bfloat16")
+    model, tok, _ = build_mole_model(cfg)
+    model.train()
+    loss, _ = loss_step(model, _batch(cfg, tok), build_aux_losses(cfg))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    for _, layer in mole_layers(model):
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+        assert {p.dtype for p in layer.mole_experts.parameters()} == {torch.float32}
+        if layer.mole_router is not None:
+            assert {p.dtype for p in layer.mole_router.parameters()} == {torch.float32}
+    fp32_parts = [p for n, p in model.named_parameters() if "mole_task_encoder" in n or "router" in n]
+    assert all(p.dtype == torch.float32 for p in fp32_parts)

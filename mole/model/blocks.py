@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mole.routers.base import RouterOutput
@@ -63,7 +64,9 @@ class BlockExperts(nn.Module):
     def route(self, flat: Tensor, x: Tensor) -> Tensor | None:
         """Gates ``(N, E)`` for the block's input ``flat`` ``(N, d)``, or ``None`` for one ungated expert."""
         if self.router is not None:
-            out = self.router(flat)
+            # fp32 routing outside autocast, in the router's own dtype, as MoLELinear does
+            with torch.autocast(device_type=flat.device.type, enabled=False):
+                out = self.router(flat.to(next(self.router.parameters()).dtype))
             if self.routing_sink is not None:
                 self.routing_sink.append(out)
             return out.gates
@@ -134,6 +137,7 @@ def inject_blocks(
     placement: str,
     make_router: Callable[[int, int, int], nn.Module | None],
     layer_router: Any = None,
+    router_dtype: torch.dtype | None = None,
 ) -> tuple[list[str], int]:
     """Add every configured block adapter to decoder layer ``idx``.
 
@@ -165,7 +169,7 @@ def inject_blocks(
         else:
             router = make_router(idx, experts.in_features, num_experts)
             if router is not None:
-                experts.router = router.to(device=ref.device, dtype=ref.dtype)
+                experts.router = router.to(device=ref.device, dtype=router_dtype or ref.dtype)
                 routers += 1
         experts.attach(layer)
         names.append(f"{BLOCK_ATTR[experts.position]}.{experts.attr_name}")

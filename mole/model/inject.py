@@ -178,12 +178,13 @@ def inject_mole(
         block_names: list[str] = []
         if blocks:  # block experts claim their gate columns after the Linears, before the layer router is built
             block_names, made = inject_blocks(layer, idx, blocks, num_experts, num_layers=num_layers, placement=placement,
-                                              make_router=make_router, layer_router=layer_router)
+                                              make_router=make_router, layer_router=layer_router,
+                                              router_dtype=adapter_dtype)
             routers += made
         if layer_router is not None and layer_router.num_experts:
             ref = next(layer.parameters())
             layer_router.build(lambda _i=idx, **kw: make_router(_i, **kw), in_features=_hidden_size(model, layer))
-            layer_router.to(device=ref.device, dtype=ref.dtype)
+            layer_router.to(device=ref.device, dtype=adapter_dtype or ref.dtype)
             layer_router.attach(layer)
             layer.mole_layer_router = layer_router
             routers += 1

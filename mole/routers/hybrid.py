@@ -158,13 +158,14 @@ def task_token_id(tokenizer, token: str) -> int:
     return int(tid)
 
 
-def attach_task_encoder(model: nn.Module, node, tokenizer=None) -> TaskEncoder:
+def attach_task_encoder(model: nn.Module, node, tokenizer=None, dtype: torch.dtype | None = None) -> TaskEncoder:
     """Build the model's task encoder from ``router.task_encoder`` and register it as ``model.mole_task_encoder``.
 
     Args:
         model: the base model (its input embedding gives the width and ``e_task``'s initialisation).
         node: ``{heads, ffn_mult, dropout, init_token}``.
         tokenizer: looks up ``init_token``'s id; ``None`` (meta-device counting) uses id 0.
+        dtype: the encoder's dtype (``model.adapter_dtype``); ``None``: the embedding's.
     """
     node = dict(node or {})
     known = {"heads", "ffn_mult", "dropout", "init_token"}
@@ -175,7 +176,7 @@ def attach_task_encoder(model: nn.Module, node, tokenizer=None) -> TaskEncoder:
     token_id = 0 if tokenizer is None else task_token_id(tokenizer, str(token))
     embedding = model.get_input_embeddings()
     encoder = TaskEncoder(embedding, install_context(model), init_token_id=token_id, **node)
-    encoder.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+    encoder.to(device=embedding.weight.device, dtype=dtype or embedding.weight.dtype)
     setattr(model, TASK_ENCODER_ATTR, encoder)
     return encoder
 
