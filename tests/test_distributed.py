@@ -167,3 +167,15 @@ def test_deepspeed_matches_plain_training(stage, tmp_path):
     state = load_file(run_dir / "adapter.safetensors")
     assert state and all(".mole_" in k for k in state)
 
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_preset_whose_threshold_gets_no_gradient(tmp_path):
+    """Sparse MoA's threshold network never receives a gradient (MoA eq. 4 keeps g_i): DDP must allow
+    parameters without one (`distributed.find_unused_parameters`, true by default)."""
+    run_dir = tmp_path / "run"
+    proc = _train_cli(*TINY, "method=moa_sparse", "trainer.batch_size=2", "distributed=ddp", "distributed.cpu=true",
+                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["num_processes"] == 2 and len(metrics["train_loss"]) == 2

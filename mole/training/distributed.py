@@ -60,6 +60,9 @@ class DistributedArgs:
     cpu: bool = False
     backend: str | None = None
     main_process_port: int | None = None
+    # DDP: let parameters that got no gradient this step pass (threshold routers' thresholds, experts a
+    # sparse router chose for no token); costs one graph traversal per step
+    find_unused_parameters: bool = True
     deepspeed: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class DistributedArgs:
             raise bad("num_processes", "a positive integer")
         if not isinstance(self.cpu, bool):
             raise bad("cpu", "true or false")
+        if not isinstance(self.find_unused_parameters, bool):
+            raise bad("find_unused_parameters", "true or false")
         if self.backend not in (None, "gloo", "nccl", "mpi"):
             raise bad("backend", "null, gloo, nccl or mpi")
         if self.main_process_port is not None and not (isinstance(self.main_process_port, int) and 0 < self.main_process_port < 65536):
@@ -168,7 +173,7 @@ def build_accelerator(args, dist: DistributedArgs, run_dir: Path):
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     check_precision(args.mixed_precision, dist)
     check_deepspeed(dist)
@@ -178,6 +183,7 @@ def build_accelerator(args, dist: DistributedArgs, run_dir: Path):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     handlers = [InitProcessGroupKwargs(backend=dist.backend)] if dist.backend else []
+    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=dist.find_unused_parameters))
     return Accelerator(
         mixed_precision=args.mixed_precision,
         cpu=dist.cpu,
