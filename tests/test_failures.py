@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -108,6 +110,18 @@ def test_multirun_sweep_runs_every_job_and_reports_the_failed_ones(tmp_path):
     ok = json.loads((by_lr["ok"] / "metrics.json").read_text())
     assert ok["finished"] and ok["steps"] == 2 and "failed" not in ok and not (by_lr["ok"] / "error.txt").exists()
     assert f"job {by_lr['bad'].name} failed: trainer.lr must be a positive number" in proc.stderr
+
+    # mole-report on the sweep: the failed jobs as failed, with their errors, and blanks (not zeros)
+    report = subprocess.run([sys.executable, "-m", "mole.cli.report", str(out / "sweeps" / "multirun")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert "3 job(s): 1 finished, 2 failed" in report.stdout
+    rows = {r["job"]: r for r in csv.DictReader(io.StringIO((out / "sweeps" / "multirun" / "report.csv").read_text()))}
+    bad_row, ok_row = rows[by_lr["bad"].name], rows[by_lr["ok"].name]
+    assert bad_row["status"] == "failed" and bad_row["error"] == "trainer.lr must be a positive number, got -1"
+    assert bad_row["steps"] == "" and bad_row["val loss (last)"] == ""
+    assert rows[by_lr["nan"].name]["status"] == "failed" and "at step 2" in rows[by_lr["nan"].name]["error"]
+    assert ok_row["status"] == "finished" and ok_row["steps"] == "2"
 
 
 # ---- only safetensors / JSON / YAML from run directories; no remote code ----
