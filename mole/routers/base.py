@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mole.utils.errors import MoleConfigError
 
@@ -80,6 +80,29 @@ def real_rows(t: Tensor, level: str, token_mask: Tensor | None) -> Tensor:
     if level == "token" and token_mask is not None:
         return t[token_mask]
     return t
+
+
+class LinearGate(nn.Module):
+    """The start every single-Linear router shares: logits ``h(x) = W_g dropout(x)`` (SPEC §2, no bias).
+
+    Subclasses turn :meth:`logits` (fp32, whatever the activation dtype: gates feed the losses and the
+    analyses) into gates: softmax, top-k, top-p, entropy-hybrid, sigmoid or threshold routing.
+
+    Args:
+        in_features: width of the token features the router reads.
+        num_experts: number of experts E.
+        dropout: dropout on the router's input.
+    """
+
+    def __init__(self, in_features: int, num_experts: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate = nn.Linear(in_features, num_experts, bias=False)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``(N, E)`` fp32 logits for ``(N, d_in)`` features."""
+        return self.gate(self.dropout(x)).float()
 
 
 class Router(Protocol):

@@ -23,13 +23,13 @@ token taking one slot on every expert (``BalanceStats.k = None``).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mole.routers.base import BalanceStats, RouterOutput
+from mole.routers.base import BalanceStats, LinearGate, RouterOutput
 from mole.routers.select import check_keep_top_k, check_q, check_threshold, check_top_p, dynamic_select
 
 
-class DynamicRouter(nn.Module):
+class DynamicRouter(LinearGate):
     """Entropy-switched soft / top-p routing (DynMoLE eq. 17-18).
 
     Args:
@@ -54,19 +54,16 @@ class DynamicRouter(nn.Module):
         normalized_entropy: bool = False,
         dropout: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(in_features, num_experts, dropout)
         check_q(q)
         check_threshold(threshold)
         check_top_p(top_p)
         check_keep_top_k(keep_top_k, num_experts)
-        self.num_experts = num_experts
         self.q, self.threshold, self.top_p = float(q), float(threshold), float(top_p)
         self.keep_top_k, self.normalized_entropy = keep_top_k, bool(normalized_entropy)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gate = nn.Linear(in_features, num_experts, bias=False)
 
     def forward(self, x: Tensor) -> RouterOutput:
-        probs = torch.softmax(self.gate(self.dropout(x)).float(), dim=-1)  # (N, E)
+        probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
         gates, selected = dynamic_select(
             probs, self.q, self.threshold, self.top_p, self.keep_top_k, self.normalized_entropy
         )  # (N, E), (N, E)

@@ -8,12 +8,12 @@ router exposes nothing to balance; ``probs`` holds the sigmoid scores themselves
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mole.routers.base import RouterOutput
+from mole.routers.base import LinearGate, RouterOutput
 
 
-class SigmoidRouter(nn.Module):
+class SigmoidRouter(LinearGate):
     """Independent sigmoid gate per expert.
 
     Args:
@@ -22,12 +22,6 @@ class SigmoidRouter(nn.Module):
         dropout: dropout on the router's input.
     """
 
-    def __init__(self, in_features: int, num_experts: int, dropout: float = 0.0):
-        super().__init__()
-        self.num_experts = num_experts
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gate = nn.Linear(in_features, num_experts, bias=False)
-
     def forward(self, x: Tensor) -> RouterOutput:
-        gates = torch.sigmoid(self.gate(self.dropout(x)).float())  # (N, E), eq. 2
+        gates = torch.sigmoid(self.logits(x))  # (N, E), eq. 2
         return RouterOutput(gates=gates, probs=gates)

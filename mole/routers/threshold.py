@@ -33,14 +33,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mole.routers.base import BalanceStats, RouterOutput
+from mole.routers.base import BalanceStats, LinearGate, RouterOutput
 from mole.routers.select import threshold_select
 from mole.utils.errors import MoleConfigError
 
 GATES = ("sigmoid", "softmax")
 
 
-class ThresholdRouter(nn.Module):
+class ThresholdRouter(LinearGate):
     """Experts whose gate reaches a (learnable, per-token) threshold.
 
     Args:
@@ -64,7 +64,7 @@ class ThresholdRouter(nn.Module):
         subtract_threshold: bool = False,
         dropout: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(in_features, num_experts, dropout)
         if gate not in GATES:
             raise MoleConfigError(f"router.gate must be one of {list(GATES)}, got {gate!r}")
         if tau_max is None:
@@ -72,10 +72,8 @@ class ThresholdRouter(nn.Module):
         valid = isinstance(tau_max, (int, float)) and not isinstance(tau_max, bool) and math.isfinite(tau_max)
         if not valid or not 0.0 < tau_max <= 1.0:
             raise MoleConfigError(f"router.tau_max must be in (0, 1] or null (1 / num_experts), got {tau_max!r}")
-        self.num_experts, self.gate_kind, self.tau_max = num_experts, gate, float(tau_max)
+        self.gate_kind, self.tau_max = gate, float(tau_max)
         self.learnable, self.subtract_threshold = bool(learnable), bool(subtract_threshold)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gate = nn.Linear(in_features, num_experts, bias=False)
         # MoA eq. 5: tau(x) = tau_max * sigmoid(w x + b), one threshold per token
         self.threshold = nn.Linear(in_features, 1) if self.learnable else None
 

@@ -8,13 +8,13 @@ ones, either by their sum (MoR eq. 2, Mixtral; ``renorm="sum"``) or by a second 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mole.routers.base import BalanceStats, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.routers.base import BalanceStats, LinearGate, RouterOutput, check_renorm, check_top_k, keep_top_k
 from mole.utils.errors import MoleConfigError
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(LinearGate):
     """Sparse softmax routing to the k most probable experts.
 
     Args:
@@ -33,17 +33,15 @@ class TopKRouter(nn.Module):
         renorm: str = "sum",
         dropout: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(in_features, num_experts, dropout)
         if top_k is None:
             raise MoleConfigError("router.top_k must be set for router=topk (router=soft uses all experts)")
         check_top_k(top_k, num_experts)
         check_renorm(renorm)
-        self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gate = nn.Linear(in_features, num_experts, bias=False)
+        self.top_k, self.renorm = top_k, renorm
 
     def forward(self, x: Tensor) -> RouterOutput:
-        probs = torch.softmax(self.gate(self.dropout(x)).float(), dim=-1)  # (N, E)
+        probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
         gates, selected = keep_top_k(probs, self.top_k, self.renorm)  # (N, E), (N, E)
         return RouterOutput(
             gates=gates,

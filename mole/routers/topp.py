@@ -9,13 +9,13 @@ set (``BalanceStats.k = None``). Rounding, tie and ``top_p = 1`` rules: :func:`m
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mole.routers.base import BalanceStats, RouterOutput
+from mole.routers.base import BalanceStats, LinearGate, RouterOutput
 from mole.routers.select import check_keep_top_k, check_top_p, keep_top_p
 
 
-class TopPRouter(nn.Module):
+class TopPRouter(LinearGate):
     """Sparse softmax routing to the most probable experts until their probability reaches ``top_p``.
 
     Args:
@@ -35,14 +35,12 @@ class TopPRouter(nn.Module):
         keep_top_k: int = 1,
         dropout: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(in_features, num_experts, dropout)
         check_top_p(top_p)
         check_keep_top_k(keep_top_k, num_experts)
-        self.num_experts, self.top_p, self.keep_top_k = num_experts, float(top_p), keep_top_k
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gate = nn.Linear(in_features, num_experts, bias=False)
+        self.top_p, self.keep_top_k = float(top_p), keep_top_k
 
     def forward(self, x: Tensor) -> RouterOutput:
-        probs = torch.softmax(self.gate(self.dropout(x)).float(), dim=-1)  # (N, E)
+        probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
         gates, selected = keep_top_p(probs, self.top_p, min_k=self.keep_top_k)  # (N, E), (N, E)
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=[BalanceStats(probs, selected, None)])
