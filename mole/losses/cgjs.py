@@ -24,12 +24,8 @@ import torch
 from torch import Tensor
 
 from mole.routers.base import RouterOutput, real_rows
+from mole.routers.select import balance_and_certainty
 from mole.utils.errors import MoleConfigError
-
-
-def entropy(p: Tensor) -> Tensor:
-    """Shannon entropy (natural log) of each row of ``p`` ``(..., E)``; ``0 log 0 = 0`` (eq. 9)."""
-    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
 
 
 def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tensor:
@@ -46,10 +42,8 @@ def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tens
     n, e = probs.shape
     if n == 0 or e < 2:
         return probs.sum() * 0.0
-    p = probs.float()
     log_e = math.log(e)
-    balance = entropy(p.mean(dim=0))  # H(mean g), eq. 10 first term
-    certainty = entropy(p).mean()  # mean H(g), eq. 10 second term
+    balance, certainty = balance_and_certainty(probs)  # H(mean g), mean H(g): eq. 10's two terms
     cgjs = torch.clamp(balance, max=gamma_b * log_e) - torch.clamp(certainty, min=gamma_c * log_e)  # eq. 11
     return torch.clamp((gamma_b - gamma_c) * log_e - cgjs, min=0.0) / log_e  # eq. 12
 

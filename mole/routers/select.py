@@ -95,6 +95,17 @@ def keep_top_p(probs: Tensor, p: float, min_k: int = 1) -> tuple[Tensor, Tensor]
     return weights, selected
 
 
+def shannon_entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy (natural log) of each row of ``probs`` ``(..., M)``, in fp32; ``0 log 0 = 0``."""
+    p = probs.float()
+    return -(p * p.clamp_min(_TINY).log()).sum(dim=-1)
+
+
+def balance_and_certainty(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H(mean_n g_n), mean_n H(g_n))`` of gate rows ``(N, E)`` (HMoRA eq. 10; its Fig. 3 statistics)."""
+    return shannon_entropy(probs.float().mean(dim=0)), shannon_entropy(probs).mean()
+
+
 def tsallis_entropy(probs: Tensor, q: float) -> Tensor:
     """Tsallis entropy of each row, ``S_q(p) = (1 - sum_i p_i^q) / (q - 1)`` (DynMoLE eq. 9), in fp32.
 
@@ -108,9 +119,9 @@ def tsallis_entropy(probs: Tensor, q: float) -> Tensor:
     Returns:
         ``(N,)`` entropies.
     """
-    p = probs.float()
     if q == 1:
-        return -(p * p.clamp_min(_TINY).log()).sum(dim=-1)
+        return shannon_entropy(probs)
+    p = probs.float()
     return (1.0 - p.pow(q).sum(dim=-1)) / (q - 1.0)
 
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mole.routers.base import RouterOutput
+from mole.routers.select import balance_and_certainty
 from mole.utils.errors import MoleConfigError
 from mole.utils.secrets import redact
 
@@ -85,10 +86,7 @@ def _entropies(gates: Tensor, mask: Tensor) -> Tensor:
     g = gates.detach().float()[mask]  # (n, E), real tokens only
     if g.shape[0] == 0:
         return torch.zeros(2)
-    mean_g = g.mean(dim=0)  # (E,)
-    balance = -torch.special.xlogy(mean_g, mean_g).sum()
-    certainty = -torch.special.xlogy(g, g).sum(dim=-1).mean()
-    return torch.stack([balance, certainty]).cpu()
+    return torch.stack(balance_and_certainty(g)).cpu()
 
 
 class RoutingMonitor:
