@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mole.routers.base import RouterOutput
+from mole.routers.base import RouterOutput, run_router
 from mole.utils.errors import MoleConfigError
 
 POSITIONS = ("ffn", "attn")
@@ -64,12 +64,7 @@ class BlockExperts(nn.Module):
     def route(self, flat: Tensor, x: Tensor) -> Tensor | None:
         """Gates ``(N, E)`` for the block's input ``flat`` ``(N, d)``, or ``None`` for one ungated expert."""
         if self.router is not None:
-            # fp32 routing outside autocast, in the router's own dtype, as MoLELinear does
-            with torch.autocast(device_type=flat.device.type, enabled=False):
-                out = self.router(flat.to(next(self.router.parameters()).dtype))
-            if self.routing_sink is not None:
-                self.routing_sink.append(out)
-            return out.gates
+            return run_router(self.router, flat, self.routing_sink).gates
         if self.gate_source is not None:
             return self.gate_source.route(flat, x)
         if self.num_experts != 1:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
 from torch import Tensor, nn
 
-from mole.routers.base import Router, RouterOutput
+from mole.routers.base import Router, RouterOutput, run_router
 
 
 class GateSource(Protocol):
@@ -61,13 +60,7 @@ class MoLELinear(nn.Module):
         flat = x.reshape(-1, self.in_features).to(next(self.mole_experts.parameters()).dtype)
         gates = None
         if self.mole_router is not None:
-            # Selective precision (Fedus et al. 2022, Switch Transformer, Sec. 2.4): the router runs
-            # outside autocast, in its own dtype (fp32 by default), so gates and probabilities are fp32
-            with torch.autocast(device_type=flat.device.type, enabled=False):
-                routed = self.mole_router(flat)  # gates (N, E)
-            gates = routed.gates
-            if self.routing_sink is not None:
-                self.routing_sink.append(routed)
+            gates = run_router(self.mole_router, flat, self.routing_sink).gates  # (N, E), fp32
         elif self.gate_source is not None:
             gates = self.gate_source.route(flat, x)  # (N, E)
         if getattr(self.mole_experts, "wants_base_output", False):

@@ -82,6 +82,21 @@ def real_rows(t: Tensor, level: str, token_mask: Tensor | None) -> Tensor:
     return t
 
 
+def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = None) -> RouterOutput:
+    """Route ``x`` ``(N, d_in)`` with ``router`` and publish the output to ``sink`` (when collecting).
+
+    Selective precision (Fedus et al. 2022, Switch Transformer, Sec. 2.4): the router runs outside
+    autocast, on its input cast to its own dtype (fp32 by default), so gates and probabilities are fp32
+    whatever the activations' precision. Every router placement routes through here.
+    """
+    weight = next(router.parameters(), None)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = router(x if weight is None else x.to(weight.dtype))
+    if sink is not None:
+        sink.append(out)
+    return out
+
+
 class LinearGate(nn.Module):
     """The start every single-Linear router shares: logits ``h(x) = W_g dropout(x)`` (SPEC §2, no bias).
 

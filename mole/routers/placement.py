@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import weakref
 
-import torch
 from torch import Tensor, nn
 
 from mole.model.context import RoutingContext
-from mole.routers.base import BalanceStats, GateDist, RouterOutput
+from mole.routers.base import BalanceStats, GateDist, RouterOutput, run_router
 from mole.utils.errors import MoleConfigError
 
 PLACEMENTS = ("linear", "shared", "layer")
@@ -86,10 +85,7 @@ class SharedRouter(nn.Module):
         hit = cache.get(id(self))
         if hit is not None and hit[0]() is x:
             return hit[1]
-        with torch.autocast(device_type=flat.device.type, enabled=False):  # fp32 routing, as MoLELinear
-            out = self.router(flat)
-        if self.routing_sink is not None:
-            self.routing_sink.append(out)
+        out = run_router(self.router, flat, self.routing_sink)
         cache[id(self)] = (weakref.ref(x), out.gates)
         return out.gates
 
@@ -137,12 +133,7 @@ class LayerRouter(nn.Module):
             layer.register_forward_pre_hook(pre, with_kwargs=True)
 
     def _route(self, hidden: Tensor) -> None:
-        dtype = next(self.router.parameters()).dtype
-        flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # (N, d), in the router's dtype
-        with torch.autocast(device_type=flat.device.type, enabled=False):  # fp32 routing, as MoLELinear
-            out = self.router(flat)
-        if self.routing_sink is not None:
-            self.routing_sink.append(out)
+        out = run_router(self.router, hidden.reshape(-1, hidden.shape[-1]), self.routing_sink)  # (N, d) in
         self._context.cache[id(self)] = out.gates
 
     def gates(self) -> Tensor:
