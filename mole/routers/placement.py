@@ -152,9 +152,6 @@ class GateSlice:
     def route(self, flat: Tensor, x: Tensor) -> Tensor:
         return self.owner.gates()[:, self.start : self.stop]
 
-    def __call__(self) -> Tensor:
-        return self.owner.gates()[:, self.start : self.stop]
-
 
 def check_placement(placement: str, level: str) -> None:
     if placement not in PLACEMENTS:

@@ -92,22 +92,24 @@ def redact_yaml_file(path: Path) -> None:
         path.write_text(yaml.safe_dump(clean, sort_keys=False))
 
 
-def redacted_yaml(cfg) -> str:
-    """A resolved OmegaConf config as YAML text, its secrets redacted (what run directories may hold)."""
+def _redacted(cfg) -> tuple[str, dict[str, Any]]:
+    """A resolved OmegaConf config as YAML text with its secrets redacted, and the redacted values."""
     from omegaconf import OmegaConf
 
-    clean, _ = redact(OmegaConf.to_container(cfg, resolve=True))
-    return OmegaConf.to_yaml(OmegaConf.create(clean))
+    clean, found = redact(OmegaConf.to_container(cfg, resolve=True))
+    return OmegaConf.to_yaml(OmegaConf.create(clean)), found
+
+
+def redacted_yaml(cfg) -> str:
+    """A resolved OmegaConf config as YAML text, its secrets redacted (what run directories may hold)."""
+    return _redacted(cfg)[0]
 
 
 def write_config(cfg, path: Path) -> dict[str, Any]:
     """Write a resolved OmegaConf config as YAML with its secrets redacted; return the redacted values."""
-    from omegaconf import OmegaConf
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    clean, found = redact(container)
+    text, found = _redacted(cfg)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(clean)))
+    tmp.write_text(text)
     tmp.replace(path)
     return found
