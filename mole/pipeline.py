@@ -419,9 +419,10 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
              accelerator.num_processes, args.grad_accum,
              f", resumed after step {state.step}" if resume_from is not None else "")
     monitor = RoutingMonitor(report.routers_per_layer)
+    selector = _build_selector(cfg, args, tokenizer, run_dir, accelerator, state)
     try:
         train(model, optimizer, scheduler, train_loader, val_loader, aux_losses, args, accelerator, num_steps,
-              state=state, batches=stream, on_step=checkpointer, monitor=monitor)
+              state=state, batches=stream, on_step=checkpointer, monitor=monitor, selector=selector)
     except NonFiniteLossError as err:
         kept = _keep_last_good_adapter(accelerator.unwrap_model(model), run_dir, state, metrics) if main else ""
         raise NonFiniteLossError(f"{err}; {kept}") from None
@@ -438,10 +439,15 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
             "time_per_step_s": round(state.train_time_s / state.step, 4) if state.step else None,
             "routing_stats": state.routing_stats,
         })
+        if selector is not None:
+            metrics.update({"val_acc": state.val_acc, "best_step": state.best_step, "stopped_early": state.stopped_early})
     sharded = is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
     # ZeRO-3 shards the parameters: gathering them is a collective every process joins
     full_state = accelerator.get_state_dict(model) if sharded else None
     model = accelerator.unwrap_model(model)
+    if selector is not None and args.keep_best:
+        selector.restore_best(model)  # the adapter saved and evaluated below is the best one
+        full_state = None if full_state is None else accelerator.get_state_dict(model)
     if main:
         save_adapter(model, run_dir / ADAPTER_FILE, state=full_state)
     # the other processes are done: release them (and flush the trackers) before the main one evaluates
@@ -464,6 +470,39 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     clear_failure(run_dir)
     log.info("run finished: %s", run_dir)
     return metrics
+
+
+def _build_selector(cfg: DictConfig, args, tokenizer, run_dir: Path, accelerator, state):
+    """``trainer.val_acc_every``: a :class:`~mole.training.selection.BestSelector` scoring the validation tasks
+    (``eval.val_tasks``: lm-eval tasks over validation data) on the main process."""
+    if not args.val_acc_every:
+        return None
+    from mole.report_paper import headline
+    from mole.training.selection import BestSelector
+
+    eval_cfg = cfg.get("eval") or {}
+    val_tasks = list(eval_cfg.get("val_tasks") or [])
+    if not val_tasks:
+        raise MoleConfigError(
+            "trainer.val_acc_every needs validation tasks to score: set eval.val_tasks (lm-eval task names over "
+            "validation data), or trainer.val_acc_every=0"
+        )
+    val_cfg = OmegaConf.merge(eval_cfg, {"tasks": val_tasks})
+    check_eval_config(val_cfg)
+
+    def score(model) -> dict[str, float]:
+        unwrapped = accelerator.unwrap_model(model)
+        results = evaluate(unwrapped, tokenizer, val_cfg, run_dir / "val_eval").get("results", {})
+        out = {t: headline(results.get(t)) for t in val_tasks}
+        missing = [t for t, v in out.items() if v is None]
+        if missing:
+            raise MoleConfigError(f"eval.val_tasks {missing}: lm-eval returned no accuracy for them")
+        return out
+
+    selector = BestSelector(score, args.val_acc_every, args.early_stop_patience, run_dir,
+                            is_main_process=accelerator.is_main_process)
+    selector.resume(state.val_acc)
+    return selector
 
 
 def _keep_last_good_adapter(model: torch.nn.Module, run_dir: Path, state, metrics: dict[str, Any]) -> str:

@@ -38,6 +38,10 @@ class TrainArgs:
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory)
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb (offline unless WANDB_MODE)
     tracker_project: str = "mole"  # the trackers' project name (wandb project; tb/<name>/ under the run)
+    label_smoothing: float = 0.0  # of the training LM loss (HMoRA: 0.1); validation loss is never smoothed
+    val_acc_every: int = 0  # accuracy on the validation benchmarks (eval.val_benchmarks) every N steps; 0: off
+    early_stop_patience: int = 0  # stop after N accuracy evaluations without improvement; 0: never
+    keep_best: bool = False  # end with (save and evaluate) the adapter of the best validation accuracy
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> MoleConfigError:
@@ -75,6 +79,18 @@ class TrainArgs:
             self.mixed_precision = "no"
         if self.mixed_precision not in MIXED_PRECISION:
             raise bad("mixed_precision", f"one of {list(MIXED_PRECISION)}")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
+            raise bad("label_smoothing", "a number in [0, 1)")
+        for key in ("val_acc_every", "early_stop_patience"):
+            if not (is_int(getattr(self, key)) and getattr(self, key) >= 0):
+                raise bad(key, "a whole number >= 0")
+        if not isinstance(self.keep_best, bool):
+            raise bad("keep_best", "true or false")
+        if (self.early_stop_patience or self.keep_best) and not self.val_acc_every:
+            raise MoleConfigError(
+                "trainer.early_stop_patience and trainer.keep_best need trainer.val_acc_every > 0 (how often the "
+                "validation accuracy they act on is measured)"
+            )
         if not isinstance(self.gradient_checkpointing, bool):
             raise bad("gradient_checkpointing", "true or false")
         if isinstance(self.log_with, str):

@@ -308,6 +308,8 @@ def save_checkpoint(
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
         "routing_stats": state.routing_stats,
+        "val_acc": state.val_acc,
+        "best_step": state.best_step,
         "train_time_s": state.train_time_s,
         "eval_time_s": state.eval_time_s,
     })
@@ -384,6 +386,8 @@ def load_checkpoint(
         train_loss=list(trainer_state["train_loss"]),
         val_loss=list(trainer_state["val_loss"]),
         routing_stats=list(trainer_state.get("routing_stats", [])),
+        val_acc=list(trainer_state.get("val_acc", [])),
+        best_step=trainer_state.get("best_step"),
         train_time_s=float(trainer_state["train_time_s"]),
         eval_time_s=float(trainer_state["eval_time_s"]),
     )

@@ -39,6 +39,9 @@ class TrainState:
     routing_stats: list[dict] = field(default_factory=list)  # every log_every steps: step, per-layer entropies
     train_time_s: float = 0.0  # optimisation steps only (forward, backward, optimizer)
     eval_time_s: float = 0.0  # validation-loss passes
+    val_acc: list[dict] = field(default_factory=list)  # per accuracy evaluation: step, mean, per benchmark
+    best_step: int | None = None  # the step with the best mean validation accuracy (trainer.val_acc_every)
+    stopped_early: bool = False  # trainer.early_stop_patience ended the run before num_steps
 
 
 def loss_step(
@@ -48,6 +51,7 @@ def loss_step(
     *,
     num_tokens: torch.Tensor | None = None,
     on_routing: Callable | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """Forward one micro-batch: LM loss plus the weighted auxiliary routing terms.
 
@@ -55,15 +59,16 @@ def loss_step(
         num_tokens: divide the LM loss's token sum by this instead of this batch's token count (several
             processes: see :func:`mole.training.distributed.lm_normalizer`).
         on_routing: called with ``(router outputs, token mask)`` after the forward (routing statistics).
+        label_smoothing: of the LM loss (``trainer.label_smoothing``).
 
     Returns ``(total loss, {"lm_loss": ..., "aux/<name>": unweighted value})`` with tensors, no syncs.
     """
     with collect_routing(model) as routing, routing_inputs(model, prompt_mask(batch)):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     if num_tokens is None:
-        lm = lm_loss(logits, batch["labels"])
+        lm = lm_loss(logits, batch["labels"], label_smoothing=label_smoothing)
     else:
-        lm = lm_loss(logits, batch["labels"], reduction="sum") / num_tokens
+        lm = lm_loss(logits, batch["labels"], reduction="sum", label_smoothing=label_smoothing) / num_tokens
     parts = {"lm_loss": lm.detach()}
     total = lm
     # router rows are the batch's tokens in (B, T) order; padding is left out of every statistic
@@ -140,6 +145,7 @@ def train(
     batches: Iterator[dict] | None = None,
     on_step: Callable[[int, TrainState], None] | None = None,
     monitor=None,
+    selector=None,
 ) -> TrainState:
     """Run optimizer steps up to ``num_steps``; evaluate validation loss at the start, every ``eval_every``
     steps and at the end.
@@ -151,7 +157,10 @@ def train(
 
     Losses are averaged over processes (the global batch's); ``monitor`` (a
     :class:`mole.training.tracking.RoutingMonitor`) collects routing statistics every ``log_every`` steps.
-    Scalars go to ``accelerator.log`` (a no-op without trackers).
+    Scalars go to ``accelerator.log`` (a no-op without trackers). ``selector`` (a
+    :class:`mole.training.selection.BestSelector`) measures validation accuracy every
+    ``trainer.val_acc_every`` steps, remembers the best adapter and stops the run early after
+    ``trainer.early_stop_patience`` evaluations without improvement.
     """
     state = state if state is not None else TrainState()
 
@@ -184,7 +193,7 @@ def train(
             for micro in range(args.grad_accum):
                 batch = next(batches)
                 loss, parts = loss_step(model, batch, aux_losses, num_tokens=lm_normalizer(accelerator, batch["labels"]),
-                                        on_routing=hook)
+                                        on_routing=hook, label_smoothing=args.label_smoothing)
                 # each backward() adds to the gradients; micro-batches are averaged (see backward())
                 backward(accelerator, loss, args.grad_accum, last=micro == args.grad_accum - 1)
                 # averaged over processes: the global batch's values; one sync per micro-batch
@@ -224,6 +233,14 @@ def train(
             # ---- once in a while: validation loss (and always after the last step) ----
             if step == num_steps or (args.eval_every and step % args.eval_every == 0):
                 evaluate(step)
+            stop = selector is not None and selector.due(step, num_steps) and selector.update(model, step, state)
             if on_step is not None:
                 on_step(step, state)
+            if stop:
+                state.stopped_early = True
+                log.info("step %d: no better validation accuracy in %d evaluations; stopping early",
+                         step, args.early_stop_patience)
+                if not state.val_loss or state.val_loss[-1]["step"] != step:
+                    evaluate(step)
+                break
     return state
