@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-all test-gpu lint params clean
+.PHONY: help setup train test test-slow test-sweeps test-all test-gpu lint params clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -35,7 +35,10 @@ test: setup ## the fast CPU test suite
 test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
-test-all: setup ## every CPU test, slow ones included
+test-sweeps: setup ## every paper table's sweep end to end with debug=smoke (tiny_llama, 2 steps a job), then mole-report
+	$(BIN)/python -m pytest -q -m sweeps $(ARGS)
+
+test-all: setup ## every CPU test, slow ones and the smoke sweeps included
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
 
 test-gpu: setup ## tests that need a CUDA GPU (DeepSpeed: pip install '.[deepspeed]' first)
