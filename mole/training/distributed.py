@@ -24,6 +24,8 @@ code) and are averaged over processes; with them the two runs differ slightly.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import logging
 import os
@@ -217,6 +219,15 @@ def lm_normalizer(accelerator, labels: torch.Tensor) -> torch.Tensor | None:
     local = (labels[:, 1:] != -100).sum().to(torch.float32)  # response tokens on this process
     total = accelerator.reduce(local.reshape(1), reduction="sum")  # (1,)
     return (total / accelerator.num_processes).clamp_min(1.0).reshape(())
+
+
+def grad_sync(accelerator, model, last: bool):
+    """The context of one micro-batch's forward and backward: under DDP, gradients are all-reduced only on
+    the ``last`` micro-batch before the optimizer step (``no_sync`` on the others), not on every one.
+    DeepSpeed handles accumulation itself (see :func:`backward`); one process has nothing to sync."""
+    if last or accelerator.num_processes == 1 or is_deepspeed(accelerator):
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
 
 
 def backward(accelerator, loss: torch.Tensor, grad_accum: int, last: bool) -> None:

@@ -19,7 +19,7 @@ from mole.losses.lm import lm_loss
 from mole.model.context import routing_inputs
 from mole.model.routing import collect_routing
 from mole.training.args import TrainArgs
-from mole.training.distributed import backward, lm_normalizer, reduce_mean
+from mole.training.distributed import backward, grad_sync, lm_normalizer, reduce_mean
 from mole.utils.errors import NonFiniteLossError
 
 __all__ = ["NonFiniteLossError", "TrainState", "loss_step", "total_steps", "train", "validation_loss"]
@@ -187,18 +187,22 @@ def train(
         for step in range(state.step + 1, num_steps + 1):
             # ---- single optimisation step: grad_accum micro-batches ----
             step_start = time.perf_counter()
-            sums: dict[str, float] = {}
+            totals: dict[str, torch.Tensor] = {}
             log_step = step % args.log_every == 0 or step == num_steps
             hook = monitor if (log_step and monitor is not None and monitor.active) else None
             for micro in range(args.grad_accum):
                 batch = next(batches)
-                loss, parts = loss_step(model, batch, aux_losses, num_tokens=lm_normalizer(accelerator, batch["labels"]),
-                                        on_routing=hook, label_smoothing=args.label_smoothing)
-                # each backward() adds to the gradients; micro-batches are averaged (see backward())
-                backward(accelerator, loss, args.grad_accum, last=micro == args.grad_accum - 1)
-                # averaged over processes: the global batch's values; one sync per micro-batch
-                for k, v in reduce_mean(accelerator, {"loss": loss.detach(), **parts}).items():
-                    sums[k] = sums.get(k, 0.0) + v / args.grad_accum
+                last = micro == args.grad_accum - 1
+                with grad_sync(accelerator, model, last):  # DDP all-reduces gradients once per optimizer step
+                    loss, parts = loss_step(model, batch, aux_losses,
+                                            num_tokens=lm_normalizer(accelerator, batch["labels"]),
+                                            on_routing=hook, label_smoothing=args.label_smoothing)
+                    # each backward() adds to the gradients; micro-batches are averaged (see backward())
+                    backward(accelerator, loss, args.grad_accum, last=last)
+                for k, v in {"loss": loss.detach(), **parts}.items():  # on the device: no host sync here
+                    totals[k] = totals.get(k, 0.0) + v.float() / args.grad_accum
+            # averaged over processes (the global batch's values): one collective and one host sync per step
+            sums = reduce_mean(accelerator, totals)
             if not math.isfinite(sums["loss"]):
                 raise NonFiniteLossError(
                     f"training loss became {sums['loss']} at step {step}; lower trainer.lr or check the data"
