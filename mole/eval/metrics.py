@@ -92,7 +92,7 @@ def matthews_corrcoef(golds: Sequence[Any], preds: Sequence[Any]) -> float:
     true_counts: dict[Any, int] = defaultdict(int)
     pred_counts: dict[Any, int] = defaultdict(int)
     correct = 0
-    for g, p in zip(golds, preds):
+    for g, p in zip(golds, preds, strict=True):
         true_counts[g] += 1
         pred_counts[p] += 1
         correct += int(g == p)
@@ -126,7 +126,7 @@ def _argmax_loglik(results: Sequence[Any]) -> int:
 
 def _argmax_norm(doc: dict, results: Sequence[Any]) -> int:
     """Like lm-eval's ``acc_norm``: log-likelihood divided by the choice's length in bytes."""
-    lls = [float(r[0]) / max(1, len(c.encode("utf-8"))) for r, c in zip(results, doc["choices"])]
+    lls = [float(r[0]) / max(1, len(c.encode("utf-8"))) for r, c in zip(results, doc["choices"], strict=True)]
     return max(range(len(lls)), key=lls.__getitem__)
 
 
@@ -163,7 +163,8 @@ def process_letter(doc: dict, results: Sequence[str]) -> dict[str, float]:
 
 def aggregate_mcc(items: Sequence[tuple[int, int]]) -> float:
     """lm-eval aggregation over ``(gold, pred)`` pairs."""
-    golds, preds = zip(*items) if items else ((), ())
+    golds = [g for g, _ in items]
+    preds = [p for _, p in items]
     return matthews_corrcoef(golds, preds)
 
 
