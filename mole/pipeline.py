@@ -363,7 +363,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     check_trackers(args.log_with)
     run_seed(cfg)
     eval_cfg = cfg.get("eval") or {}
-    if eval_cfg.get("at_end") and eval_cfg.get("tasks"):
+    if eval_cfg.get("at_end") and has_eval(eval_cfg):
         check_eval_config(eval_cfg)
     aux_losses = build_aux_losses(cfg)
     accelerator = build_accelerator(args, dist, run_dir)
@@ -458,9 +458,9 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     metrics["versions"] = _versions()
 
     # ---- evaluate the final model through lm-eval ----
-    if eval_cfg.get("at_end") and eval_cfg.get("tasks") and sharded:
+    if eval_cfg.get("at_end") and has_eval(eval_cfg) and sharded:
         log.warning("ZeRO-3 shards the base model over the processes: no lm-eval pass here; run mole-eval checkpoint=%s", run_dir)
-    elif eval_cfg.get("at_end") and eval_cfg.get("tasks"):
+    elif eval_cfg.get("at_end") and has_eval(eval_cfg):
         results = evaluate(model, tokenizer, eval_cfg, run_dir / "eval")
         metrics["eval"] = results.get("results", {})
     metrics["peak_memory_mb"] = round(_peak_memory_mb(), 1)
@@ -528,6 +528,7 @@ def _keep_last_good_adapter(model: torch.nn.Module, run_dir: Path, state, metric
 
 def check_eval_config(eval_cfg) -> dict[str, Any]:
     """The ``eval`` keys lm-eval gets, checked (before training, so a typo does not cost a run)."""
+    from mole.eval.benchmarks import EvalSettings, check_available
     from mole.eval.harness import _as_path_list
 
     def is_int(v) -> bool:
@@ -535,8 +536,16 @@ def check_eval_config(eval_cfg) -> dict[str, Any]:
 
     tasks = eval_cfg.get("tasks") or []
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # eval.tasks=mole_mc: one task
-    if not tasks:
-        raise MoleConfigError("eval.tasks is empty; name at least one task, e.g. eval.tasks=[mole_mc]")
+    benchmarks = eval_cfg.get("benchmarks") or []
+    benchmarks = [benchmarks] if isinstance(benchmarks, str) else [str(b) for b in benchmarks]
+    if not tasks and not benchmarks:
+        raise MoleConfigError("eval.tasks and eval.benchmarks are empty; name at least one, e.g. eval.tasks=[mole_mc] "
+                              "or eval.benchmarks=[arc_e]")
+    clash = sorted(set(map(str, tasks)) & set(benchmarks))
+    if clash:
+        raise MoleConfigError(f"eval.tasks and eval.benchmarks both name {clash}; name each once")
+    settings = EvalSettings.from_config(eval_cfg)
+    check_available(benchmarks, settings)
     batch_size = eval_cfg.get("batch_size", 8)
     if not (is_int(batch_size) and batch_size >= 1):
         raise MoleConfigError(f"eval.batch_size must be a positive integer, got {batch_size!r}")
@@ -548,22 +557,36 @@ def check_eval_config(eval_cfg) -> dict[str, Any]:
         raise MoleConfigError(f"eval.num_fewshot must be null or a non-negative integer, got {fewshot!r}")
     include_path = eval_cfg.get("include_path")
     _as_path_list(include_path)  # each entry an existing directory (its own one-line error)
-    return {"tasks": tasks, "batch_size": batch_size, "limit": limit, "num_fewshot": fewshot,
-            "include_path": include_path}
+    return {"tasks": tasks, "benchmarks": benchmarks, "settings": settings, "batch_size": batch_size, "limit": limit,
+            "num_fewshot": fewshot, "include_path": include_path}
+
+
+def has_eval(eval_cfg) -> bool:
+    """Whether the ``eval`` config names anything to evaluate (lm-eval tasks or benchmarks)."""
+    return bool(eval_cfg.get("tasks") or eval_cfg.get("benchmarks"))
 
 
 def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
-    """lm-eval-harness over the in-memory model; writes ``output_dir/results.json``."""
-    from mole.eval.harness import evaluate_model
+    """lm-eval-harness over the in-memory model; writes ``output_dir/results.json``.
+
+    ``eval.benchmarks`` are rendered into task YAMLs over their records (:mod:`mole.eval.benchmarks`) and
+    run next to ``eval.tasks``; their results are under the benchmark's name.
+    """
+    from mole.eval.benchmarks import RENDERED_SUBDIR, render_benchmarks
+    from mole.eval.harness import _as_path_list, evaluate_model
 
     checked = check_eval_config(eval_cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    include_path = [str(p) for p in _as_path_list(checked["include_path"])]
+    if checked["benchmarks"]:
+        rendered = render_benchmarks(checked["benchmarks"], checked["settings"], output_dir / RENDERED_SUBDIR)
+        include_path = [str(rendered), *include_path]  # the user's own task YAMLs still win
     results = evaluate_model(
         model,
         tokenizer,
-        checked["tasks"],
+        [*checked["tasks"], *checked["benchmarks"]],
         output_dir=output_dir,
-        include_path=checked["include_path"],
+        include_path=include_path or None,
         batch_size=checked["batch_size"],
         limit=checked["limit"],
         num_fewshot=checked["num_fewshot"],

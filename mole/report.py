@@ -30,7 +30,7 @@ METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.txt"
 MISSING = "—"
 # the headline metric of an lm-eval task, in order of preference
-METRIC_KEYS = ("acc,none", "mcc,none", "exact_match,none", "acc_norm,none")
+METRIC_KEYS = ("mcc,none", "macro_acc,none", "acc,none", "exact_match,none", "acc_norm,none")  # first found: the headline
 
 
 @dataclass

@@ -18,7 +18,10 @@ GROUPS = ["model", "method", "router", "experts", "adapter", "loss", "data", "tr
 PARTNERS = {("router", "none"): ["experts=single"], ("experts", "single"): ["router=none"], ("data", "local"): ["data.path=${mole_fixture:mc_train.json}"],
             # adapters of blocks or of the whole model adapt no Linear unless told to
             **{("adapter", a): ["experts.targets=[]"] for a in ("parallel_adapter", "prompt", "ffn_expert", "full_finetune", "prompt_tuning")},
-            ("adapter", "dora"): ["experts=single", "router=none"]}
+            ("adapter", "dora"): ["experts=single", "router=none"],
+            # the papers' data sets read files under data.root (or the Hub); here their shipped smoke fixtures
+            **{("data", p.stem): ["data.smoke=true"] for p in (Path(CONF_DIR) / "data").glob("*.yaml")
+               if p.stem not in ("fixtures", "local")}}
 
 
 def _options():

@@ -28,30 +28,52 @@ def _paths(value) -> list[str]:
     return [str(v) for v in value]
 
 
+SOURCES = (None, "local", "hf")
+
+
+def _missing_hint(data_cfg: DictConfig) -> str:
+    hf = data_cfg.get("hf_name")
+    online = f"or, online, load it from the Hugging Face Hub with data.source=hf ({hf})" if hf else ""
+    return ("put the file there (LLM-Adapters JSON or JSON lines; data.root / $MOLE_DATA_DIR sets the folder) "
+            + (online or "or point data.path at your copy") + "; debug=smoke trains on a shipped fixture instead")
+
+
 def load_datasets(data_cfg: DictConfig, seed: int):
     """Train and validation records from the ``data`` config node.
 
-    ``data.path`` (one file or a list) or ``data.hf_name`` gives the training records; ``data.val_path``
-    a separate validation file, else ``data.val_size`` of the training records are held out with
-    ``data.split_seed`` (falling back to ``seed``).
+    ``data.source`` picks ``data.path`` (``local``: one file or a list) or ``data.hf_name`` (``hf``); with
+    ``data.source=null`` whichever of the two is set. ``data.smoke=true`` trains on the shipped fixture
+    ``data.fixture`` instead (debug=smoke). ``data.val_path`` gives a separate validation file, else
+    ``data.val_size`` of the training records are held out with ``data.split_seed`` (falling back to ``seed``).
     """
+    source = data_cfg.get("source")
+    if source not in SOURCES:
+        raise MoleConfigError(f"data.source must be null, local or hf, got {source!r}")
     paths = _paths(data_cfg.get("path"))
-    if paths and data_cfg.get("hf_name"):
-        raise MoleConfigError("set either data.path (local files) or data.hf_name (Hugging Face dataset), not both")
-    if paths:
-        records = [r for p in paths for r in read_records(p, "data.path")]
-    elif data_cfg.get("hf_name"):
-        fields = OmegaConf.to_container(data_cfg.get("fields") or {}) or {k: k for k in ("instruction", "input", "output", "answer")}
-        kwargs = OmegaConf.to_container(data_cfg.get("hf_kwargs") or {}, resolve=True)
-        records = load_hf_records(data_cfg.hf_name, data_cfg.get("hf_config"), data_cfg.get("hf_split", "train"), fields, kwargs)
+    hf_name = data_cfg.get("hf_name")
+    val_paths = _paths(data_cfg.get("val_path"))
+    if data_cfg.get("smoke") and data_cfg.get("fixture"):
+        paths, hf_name, source, val_paths = [fixture_path(f) for f in _paths(data_cfg.fixture)], None, "local", []
+    if source is None and paths and hf_name:
+        raise MoleConfigError("set either data.path (local files) or data.hf_name (Hugging Face dataset), not both "
+                              "(or choose one with data.source=local|hf)")
+    use_local = bool(paths) and source != "hf"
+    if use_local:
+        hint = _missing_hint(data_cfg)
+        records = [r for p in paths for r in read_records(p, "data.path", hint)]
+    elif hf_name and source != "local":
+        fields = OmegaConf.to_container(data_cfg.fields) if data_cfg.get("fields") else None
+        kwargs = OmegaConf.to_container(data_cfg.hf_kwargs, resolve=True) if data_cfg.get("hf_kwargs") else {}
+        records = load_hf_records(hf_name, data_cfg.get("hf_config"), data_cfg.get("hf_split", "train"), fields, kwargs,
+                                  fmt=data_cfg.get("hf_format"))
     else:
-        raise MoleConfigError("no training data: set data.path=FILE (LLM-Adapters JSON) or data.hf_name=NAME")
+        raise MoleConfigError(f"no training data for data.source={source}: set data.path=FILE (LLM-Adapters JSON) "
+                              "or data.hf_name=NAME")
     limit = data_cfg.get("max_records")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise MoleConfigError(f"data.max_records must be null or a positive integer, got {limit!r}")
     if limit:
         records = records[: int(limit)]
-    val_paths = _paths(data_cfg.get("val_path"))
     if val_paths:
         return records, [r for p in val_paths for r in read_records(p, "data.val_path")]
     split_seed = data_cfg.get("split_seed")

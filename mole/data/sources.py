@@ -23,6 +23,8 @@ from typing import Any
 from mole.utils.errors import MoleConfigError
 
 REQUIRED = ("instruction", "output")
+#: Optional fields kept when a record has them (``subject``: the group of MMLU-style macro accuracy).
+EXTRA_FIELDS = ("subject",)
 _ANSWER_FORMAT = re.compile(r"Answer format:[ \t]*(\S[^\n]*)", re.IGNORECASE)
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
@@ -57,6 +59,7 @@ def _check_records(records: list[Any], where: str) -> list[dict[str, str]]:
                     f"{where}: record {i} lacks the text field {key!r} (LLM-Adapters format: instruction, input, output, answer)"
                 )
         clean = {k: ("" if rec.get(k) is None else str(rec.get(k))) for k in ("instruction", "input", "output", "answer")}
+        clean.update({k: str(rec[k]) for k in EXTRA_FIELDS if rec.get(k) is not None})
         options = answer_options(clean["instruction"])
         if options and clean["answer"].strip() and clean["answer"].strip().lower() not in options:
             raise MoleConfigError(
@@ -67,12 +70,15 @@ def _check_records(records: list[Any], where: str) -> list[dict[str, str]]:
     return out
 
 
-def read_records(path: str | Path, key: str = "data.path") -> list[dict[str, str]]:
-    """Read a local LLM-Adapters JSON list (``.json``) or JSON-lines (``.jsonl``) file."""
+def read_records(path: str | Path, key: str = "data.path", hint: str = "") -> list[dict[str, str]]:
+    """Read a local LLM-Adapters JSON list (``.json``) or JSON-lines (``.jsonl``) file.
+
+    ``hint`` is appended to the error for a missing file (where to put it, or how to go online).
+    """
     path = Path(path).expanduser()
     where = f"{key}: {path}"
     if not path.exists():
-        raise MoleConfigError(f"{where} does not exist")
+        raise MoleConfigError(f"{where} does not exist" + (f"; {hint}" if hint else ""))
     if not path.is_file():
         raise MoleConfigError(f"{where} is not a file")
     text = path.read_text(encoding="utf-8")
@@ -91,24 +97,34 @@ def read_records(path: str | Path, key: str = "data.path") -> list[dict[str, str
 
 
 def load_hf_records(
-    name: str, config: str | None, split: str, fields: dict[str, str], kwargs: dict | None = None
+    name: str, config: str | None, split: str, fields: dict[str, str] | None, kwargs: dict | None = None,
+    fmt: str | None = None, key: str = "data.hf_name",
 ) -> list[dict[str, str]]:
-    """Records from ``datasets.load_dataset(name, config, split=split, **kwargs)``, mapped by ``data.fields``.
+    """Records from ``datasets.load_dataset(name, config, split=split, **kwargs)``.
 
+    Rows become records through the converter ``fmt`` (:mod:`mole.data.formats`, ``data.hf_format``),
+    else by renaming columns with ``fields`` ({our field: their column}; identity when ``None``).
     A Hub name needs the network (or a filled ``datasets`` cache); a builder such as ``json`` with
     ``data.hf_kwargs.data_files`` works offline.
     """
+    from mole.data.formats import converter
+
+    convert = converter(fmt, key.rsplit(".", 1)[0] + ".hf_format") if fmt else None
+    fields = fields or {k: k for k in ("instruction", "input", "output", "answer")}
     import datasets
 
     try:
         ds = datasets.load_dataset(name, config, split=split, **(kwargs or {}))
     except Exception as err:  # noqa: BLE001 - datasets raises many types; report one line
         raise MoleConfigError(
-            f"data.hf_name={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "offline, train on a local file with data.path=FILE"
+            f"{key}={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "offline, use a local file in the LLM-Adapters format instead (see docs/datasets.md)"
         ) from None
-    mapped = [{ours: row.get(theirs, "") for ours, theirs in fields.items()} for row in ds]
-    return _check_records(mapped, f"data.hf_name: {name}")
+    if convert is not None:
+        mapped = [rec for rec in map(convert, ds) if rec is not None]
+    else:
+        mapped = [{ours: row.get(theirs, "") for ours, theirs in fields.items()} for row in ds]
+    return _check_records(mapped, f"{key}: {name}")
 
 
 def split_validation(
