@@ -473,8 +473,9 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
 
 
 def _build_selector(cfg: DictConfig, args, tokenizer, run_dir: Path, accelerator, state):
-    """``trainer.val_acc_every``: a :class:`~mole.training.selection.BestSelector` scoring the validation tasks
-    (``eval.val_tasks``: lm-eval tasks over validation data) on the main process."""
+    """``trainer.val_acc_every``: a :class:`~mole.training.selection.BestSelector` scoring the validation
+    benchmarks (``eval.val_benchmarks``, on their validation split and ``eval.subset``) and lm-eval tasks
+    (``eval.val_tasks``) on the main process."""
     if not args.val_acc_every:
         return None
     from mole.report_paper import headline
@@ -482,21 +483,23 @@ def _build_selector(cfg: DictConfig, args, tokenizer, run_dir: Path, accelerator
 
     eval_cfg = cfg.get("eval") or {}
     val_tasks = list(eval_cfg.get("val_tasks") or [])
-    if not val_tasks:
+    val_benchmarks = list(eval_cfg.get("val_benchmarks") or [])
+    if not (val_tasks or val_benchmarks):
         raise MoleConfigError(
-            "trainer.val_acc_every needs validation tasks to score: set eval.val_tasks (lm-eval task names over "
-            "validation data), or trainer.val_acc_every=0"
+            "trainer.val_acc_every needs something to score: set eval.val_benchmarks (paper benchmarks, scored on "
+            "their validation split) or eval.val_tasks (lm-eval tasks over validation data), or trainer.val_acc_every=0"
         )
-    val_cfg = OmegaConf.merge(eval_cfg, {"tasks": val_tasks})
+    val_cfg = OmegaConf.merge(eval_cfg, {"tasks": val_tasks, "benchmarks": val_benchmarks, "split": "validation"})
     check_eval_config(val_cfg)
+    names = [*val_tasks, *val_benchmarks]
 
     def score(model) -> dict[str, float]:
         unwrapped = accelerator.unwrap_model(model)
         results = evaluate(unwrapped, tokenizer, val_cfg, run_dir / "val_eval").get("results", {})
-        out = {t: headline(results.get(t)) for t in val_tasks}
+        out = {t: headline(results.get(t)) for t in names}
         missing = [t for t, v in out.items() if v is None]
         if missing:
-            raise MoleConfigError(f"eval.val_tasks {missing}: lm-eval returned no accuracy for them")
+            raise MoleConfigError(f"eval.val_tasks/val_benchmarks {missing}: lm-eval returned no score for them")
         return out
 
     selector = BestSelector(score, args.val_acc_every, args.early_stop_patience, run_dir,

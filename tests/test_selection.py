@@ -84,3 +84,15 @@ def test_val_acc_every_without_validation_tasks_is_one_clear_error(tmp_path):
     cfg = compose_tiny(["trainer.val_acc_every=2"])
     with pytest.raises(MoleConfigError, match="eval.val_tasks"):
         run_train(cfg, tmp_path)
+
+
+def test_selection_on_the_validation_subsets_of_paper_benchmarks(tmp_path):
+    """eval=hmora7 scores its seven benchmarks' validation split (smoke fixtures here) for model selection."""
+    cfg = compose_tiny(["method=hmora", "eval=hmora7", "eval.smoke=true", "data.smoke=true", "eval.limit=2",
+                        "eval.max_gen_toks=4", "eval.at_end=false", "trainer.max_steps=2",
+                        "trainer.val_acc_every=1", "trainer.keep_best=true"])
+    metrics = run_train(cfg, tmp_path)
+    assert [e["step"] for e in metrics["val_acc"]] == [1, 2]
+    assert set(metrics["val_acc"][0]) == {"step", "mean", "mmlu", "mmlu_pro", "arc_c", "arc_e", "openbookqa",
+                                          "swag", "commonsenseqa"}
+    assert (tmp_path / "best" / "adapter.safetensors").is_file()
