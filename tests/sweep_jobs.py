@@ -41,7 +41,7 @@ def grid(name: str) -> dict[str, list[str]]:
 def all_jobs(name: str) -> list[list[str]]:
     """Every job's overrides (``key=value``), the cartesian product of the grid."""
     g = grid(name)
-    return [[f"{k}={v}" for k, v in zip(g, combo)] for combo in itertools.product(*g.values())]
+    return [[f"{k}={v}" for k, v in zip(g, combo, strict=True)] for combo in itertools.product(*g.values())]
 
 
 def covering_jobs(name: str) -> list[list[str]]:

@@ -11,9 +11,6 @@ import contextlib
 import io
 
 import pytest
-
-from mole.cli.params import run as params_run
-from mole.training.args import TrainArgs
 from sweep_jobs import (
     all_jobs,
     assert_averages,
@@ -25,6 +22,9 @@ from sweep_jobs import (
     sweep_defaults,
     sweep_file,
 )
+
+from mole.cli.params import run as params_run
+from mole.training.args import TrainArgs
 
 TASKS9 = ["rte", "arc_e", "arc_c", "boolq", "openbookqa", "piqa", "siqa", "hellaswag", "winogrande"]
 ABLATION_TASKS = ["arc_e", "arc_c", "openbookqa", "boolq", "piqa"]  # Sec. 5.3: ARC, OpenBookQA, BoolQ, PIQA
@@ -103,7 +103,8 @@ def test_table1_rows():
         assert cfg.experts.num_experts == 6 and cfg.experts.groups is None
     assert rows["loramoe"].router._target_ == "mole.routers.SoftRouter" and dict(rows["loramoe"].loss) == {}
     mola = rows["mola"]
-    assert mola.router._target_ == "mole.routers.TopKRouter" and mola.router.top_k == 2 and list(mola.loss) == ["balance"]
+    assert mola.router._target_ == "mole.routers.TopKRouter" and mola.router.top_k == 2
+    assert list(mola.loss) == ["balance"]
     topp = rows["dynmole_topp"]  # Sec. 5.2: no soft switch, no entropy loss, keep-top-k 1
     assert topp.router._target_ == "mole.routers.TopPRouter" and list(topp.loss) == ["balance"]
     assert (topp.router.top_p, topp.router.keep_top_k) == (0.75, 1)
@@ -137,7 +138,7 @@ def test_figure4_sweeps_vary_only_their_key(name):
     key, values = FIGURE4[name]
     assert sweep_defaults(name) == {"model": "llama2_7b", "eval": "same_as_data", "method": "dynmole"}
     with composer() as make:
-        for value, raw in zip(values, grid(name)[key]):
+        for value, raw in zip(values, grid(name)[key], strict=True):
             cfg = make(name, [f"{key}={raw}", "data=boolq"])
             _check_training(cfg)
             assert cfg.method_name == "dynmole" and cfg.router._target_ == "mole.routers.DynamicRouter"

@@ -12,9 +12,6 @@ import contextlib
 import io
 
 import pytest
-
-from mole.cli.params import run as params_run
-from mole.training.args import TrainArgs
 from sweep_jobs import (
     all_jobs,
     check_paper_block,
@@ -24,6 +21,9 @@ from sweep_jobs import (
     stand_ins,
     sweep_defaults,
 )
+
+from mole.cli.params import run as params_run
+from mole.training.args import TrainArgs
 
 SWEEPS = ["moa_table1", "moa_table2", "moa_table3", "moa_table4", "moa_table5"]
 Q5 = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]

@@ -9,10 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from mole.pipeline import init_from_run
-from mole.training.args import TrainArgs
-from mole.utils.errors import MoleConfigError
 from sweep_jobs import (
     all_jobs,
     assert_averages,
@@ -23,6 +19,10 @@ from sweep_jobs import (
     job_dir,
     sweep_defaults,
 )
+
+from mole.pipeline import init_from_run
+from mole.training.args import TrainArgs
+from mole.utils.errors import MoleConfigError
 
 SWEEPS = ["mor_table2_stage1", "mor_table2", "mor_table3"]
 TASKS = ["scienceqa", "commonsenseqa", "openbookqa", "mrpc", "cola", "rte"]
@@ -139,10 +139,12 @@ def test_stage2_and_table3_rows():
 
 def test_missing_stage1_directory_is_a_clear_error(tmp_path):
     with composer() as make:
-        cfg = make("mor_table2", ["method=mola_crw", "data=rte", "trainer.epochs=10"], extra=(f"paths.output_dir={tmp_path}",))
+        job = ["method=mola_crw", "data=rte", "trainer.epochs=10"]
+        cfg = make("mor_table2", job, extra=(f"paths.output_dir={tmp_path}",))
     missing = tmp_path / "sweeps" / "mor_table2_stage1" / "method=mola_crw"
     assert cfg.trainer.init_from == str(missing)
-    with pytest.raises(MoleConfigError, match=r"trainer\.init_from: .*mor_table2_stage1/method=mola_crw.* is not a directory"):
+    expected = r"trainer\.init_from: .*mor_table2_stage1/method=mola_crw.* is not a directory"
+    with pytest.raises(MoleConfigError, match=expected):
         init_from_run(None, cfg, cfg.trainer.init_from)  # refused before any model is touched
 
 
