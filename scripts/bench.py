@@ -136,15 +136,15 @@ def make_setup(args: argparse.Namespace) -> Setup:
                  "model.config.num_attention_heads=9", "model.config.num_key_value_heads=3"]
         batch, seq = (2, 128) if args.quick else (4, 256)
         amp, comp = None, args.compile
-    rounds = args.rounds or (8 if args.quick else 30)
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    rounds = args.rounds or (7 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     clock = args.clock
     if clock == "auto":
         clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     if clock == "cpu" and torch.get_num_threads() != 1:
         raise SystemExit("bench.py: --clock cpu needs --threads 1 (CPU time of several threads is not a step's time)")
     return Setup(device, model + list(args.model_override or []), args.batch or batch, args.seq or seq,
-                 rounds, warmup, amp, comp, eval_limit=None, eval_repeats=3 if args.quick else 7,
+                 rounds, warmup, amp, comp, eval_limit=8 if args.quick else None, eval_repeats=3 if args.quick else 7,
                  clock=clock if device.type == "cpu" else "cuda-events")
 
 

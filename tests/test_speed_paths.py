@@ -159,3 +159,16 @@ def test_param_dtype_follows_the_module_after_a_cast():
         router.gate(x)  # a float64 Linear refuses fp32 input...
     gates = run_router(router, x).gates  # ...so run_router must cast the input to the router's dtype
     torch.testing.assert_close(gates, router(x.double()).gates)
+
+
+def test_balance_loss_masks_padding_without_a_host_sync():
+    from mole.losses import balance_loss
+    from mole.routers.base import BalanceStats
+
+    probs = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+    selected = torch.tensor([[True, False], [True, False], [False, True]])
+    mask = torch.tensor([True, False, True])  # row 1 is padding
+    # real rows 0 and 2: F = (1/2, 1/2), P = (0.35, 0.65): L = 2 * (0.5 * 0.35 + 0.5 * 0.65) = 1.0
+    assert balance_loss(BalanceStats(probs, selected, 1), mask).item() == pytest.approx(1.0)
+    meta = BalanceStats(probs.to("meta"), selected.to("meta"), None)
+    assert balance_loss(meta, mask.to("meta")).is_meta  # boolean indexing would raise here
