@@ -8,8 +8,8 @@
 What it does (README "Speed"):
 
 * builds ONE random base model (CPU: a small Llama from ``conf/model/tiny_llama.yaml`` widened; GPU: the
-  shape of ``conf/model/llama3_2_1b.yaml``, random weights, bf16), and makes each variant from a deep
-  copy of it through mole's own config composition and :func:`mole.pipeline.inject_from_config` — the
+  shape of ``conf/model/llama3_2_1b.yaml``, random weights, bf16), and makes each variant from a copy of
+  it (the module tree copied, the frozen weights shared) through mole's own config composition and :func:`mole.pipeline.inject_from_config` — the
   presets of ``conf/method/`` exactly as ``mole-train method=...`` builds them, aux losses included;
 * times full training steps (forward, LM loss + auxiliary routing losses, backward, AdamW step)
   round-robin — every round runs one step of every variant, in a shuffled order — after warm-up, and
@@ -188,7 +188,10 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
     from mole.training.loop import loss_step
     from mole.training.optim import build_optimizer
 
-    model = copy.deepcopy(base)
+    # a copy of the module tree that shares the frozen base weights (every variant freezes them; on a GPU,
+    # 17 copies of a 1B model's weights would not fit beside each other)
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    model = copy.deepcopy(base, memo=shared)
     torch.manual_seed(0)
     overrides = VARIANTS[name]
     if overrides is None:  # peft LoRA r=8 on all 7 linears, as mole's `method=lora` (alpha 16, dropout 0.05)
