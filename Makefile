@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-sweeps test-all test-gpu lint params clean
+.PHONY: help setup train test test-slow test-sweeps test-all test-gpu lint params bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ lint: setup ## ruff over the code and tests
 
 params: setup ## trainable parameters without weights, e.g. make params ARGS="model=qwen2_1_5b method=lora"
 	$(BIN)/mole-params $(ARGS)
+
+bench: setup ## training-step speed of every method vs peft LoRA r=8 -> outputs/bench/; ARGS="--quick", "--threads 1", "--device cuda"
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean: ## caches (not outputs/ or .venv/)
 	rm -rf .pytest_cache build *.egg-info

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -107,7 +106,8 @@ def test_dora_dropout_reads_the_dropped_input_in_both_terms():
     torch.manual_seed(7)
     out = layer(x)
     torch.manual_seed(7)
-    xd = F.dropout(x, 0.5, training=True)
+    xd = layer.mole_experts.dropout(x)  # the same mask, drawn again from the same seed
+    assert (xd == 0).any() and torch.equal(xd[xd != 0], (2 * x)[xd != 0])  # dropout p = 0.5 acted
     merged = w + B @ A
     c = m / merged.norm(dim=1)
     # W x + b + (c - 1) W xd + c B A xd   (peft's DoRA with dropout)

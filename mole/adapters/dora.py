@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mole.adapters.lora import check_lora_args
+from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 
@@ -70,7 +71,7 @@ class DoRAExpert(nn.Module):
             raise MoleConfigError("adapter=dora needs the frozen Linear (base_layer); build it through inject_mole")
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.rank, self.scaling = 1, rank, alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         object.__setattr__(self, "base", base_layer)  # reference only: the weight belongs to MoLELinear
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # (d_out, r)

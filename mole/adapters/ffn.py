@@ -13,15 +13,17 @@ computed without a Python loop over experts and without repeating frozen work:
 * ``W_down`` is linear, so ``sum_i g_i W_down h_i = W_down (sum_i g_i h_i)``: the frozen down projection
   is applied once to the gate-weighted sum of the experts' hidden activations (exact). Its bias, if any,
   is added with weight ``sum_i g_i`` (1 for top-k and softmax gates).
-* Only the (token, expert) pairs with a non-zero gate are computed (P pairs: k per token for top-k, E per
-  token for soft routing). For the LoRA products the A/B matrices of all experts are stacked
-  (``(E*r, d)`` / ``(d_out, E*r)``) and each pair's rank-r activation is placed in its expert's block of
-  an otherwise zero ``(P, E*r)`` matrix, so one matrix product serves every pair.
+* Only the k (token, expert) pairs of each token with the largest gates are computed (P = N k pairs: the
+  router's top-k; k = E for soft or variable-count routing, where unused pairs have gate 0 and add 0). The
+  shapes are static: no host synchronisation. The A matrices of all experts are stacked (``(E*r, d)``)
+  and applied once per token; each pair keeps its expert's block of r columns in an otherwise zero
+  ``(P, E*r)`` matrix, so one product with the stacked B serves every pair. The down projection's LoRA is
+  summed over a token's pairs before its B (linear), so that product runs once per token.
 
 Cost per layer, beside the frozen FFN (which costs what the base model's does): P intermediate
 activations of width I (memory ``k x`` the base FFN's for top-k), and LoRA products of
-``P * E * r * (d + I)`` multiply-adds for gate/up/down — E times the minimum ``P * r * (d + I)``
-because of the zero blocks, small while ``E * r`` is much smaller than d (8 x 8 = 64 here).
+``N E r (2d + I) + P E r (2I)`` multiply-adds for gate/up/down (the B products over the zero blocks
+cost E times the minimum), small while ``E * r`` is much smaller than d (8 x 8 = 64 here).
 
 A fresh block equals the base FFN exactly when the gates of each token sum to 1 (softmax, top-k):
 every ``B`` is zero, so every expert is the frozen FFN.
@@ -41,9 +43,20 @@ from torch import Tensor, nn
 from mole.adapters.lora import check_lora_args
 from mole.adapters.parallel import hidden_size_of
 from mole.model.blocks import BlockExperts
+from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def max_active(router: nn.Module, num_experts: int) -> int:
+    """How many experts ``router`` can give a non-zero gate per token: its top-k, else all ``num_experts``."""
+    from mole.routers.mor import MoRRouter
+    from mole.routers.topk import TopKRouter
+
+    if isinstance(router, TopKRouter) or (isinstance(router, MoRRouter) and router.select == "topk"):
+        return int(router.top_k)
+    return num_experts
 
 
 class FFNLoRAExperts(BlockExperts):
@@ -86,7 +99,7 @@ class FFNLoRAExperts(BlockExperts):
         d, inter, er = hidden_size, intermediate_size, num_experts * rank
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
         self.in_features, self.intermediate_size = d, inter
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.gate_A = nn.Parameter(torch.empty(er, d))  # (E*r, d)
         self.gate_B = nn.Parameter(torch.zeros(inter, er))  # (I, E*r)
         self.up_A = nn.Parameter(torch.empty(er, d))
@@ -107,15 +120,23 @@ class FFNLoRAExperts(BlockExperts):
             )
         layer.mlp = MixLoRAFFN(mlp, self)
 
-    def _pair_lora(self, h: Tensor, A: Tensor, B: Tensor, onehot: Tensor, weight: Tensor | None) -> Tensor:
-        """``s B_e A_e h_p`` for every pair p with expert e = its one-hot row: ``h (P, d_in) -> (P, d_out)``."""
-        p = h.shape[0]
-        a = F.linear(h, A).view(p, self.num_experts, self.rank) * onehot.unsqueeze(-1)  # (P, E, r), other blocks 0
-        scale = self.scaling if weight is None else (weight * self.scaling).unsqueeze(-1).unsqueeze(-1)
-        return F.linear((a * scale).view(p, -1), B)
+    def active_per_token(self) -> int:
+        """The most experts a token can use: the own top-k router's k, else every expert (E).
+
+        Only an upper bound on the non-zero gates per row: the pairs of :meth:`mix` are the ``k`` largest
+        gates of each token, and a chosen pair with a zero gate contributes exactly zero.
+        """
+        if self.gate_source is None and self.router is not None:
+            return max_active(self.router, self.num_experts)
+        return self.num_experts
 
     def mix(self, x: Tensor, gate_out: Tensor, up_out: Tensor, gates: Tensor | None, act) -> tuple[Tensor, Tensor, Tensor]:
-        """The experts of the selected (token, expert) pairs, mixed.
+        """The experts of the selected (token, expert) pairs, mixed; no host synchronisation.
+
+        Each token takes its ``k`` largest gates (:meth:`active_per_token`: the router's top-k, so the
+        pairs are exactly the selected ones; ``k = E`` for routers whose count varies, where the unused
+        pairs have gate 0 and add exactly 0). Shapes are static (``P = N k`` pairs), so nothing waits for
+        the device to say how many pairs there are.
 
         Args:
             x: ``(N, d)`` the block's input.
@@ -127,24 +148,31 @@ class FFNLoRAExperts(BlockExperts):
             ``(h_mix (N, I), lora_down (N, d), gate_sum (N,))``: ``sum_i g_i h_i``, ``sum_i g_i s B^d_i A^d_i h_i``
             and ``sum_i g_i``.
         """
-        n = x.shape[0]
+        n, e, r = x.shape[0], self.num_experts, self.rank
         if gates is None:
-            tok = torch.arange(n, device=x.device)
-            exp = torch.zeros(n, dtype=torch.long, device=x.device)
-            w = x.new_ones(n)
-            gate_sum = w
+            w = x.new_ones(n, 1)  # (N, 1)
+            exp = torch.zeros(n, 1, dtype=torch.long, device=x.device)
+            gate_sum = x.new_ones(n)
         else:
-            tok, exp = gates.nonzero(as_tuple=True)  # (P,), (P,): the selected pairs
-            w = gates[tok, exp].to(x.dtype)  # (P,)
-            gate_sum = gates.to(x.dtype).sum(dim=-1)
-        onehot = F.one_hot(exp, self.num_experts).to(x.dtype)  # (P, E)
-        xd = self.dropout(x)[tok]  # (P, d)
-        g = gate_out[tok] + self._pair_lora(xd, self.gate_A, self.gate_B, onehot, None)  # (P, I)
-        u = up_out[tok] + self._pair_lora(xd, self.up_A, self.up_B, onehot, None)  # (P, I)
-        h = act(g) * u  # (P, I): expert e_p's hidden activation for token t_p
-        h_mix = x.new_zeros(n, self.intermediate_size).index_add(0, tok, h * w.unsqueeze(-1))  # (N, I)
-        down = self._pair_lora(self.dropout(h), self.down_A, self.down_B, onehot, w)  # (P, d), weighted by g
-        lora_down = x.new_zeros(n, self.in_features).index_add(0, tok, down)  # (N, d)
+            k = min(self.active_per_token(), e)
+            w, exp = gates.to(x.dtype).topk(k, dim=-1)  # (N, k), (N, k): each token's chosen experts
+            gate_sum = gates.to(x.dtype).sum(dim=-1)  # (N,)
+        k = exp.shape[1]
+        arange = torch.arange(e, device=x.device)
+        onehot = (exp.unsqueeze(-1) == arange).to(x.dtype).unsqueeze(-1)  # (N, k, E, 1): pair j of a token -> its expert block
+        xd = self.dropout(x)
+        # gate/up LoRA: A for every expert once per token, then each pair keeps its expert's block of r columns
+        a = torch.cat([F.linear(xd, self.gate_A), F.linear(xd, self.up_A)], dim=-1)  # (N, 2*E*r)
+        a = a.view(n, 1, 2, e, r)
+        blocks = a * onehot.unsqueeze(2)  # (N, k, 2, E, r), zero outside the pair's expert
+        g = gate_out.unsqueeze(1) + F.linear(blocks[:, :, 0].reshape(n, k, e * r), self.gate_B) * self.scaling  # (N, k, I)
+        u = up_out.unsqueeze(1) + F.linear(blocks[:, :, 1].reshape(n, k, e * r), self.up_B) * self.scaling  # (N, k, I)
+        h = act(g) * u  # (N, k, I): expert e_(t,j)'s hidden activation for token t
+        wk = w.unsqueeze(-1)  # (N, k, 1)
+        h_mix = (h * wk).sum(dim=1)  # (N, I)
+        # down LoRA, summed over a token's pairs before B: sum_j w_j s B_e A_e h_j = B_all (sum_j w_j s onehot_j A_all h_j)
+        ad = F.linear(self.dropout(h), self.down_A).view(n, k, e, r) * onehot * (wk.unsqueeze(-1) * self.scaling)
+        lora_down = F.linear(ad.sum(dim=1).reshape(n, e * r), self.down_B)  # (N, d)
         return h_mix, lora_down, gate_sum
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mole.adapters.lora import check_lora_args
+from mole.utils.dropout import ExpertDropout
 
 
 class HydraLoRAExperts(nn.Module):
@@ -52,7 +53,7 @@ class HydraLoRAExperts(nn.Module):
         check_lora_args(num_experts, rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))  # shared A
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # [B_1 ... B_E]
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA's reference initialisation

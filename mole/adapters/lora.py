@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 
@@ -68,7 +69,7 @@ class LoRAExperts(nn.Module):
         check_lora_args(num_experts, rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(num_experts * rank, in_features))  # A_all
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # B_all
         # Initialise as the LoRA reference (microsoft/LoRA loralib, and peft): kaiming_uniform_(a=sqrt(5))
@@ -119,4 +120,27 @@ def reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = No
         if gates is not None and not bool(g_i.any()):
             continue
         out = out + g_i[:, None] * experts.scaling * F.linear(F.linear(xd, a_i), b_i)
+    return out
+
+
+def gather_reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
+    """The per-expert *gather* loop of published sparse MoLE code (MoLA, Mixtral-style), for benchmarks.
+
+    For each expert: gather the tokens routed to it (non-zero gate), compute its LoRA on them only and
+    scatter-add the gated result back. Mathematically identical to :meth:`LoRAExperts.forward`; it syncs
+    with the host once per expert (the size of each expert's token set).
+    """
+    if gates is None:
+        return reference_forward(experts, x, gates)
+    xd = experts.dropout(x)
+    r = experts.rank
+    out = x.new_zeros(x.shape[0], experts.out_features)
+    for i in range(experts.num_experts):
+        tok = gates[:, i].nonzero(as_tuple=True)[0]  # (n_i,): the tokens routed to expert i
+        if tok.numel() == 0:
+            continue
+        a_i = experts.lora_A[i * r : (i + 1) * r]  # (r, d_in)
+        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
+        y = F.linear(F.linear(xd[tok], a_i), b_i)  # (n_i, d_out)
+        out = out.index_add(0, tok, y * (gates[tok, i].to(x.dtype) * experts.scaling).unsqueeze(-1))
     return out

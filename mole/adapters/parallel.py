@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mole.model.blocks import POSITIONS, BlockExperts, block_of
+from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -94,7 +95,7 @@ class ParallelAdapterExperts(BlockExperts):
         self.num_experts, self.bottleneck, self.scaling = num_experts, bottleneck, float(scaling)
         self.in_features = self.out_features = d
         self.act = ACTIVATIONS[activation]
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.down = nn.Parameter(torch.empty(num_experts * bottleneck, d))  # W_down_all (E*b, d)
         self.up = nn.Parameter(torch.zeros(d, num_experts * bottleneck))  # W_up_all (d, E*b), zero-init
         self.down_bias = nn.Parameter(torch.zeros(num_experts * bottleneck)) if bias else None

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from mole.routers.base import BalanceStats, RouterOutput, real_rows
+from mole.routers.base import BalanceStats, RouterOutput
 from mole.utils.errors import MoleConfigError
 
 
@@ -26,18 +26,22 @@ def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tenso
         stats: the routing decision (probabilities ``(N, M)``, chosen set ``(N, M)``, k).
         token_mask: ``(N,)`` bool, the real (non-padding) tokens; ``None`` counts every row.
     """
-    probs = real_rows(stats.probs, stats.level, token_mask)
-    selected = real_rows(stats.selected, stats.level, token_mask)
-    n, m = probs.shape
-    if n == 0:
-        return probs.sum() * 0.0
-    counts = selected.float().sum(dim=0)  # (M,) slots per choice
+    probs = stats.probs.float()  # (N, M)
+    m = probs.shape[-1]
+    # padding rows weigh 0 (masked sums instead of boolean indexing: no host synchronisation)
+    if stats.level == "token" and token_mask is not None:
+        w = token_mask.to(device=probs.device, dtype=probs.dtype).unsqueeze(-1)  # (N, 1)
+        n = w.sum()  # real rows, a tensor
+    else:
+        w, n = None, probs.new_tensor(float(probs.shape[0]))
+    sel = stats.selected.to(probs.dtype)
+    counts = (sel if w is None else sel * w).sum(dim=0)  # (M,) slots per choice
     if stats.k is None:
         # a variable number of slots per token: F_i is the fraction of all slots taken (0 if none were)
         frac = counts / counts.sum().clamp_min(1.0)  # (M,) F_i, eq. 18
     else:
-        frac = counts / (stats.k * n)  # (M,) F_i, eq. 18
-    mean_prob = probs.mean(dim=0)  # (M,) P_i, eq. 19
+        frac = counts / (stats.k * n).clamp_min(1.0)  # (M,) F_i, eq. 18 (no real row: counts are 0)
+    mean_prob = (probs if w is None else probs * w).sum(dim=0) / n.clamp_min(1.0)  # (M,) P_i, eq. 19
     return m * (frac * mean_prob).sum()
 
 

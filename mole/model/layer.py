@@ -12,7 +12,7 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
-from mole.routers.base import Router, RouterOutput, run_router
+from mole.routers.base import Router, RouterOutput, param_dtype, run_router
 
 
 class GateSource(Protocol):
@@ -57,7 +57,7 @@ class MoLELinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., d_out)
         # (N, d_in), N = tokens in the batch; in the adapters' dtype (fp32 adapters on a bf16 base)
-        flat = x.reshape(-1, self.in_features).to(next(self.mole_experts.parameters()).dtype)
+        flat = x.reshape(-1, self.in_features).to(param_dtype(self.mole_experts))
         gates = None
         if self.mole_router is not None:
             gates = run_router(self.mole_router, flat, self.routing_sink).gates  # (N, E), fp32

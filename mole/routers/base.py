@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 
@@ -89,12 +90,34 @@ def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = N
     autocast, on its input cast to its own dtype (fp32 by default), so gates and probabilities are fp32
     whatever the activations' precision. Every router placement routes through here.
     """
-    weight = next(router.parameters(), None)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        out = router(x if weight is None else x.to(weight.dtype))
+    dtype = param_dtype(router)
+    x = x if dtype is None else x.to(dtype)
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        with torch.autocast(device_type=kind, enabled=False):
+            out = router(x)
+    else:  # no autocast to leave: skip the context manager (one per routed Linear per forward)
+        out = router(x)
     if sink is not None:
         sink.append(out)
     return out
+
+
+# attributes holding a module's first parameter, looked up before the generic (slower) parameters() walk
+_DTYPE_ATTRS = ("lora_A", "gate", "sub_routers", "token_gate", "task_gate")
+
+
+def param_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s parameters (``None`` without any), cheaply: called on every forward."""
+    for name in _DTYPE_ATTRS:
+        found = module._parameters.get(name)
+        if found is None:
+            sub = module._modules.get(name)
+            found = None if sub is None else sub._parameters.get("weight")
+        if found is not None:
+            return found.dtype
+    p = next(module.parameters(), None)
+    return None if p is None else p.dtype
 
 
 class LinearGate(nn.Module):
@@ -112,7 +135,7 @@ class LinearGate(nn.Module):
     def __init__(self, in_features: int, num_experts: int, dropout: float = 0.0):
         super().__init__()
         self.num_experts = num_experts
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.gate = nn.Linear(in_features, num_experts, bias=False)
 
     def logits(self, x: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from mole.model.context import RoutingContext, install_context
 from mole.routers.base import BalanceStats, GateDist, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 TASK_ENCODER_ATTR = "mole_task_encoder"
@@ -111,15 +112,45 @@ class TaskEncoder(nn.Module):
             ``(B, d)``: the encoder's output at ``e_task``'s position.
         """
         prompt = prompt.bool()
-        cols = prompt.any(dim=0).nonzero()
-        width = int(cols.max()) + 1 if cols.numel() else 0  # the prompts' span; the rest is never read
-        ids, prompt = input_ids[:, :width], prompt[:, :width]
-        emb = self._embedding(ids).to(self.e_task.dtype)  # (B, T', d), frozen
-        b = ids.shape[0]
-        seq = torch.cat([emb, self.e_task.expand(b, 1, -1)], dim=1)  # (B, T'+1, d): Embed(T^in) : e_task
-        ignore = torch.cat([~prompt, prompt.new_zeros(b, 1)], dim=1)  # (B, T'+1), True = not attended
-        out = self.layer(seq, src_key_padding_mask=ignore)  # (B, T'+1, d)
-        return out[:, -1]  # (B, d)
+        emb = self._embedding(input_ids).to(self.e_task.dtype)  # (B, T, d), frozen
+        b = input_ids.shape[0]
+        seq = torch.cat([emb, self.e_task.expand(b, 1, -1)], dim=1)  # (B, T+1, d): Embed(T^in) : e_task
+        ignore = torch.cat([~prompt, prompt.new_zeros(b, 1)], dim=1)  # (B, T+1), True = not attended
+        return self._last_position(seq, ignore)  # (B, d)
+
+    def _last_position(self, seq: Tensor, ignore: Tensor) -> Tensor:
+        """``self.layer(seq, src_key_padding_mask=ignore)[:, -1]``, computing only that position.
+
+        A position's output in a Transformer encoder layer depends on its own query and on every
+        attended key and value, so ``e_task``'s output needs the keys/values of all positions but the
+        query, attention output, residuals, norms and FFN of ``e_task`` alone: the other positions'
+        (discarded) outputs are never computed. Same parameters and the same operations as
+        ``nn.TransformerEncoderLayer`` (post-norm by default, pre-norm if ``norm_first``); no host
+        synchronisation (the prompt's span is not trimmed: masked keys weigh exactly 0).
+
+        Args:
+            seq: ``(B, T+1, d)``, ``e_task`` last.
+            ignore: ``(B, T+1)`` bool, True for keys that are not attended.
+
+        Returns:
+            ``(B, d)``.
+        """
+        layer = self.layer
+        q = seq[:, -1:]  # (B, 1, d)
+
+        def ffn(z: Tensor) -> Tensor:
+            return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(z)))))
+
+        if layer.norm_first:
+            kv = layer.norm1(seq)
+            att = layer.self_attn(kv[:, -1:], kv, kv, key_padding_mask=ignore, need_weights=False)[0]
+            z = q + layer.dropout1(att)
+            z = z + ffn(layer.norm2(z))
+        else:
+            att = layer.self_attn(q, seq, seq, key_padding_mask=ignore, need_weights=False)[0]  # (B, 1, d)
+            z = layer.norm1(q + layer.dropout1(att))
+            z = layer.norm2(z + ffn(z))
+        return z[:, 0]
 
     def representation(self) -> Tensor:
         """This forward's ``H_task`` ``(B, d)``: computed once, then served from the context's cache."""
@@ -236,7 +267,7 @@ class HybridRouter(nn.Module):
         self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
         self.layer_idx = layer_idx
         self.alpha = layer_alpha(layer_idx, num_layers, eps, mu)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         use_token, use_task = self.alpha <= beta_high, self.alpha >= beta_low
         self.token_gate = nn.Linear(in_features, num_experts, bias=False) if use_token else None
         self.task_gate = None

@@ -30,12 +30,14 @@ Decisions where the paper is silent, marked NOTE(deviation) below:
   sub-routers. When it keeps all of them, ``F`` would be uniform and the loss a constant with no
   gradient, so ``F`` then counts each token's top-1 sub-router (Fedus et al.'s original top-1 form).
 * The sub-routers are computed as one stacked Linear ``d_in -> n_routers * E``: the same parameters and
-  initialisation distribution as ``n_routers`` separate Linears, in one matrix product.
+  initialisation distribution as ``n_routers`` separate Linears, in one matrix product; the main router's
+  weight is concatenated to it in the forward, so MoR costs one router product like a single router.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mole.routers.base import BalanceStats, RouterOutput, check_renorm, check_top_k, keep_top_k
@@ -47,6 +49,7 @@ from mole.routers.select import (
     dynamic_select,
     keep_top_p,
 )
+from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 SELECTS = ("topk", "soft", "topp", "dynamic")
@@ -119,7 +122,7 @@ class MoRRouter(nn.Module):
         self.num_experts, self.n_routers = num_experts, n_routers
         self.top_k, self.renorm, self.main_top_k = top_k, renorm, main_top_k
         self.expert_balance, self.equal_weights = expert_balance, equal_weights
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         # all sub-routers in one matmul: (d_in) -> (n_routers * E)
         self.sub_routers = nn.Linear(in_features, n_routers * num_experts, bias=False)
         self.main_router = None if equal_weights else nn.Linear(in_features, n_routers, bias=False)
@@ -127,14 +130,20 @@ class MoRRouter(nn.Module):
     def forward(self, x: Tensor) -> RouterOutput:
         n, R, E = x.shape[0], self.n_routers, self.num_experts
         x = self.dropout(x)
+        if self.main_router is None:
+            sub_logits = self.sub_routers(x)  # (N, R*E)
+        else:
+            # the sub-routers and the main router read the same x: one matrix product for both
+            fused = torch.cat([self.sub_routers.weight, self.main_router.weight])  # (R*E + R, d_in)
+            sub_logits, main_logits = F.linear(x, fused).split([R * E, R], dim=-1)  # (N, R*E), (N, R)
         # each sub-router's own distribution over experts
-        sub_probs = torch.softmax(self.sub_routers(x).float().view(n, R, E), dim=-1)  # (N, R, E)
+        sub_probs = torch.softmax(sub_logits.float().view(n, R, E), dim=-1)  # (N, R, E)
         balance: list[BalanceStats] = []
         if self.equal_weights:
             # CRW, eq. 7: F' = sum_j (1/R) r^j
             scores = sub_probs.mean(dim=1)  # (N, E)
         else:
-            main_probs = torch.softmax(self.main_router(x).float(), dim=-1)  # (N, R), eq. 5
+            main_probs = torch.softmax(main_logits.float(), dim=-1)  # (N, R), eq. 5
             if self.main_top_k is None or self.main_top_k == R:
                 weights = main_probs  # eq. 6 over all sub-routers (their weights already sum to 1)
                 # NOTE(deviation): top-1 slot for the balance loss, see the module docstring

@@ -1,0 +1,532 @@
+#!/usr/bin/env python
+"""Training-step speed of every MoLE method against a ``peft`` LoRA r=8 step on the same model.
+
+    make bench ARGS=--quick                # CPU, small Llama, < 5 min on 2 cores
+    python scripts/bench.py --threads 1    # single-threaded (steadier on a shared machine)
+    python scripts/bench.py --device cuda  # GPU: 1B-class Llama shape, bf16 autocast, torch.compile, CUDA events
+
+What it does (README "Speed"):
+
+* builds ONE random base model (CPU: a small Llama from ``conf/model/tiny_llama.yaml`` widened; GPU: the
+  shape of ``conf/model/llama3_2_1b.yaml``, random weights, bf16), and makes each variant from a copy of
+  it (the module tree copied, the frozen weights shared) through mole's own config composition and :func:`mole.pipeline.inject_from_config` — the
+  presets of ``conf/method/`` exactly as ``mole-train method=...`` builds them, aux losses included;
+* times full training steps (forward, LM loss + auxiliary routing losses, backward, AdamW step)
+  round-robin — every round runs one step of every variant, in a shuffled order — after warm-up, and
+  reports the median over rounds of the per-round ratio ``t(variant) / t(peft LoRA r=8)``, so slow drifts
+  of a shared machine cancel out;
+* the per-expert Python-loop references (``loop_soft``: every expert over every token;
+  ``loop_topk``: each expert over the tokens routed to it, gathered, as published MoLE code does) are the
+  soft / top-2 MoLE models with their experts' forward swapped for the loop;
+* peak memory per variant: on CUDA ``torch.cuda.max_memory_allocated`` over one step; on the CPU an
+  account of one step: parameters and buffers + gradients and two AdamW moments of the trainable
+  parameters + every tensor autograd saves for backward (unique storages, parameters excluded);
+* ``mole-eval`` log-likelihood throughput (:func:`mole.eval.harness.evaluate_model`, what ``mole-eval``
+  and ``mole-train`` call) against plain lm-eval (``HFLM`` + ``simple_evaluate``) on the bare base model,
+  same shipped fixture tasks, alternating runs.
+
+Writes ``<out>/latest.json`` and ``<out>/latest.md`` (default ``outputs/bench/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mole.config import compose_config  # noqa: E402
+
+BASELINE = "peft_lora_r8"
+E8 = ["experts=uniform_8"]
+# name -> command-line overrides (on top of the model overrides); None marks the peft baseline
+VARIANTS: dict[str, list[str] | None] = {
+    BASELINE: None,
+    "lora_r8": ["method=lora"],
+    "lora_r64": ["method=lora", "adapter.rank=64", "adapter.alpha=128"],
+    "soft_e8": ["method=lora", *E8, "router=soft", "loss=none"],
+    "topk_e8": ["method=lora", *E8, "router=topk", "loss=[balance]"],
+    "mola": ["method=mola"],
+    "mola_mor": ["method=mola_mor"],
+    "hmora": ["method=hmora"],
+    "hmora_lw": ["method=hmora_lw"],
+    "dynmole": ["method=dynmole"],
+    "moa_soft": ["method=moa_soft"],
+    "moa_sparse": ["method=moa_sparse"],
+    "hydralora": ["method=hydralora"],
+    "mixlora": ["method=mixlora"],
+    "loop_soft": ["method=lora", *E8, "router=soft", "loss=none"],
+    "loop_topk": ["method=lora", *E8, "router=topk", "loss=[balance]"],
+}
+LOOPS = {"loop_soft": "dense", "loop_topk": "gather"}  # which per-expert loop replaces the stacked forward
+RATIO_KEYS = [k for k in VARIANTS if k != BASELINE]
+
+# the targets of issue 5 (measured here, never asserted in tests)
+TARGETS = {
+    "soft_e8": 1.10,
+    "topk_e8": 1.10,
+    **{k: 1.15 for k in ("mola", "mola_mor", "hmora", "hmora_lw", "dynmole", "moa_soft", "moa_sparse", "hydralora")},
+}
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    model_overrides: list[str]
+    batch: int
+    seq: int
+    rounds: int
+    warmup: int
+    amp: torch.dtype | None  # autocast dtype (GPU: bf16)
+    compile: bool
+    eval_limit: int | None  # documents per task (None: every fixture document)
+    eval_repeats: int
+    clock: str = "wall"  # CPU: "cpu" (process CPU time, single-threaded) or "wall"
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    step: Callable[[dict], torch.Tensor]  # one full training step; returns the loss (not synced)
+    forward_loss: Callable[[dict], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    trainable: int = 0
+    times: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# setup
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        # the shape of Llama-3.2-1B, random weights (no download), bf16 base + fp32 adapters under bf16 autocast
+        model = ["model=llama3_2_1b", "model.source=config", "model.dtype=bfloat16"]
+        batch, seq = (4, 512) if args.quick else (8, 1024)
+        amp, comp = torch.bfloat16, not args.no_compile
+    else:
+        # a small Llama: the width of SmolLM2-135M (mole's default model: hidden 576, FFN 1536, 9 heads, 3 KV
+        # heads), 4 of its 30 layers, tiny_llama's byte vocabulary, random weights
+        model = ["model=tiny_llama", "model.hidden_size=576", "model.num_layers=4", "model.config.intermediate_size=1536",
+                 "model.config.num_attention_heads=9", "model.config.num_key_value_heads=3"]
+        batch, seq = (2, 128) if args.quick else (4, 256)
+        amp, comp = None, args.compile
+    rounds = args.rounds or (7 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    if clock == "cpu" and torch.get_num_threads() != 1:
+        raise SystemExit("bench.py: --clock cpu needs --threads 1 (CPU time of several threads is not a step's time)")
+    return Setup(device, model + list(args.model_override or []), args.batch or batch, args.seq or seq,
+                 rounds, warmup, amp, comp, eval_limit=8 if args.quick else None, eval_repeats=3 if args.quick else 7,
+                 clock=clock if device.type == "cpu" else "cuda-events")
+
+
+def compose(setup: Setup, overrides: list[str]):
+    return compose_config([*setup.model_overrides, "eval=none", *overrides])
+
+
+def make_batch(setup: Setup, vocab: int, seed: int = 0) -> dict:
+    """A fixed batch: random tokens, the first third of each row prompt (label -100), a little padding."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = setup.batch, setup.seq
+    ids = torch.randint(3, min(vocab, 250), (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    for i in range(b):  # right padding: row i loses i * t/16 tokens
+        pad = i * t // 16
+        if pad:
+            mask[i, t - pad:] = 0
+    labels = ids.clone()
+    labels[:, : t // 3] = -100
+    labels[mask == 0] = -100
+    return {k: v.to(setup.device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+
+
+def swap_in_loops(model: nn.Module, kind: str) -> int:
+    """Replace every stacked LoRA expert set's forward by a per-expert Python loop; returns how many."""
+    from mole.adapters.lora import LoRAExperts, gather_reference_forward, reference_forward
+
+    fn = reference_forward if kind == "dense" else gather_reference_forward
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoRAExperts) and m.num_experts > 1:
+            m.forward = types.MethodType(fn, m)
+            n += 1
+    return n
+
+
+def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Variant:
+    from mole.losses.lm import lm_loss
+    from mole.pipeline import build_aux_losses, inject_from_config
+    from mole.training.args import TrainArgs
+    from mole.training.loop import loss_step
+    from mole.training.optim import build_optimizer
+
+    # a copy of the module tree that shares the frozen base weights (every variant freezes them; on a GPU,
+    # 17 copies of a 1B model's weights would not fit beside each other)
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    model = copy.deepcopy(base, memo=shared)
+    torch.manual_seed(0)
+    overrides = VARIANTS[name]
+    if overrides is None:  # peft LoRA r=8 on all 7 linears, as mole's `method=lora` (alpha 16, dropout 0.05)
+        from peft import LoraConfig, get_peft_model
+
+        cfg = compose(setup, ["method=lora"])
+        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=float(cfg.adapter.dropout), bias="none",
+                          target_modules=list(cfg.experts.targets), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        model.to(setup.device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def forward_loss(batch: dict) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return lm_loss(logits, batch["labels"])
+    else:
+        cfg = compose(setup, overrides)
+        inject_from_config(model, cfg, tokenizer)
+        if name in LOOPS and not swap_in_loops(model, LOOPS[name]):
+            raise RuntimeError(f"{name}: no multi-expert LoRA layer to swap")
+        model.to(setup.device)
+        aux = build_aux_losses(cfg)
+        targs = TrainArgs.from_config(cfg.trainer)
+        targs.lr = 1e-4  # tiny steps: the weights stay finite over the whole benchmark
+        opt = build_optimizer(model, targs)
+
+        def forward_loss(batch: dict) -> torch.Tensor:
+            loss, _ = loss_step(model, batch, aux)
+            return loss
+
+    model.train()
+    fwd = forward_loss
+    if setup.compile:
+        # compile the model's forward; the step around it (loss, backward, optimizer) stays eager
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.forward = torch.compile(inner.forward, dynamic=False)
+
+    def step(batch: dict) -> torch.Tensor:
+        with torch.autocast(setup.device.type, dtype=setup.amp or torch.bfloat16, enabled=setup.amp is not None):
+            loss = fwd(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Variant(name, model, step, forward_loss, opt, trainable)
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurement
+
+
+class Timer:
+    """Time of one call: CUDA events (synchronised after) on a GPU; on the CPU the process's CPU time
+    (``clock="cpu"``, single-threaded runs: what other processes on a shared machine take is not counted)
+    or wall time (``perf_counter``)."""
+
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        self.cuda = device.type == "cuda"
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = self.now()
+        fn()
+        return self.now() - t0
+
+
+def peak_memory_mb(v: Variant, batch: dict, setup: Setup) -> float:
+    """Peak memory of one training step of ``v`` (see the module docstring for the CPU account)."""
+    if setup.device.type == "cuda":
+        v.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        v.step(batch)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before + _model_bytes(v)) / 2**20
+    param_ptrs = {p.untyped_storage().data_ptr() for p in v.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or meta tensors: nothing to count
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in param_ptrs:
+            saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(setup.device.type, dtype=setup.amp or torch.bfloat16, enabled=setup.amp is not None):
+            loss = v.forward_loss(batch)
+    loss.backward()
+    v.optimizer.zero_grad(set_to_none=True)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in v.model.parameters() if p.requires_grad)
+    return (_model_bytes(v) + 3 * trainable_bytes + sum(saved.values())) / 2**20
+
+
+def _model_bytes(v: Variant) -> int:
+    seen, total = set(), 0
+    for t in [*v.model.parameters(), *v.model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def time_variants(variants: list[Variant], batch: dict, setup: Setup, log) -> None:
+    timer = Timer(setup.device, setup.clock)
+    for v in variants:  # warm-up (and compilation)
+        for _ in range(setup.warmup):
+            loss = v.step(batch)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{v.name}: non-finite loss during warm-up")
+    rng = random.Random(0)
+    for r in range(setup.rounds):
+        order = list(variants)
+        rng.shuffle(order)  # no variant always runs right after another
+        for v in order:
+            v.times.append(timer(lambda v=v: v.step(batch)))
+        base = next(v for v in variants if v.name == BASELINE).times[-1]
+        log(f"  round {r + 1}/{setup.rounds}: baseline {base * 1000:.1f} ms")
+
+
+def eval_throughput(setup: Setup, base: nn.Module, tokenizer, out_dir: Path, log) -> dict:
+    """Seconds per run of the same log-likelihood requests: mole's harness vs plain lm-eval, alternating."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from mole.eval.harness import RENDERED_TASKS_SUBDIR, evaluate_model, render_shipped_tasks
+
+    tasks = ["mole_mc", "mole_yesno"]
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-", dir=out_dir))
+    rendered = render_shipped_tasks(work / "lm" / RENDERED_TASKS_SUBDIR)
+    base.eval()
+
+    def run_mole() -> dict:
+        return evaluate_model(base, tokenizer, tasks, output_dir=work / "mole", batch_size=8, limit=setup.eval_limit)
+
+    def run_lm_eval() -> dict:
+        lm = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=8)
+        manager = TaskManager(include_path=[str(rendered)], include_defaults=False)
+        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=setup.eval_limit, log_samples=False)
+
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("lm_eval", "mole.eval.harness", "lm-eval")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        run_mole(), run_lm_eval()  # warm-up: imports, tokenizer caches
+        ratios, t_mole, t_lm = [], [], []
+        for i in range(setup.eval_repeats):
+            pair = [("mole", run_mole), ("lm", run_lm_eval)]
+            if i % 2:
+                pair.reverse()
+            got = {}
+            for key, fn in pair:
+                t0 = time.perf_counter()
+                res = fn()
+                got[key] = time.perf_counter() - t0
+                n = sum(v["effective"] for v in res["n-samples"].values())
+            t_mole.append(got["mole"])
+            t_lm.append(got["lm"])
+            ratios.append(got["lm"] / got["mole"])  # throughput ratio = inverse time ratio
+            log(f"  eval {i + 1}/{setup.eval_repeats}: mole {got['mole']:.2f} s, lm-eval {got['lm']:.2f} s")
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+    return {"ratio": statistics.median(ratios), "mole_eval_s": statistics.median(t_mole),
+            "lm_eval_s": statistics.median(t_lm), "documents": n, "limit": setup.eval_limit}
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def markdown(result: dict) -> str:
+    ratios, mem, ms = result["ratios_vs_peft_lora_r8"], result["peak_memory_mb"], result["step_ms_median"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Device: {result['device']}; model: {result['model']}; batch {result['batch']} x {result['seq']} tokens; "
+        f"{result['rounds']} rounds after {result['warmup']} warm-up steps; threads {result['threads']}; "
+        f"compile {result['compile']}; clock {result['clock']}; load average before the run {result['loadavg']}.",
+        "",
+        "| variant | step ms (median) | ratio vs peft LoRA r=8 (median of paired rounds) | target | trainable params | peak memory MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines.append(f"| peft LoRA r=8 | {ms[BASELINE]:.1f} | 1.000 | | {result['trainable'][BASELINE]:,} | {mem[BASELINE]:.0f} |")
+    for k in RATIO_KEYS:
+        if k not in ratios:
+            continue
+        tgt = TARGETS.get(k)
+        mark = "" if tgt is None else (f"<= {tgt:.2f} " + ("met" if ratios[k] <= tgt else "**missed**"))
+        lines.append(f"| {k} | {ms[k]:.1f} | {ratios[k]:.3f} | {mark} | {result['trainable'][k]:,} | {mem[k]:.0f} |")
+    d = result.get("derived", {})
+    if d:
+        lines += ["", "| derived | value | target |", "|---|---:|---:|"]
+        for key, (val, tgt, sense) in d.items():
+            ok = val >= tgt if sense == ">=" else val <= tgt
+            lines.append(f"| {key} | {val:.3f} | {sense} {tgt} {'met' if ok else '**missed**'} |")
+    ev = result.get("eval_throughput_vs_lm_eval")
+    if ev is not None:
+        e = result["eval"]
+        lines += ["", f"mole-eval log-likelihood throughput vs lm-eval on the bare base model: **{ev:.3f}x** "
+                  f"(target >= 0.9; median of {result['eval_repeats']} alternating runs, {e['documents']} documents, "
+                  f"mole {e['mole_eval_s']:.2f} s, lm-eval {e['lm_eval_s']:.2f} s)."]
+    lines += ["", f"Peak memory: {result['memory_method']}"]
+    return "\n".join(lines) + "\n"
+
+
+def derived(times: dict[str, list[float]]) -> dict:
+    """Ratios between two variants, each the median over rounds of the paired per-round ratio."""
+    pairs = {
+        "mola_mor / mola": ("mola_mor", "mola", 1.02, "<="),
+        "loop_soft / soft_e8 (speed-up over the loop)": ("loop_soft", "soft_e8", 2.0, ">="),
+        "loop_topk / topk_e8 (speed-up over the loop)": ("loop_topk", "topk_e8", 1.25, ">="),
+    }
+    out = {}
+    for key, (a, b, target, sense) in pairs.items():
+        if a in times and b in times:
+            out[key] = (statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), target, sense)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds, smaller batch (CI: < 5 min on 2 cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1: single-threaded; the default with --quick on the CPU)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
+                   help="CPU timing: process CPU time (auto with --threads 1: robust on a shared machine) or wall time")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8 quick, 30 full)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--variants", default=None, help="comma-separated subset (the peft baseline is always run)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models on the CPU too")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile on a GPU")
+    p.add_argument("--no-eval", action="store_true", help="skip the mole-eval vs lm-eval throughput")
+    p.add_argument("--model-override", action="append", help="extra model.* override, e.g. model.num_layers=8")
+    p.add_argument("--out", default="outputs/bench", help="output directory")
+    args = p.parse_args(argv)
+    if args.threads is None and args.quick and args.device != "cuda":
+        args.threads = 1  # --quick on the CPU: single-threaded, timed by CPU time (steady on a shared CI runner)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = make_setup(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    names = list(VARIANTS) if not args.variants else [BASELINE, *[n for n in args.variants.split(",") if n and n != BASELINE]]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    from mole.model.base import build_model
+
+    cfg = compose(setup, ["method=lora"])
+    torch.manual_seed(0)
+    base, tokenizer = build_model(cfg.model, seed=0)
+    base.to(setup.device)
+    vocab = base.config.vocab_size
+    batch = make_batch(setup, vocab)
+    log(f"base model {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters on {setup.device}")
+
+    variants = []
+    for n in names:
+        variants.append(build_variant(n, setup, base, tokenizer))
+        log(f"built {n}: {variants[-1].trainable:,} trainable")
+    time_variants(variants, batch, setup, log)
+    for v in variants:
+        v.peak_mb = peak_memory_mb(v, batch, setup)
+    by = {v.name: v for v in variants}
+    base_t = by[BASELINE].times
+    ratios = {k: statistics.median(t / b for t, b in zip(by[k].times, base_t, strict=True)) for k in RATIO_KEYS if k in by}
+    result = {
+        "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(setup.device) + ("" if setup.device.type != "cuda" else f" ({torch.cuda.get_device_name()})"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": " ".join(setup.model_overrides),
+        "batch": setup.batch,
+        "seq": setup.seq,
+        "rounds": setup.rounds,
+        "warmup": setup.warmup,
+        "compile": setup.compile,
+        "clock": setup.clock,
+        "autocast": None if setup.amp is None else str(setup.amp),
+        "loadavg": loadavg,
+        "ratios_vs_peft_lora_r8": {k: round(v, 4) for k, v in ratios.items()},
+        "step_ms_median": {v.name: round(statistics.median(v.times) * 1000, 2) for v in variants},
+        "trainable": {v.name: v.trainable for v in variants},
+        "peak_memory_mb": {v.name: round(v.peak_mb, 1) for v in variants},
+        "memory_method": ("torch.cuda.max_memory_allocated over one step (plus the model)" if setup.device.type == "cuda" else
+                          "CPU account of one step: parameters + buffers, gradients and two AdamW moments of the "
+                          "trainable parameters, and the unique storages autograd saves for backward"),
+        "targets": TARGETS,
+        "derived": {k: [round(a, 4), b, c] for k, (a, b, c) in derived({v.name: v.times for v in variants}).items()},
+        "step_s_per_round": {v.name: [round(t, 5) for t in v.times] for v in variants},
+    }
+    if not args.no_eval:
+        ev = eval_throughput(setup, base, tokenizer, out, log)
+        result["eval_throughput_vs_lm_eval"] = round(ev["ratio"], 4)
+        result["eval"] = ev
+        result["eval_repeats"] = setup.eval_repeats
+    else:
+        result["eval_throughput_vs_lm_eval"] = None
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown({**result, "derived": {k: tuple(v) for k, v in result["derived"].items()}})
+    (out / "latest.md").write_text(md)
+    print(md)
+    log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
