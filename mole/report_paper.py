@@ -138,7 +138,7 @@ def expected_grid(config: dict | None) -> list[dict[str, str]]:
         return []
     keys = [_normalise_key(str(k)) for k in params]
     values = [_split_values(v) for v in params.values()]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
 def headline(values: Any, metric: str | None = None) -> float | None:

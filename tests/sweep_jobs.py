@@ -131,3 +131,15 @@ def assert_averages(paper: dict, tolerance: float) -> None:
             assert abs(mean - cells["Avg."]) <= tolerance, (label, mean, cells["Avg."])
             checked += 1
     assert checked, "no complete row to check"
+
+
+def compose_smoke(names: list[str], jobs_of: Callable[[str], list[list[str]]]) -> None:
+    """Compose ``jobs_of(name)`` of each sweep with ``debug=smoke``: tiny_llama, two steps, valid trainer keys."""
+    from mole.training.args import TrainArgs
+
+    with composer() as make:
+        for name in names:
+            for job in jobs_of(name):
+                cfg = make(name, job, smoke=True)
+                assert cfg.model.name == "tiny_llama" and cfg.trainer.max_steps == 2
+                TrainArgs.from_config(cfg.trainer)

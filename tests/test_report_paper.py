@@ -80,7 +80,7 @@ def test_mean_and_spread_over_seeds_and_task_columns(tmp_path):
     paper = {"rows_by": ["row"], "columns_by": "tasks", "mean_over": ["seed"], "scale": 100,
              "row_labels": {"row=t/hmora": "HMoRA"}, "column_labels": {"mmlu": "MMLU", "arc_e": "ARC-E"}}
     root = _sweep(tmp_path / "s", {"row": "t/hmora", "seed": "1,2,3"}, paper)
-    for seed, (m, a) in zip((1, 2, 3), ((0.40, 0.60), (0.50, 0.70), (0.60, 0.80))):
+    for seed, (m, a) in zip((1, 2, 3), ((0.40, 0.60), (0.50, 0.70), (0.60, 0.80)), strict=True):
         _job(root, ["row=t/hmora", f"seed={seed}"], _done({"arc_e": a, "mmlu": m}))
     _, csv_path, _ = write_report(root)
     (row,) = [r for r in _csv(csv_path) if r["source"] == "mole"]

@@ -127,7 +127,7 @@ def test_full_size_job_count_is_265():
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_job_has_hmoras_training_setup(name, composed):
     model, _, max_steps, every = SWEEPS[name]
-    for job, full, smoke in composed[name]:
+    for _job, full, smoke in composed[name]:
         # debug=smoke: the tiny model and 2 steps, whatever the sweep says
         assert smoke.model.name == "tiny_llama" and smoke.trainer.max_steps == 2 and smoke.trainer.lr == 2e-5
         t = full.trainer

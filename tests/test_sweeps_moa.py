@@ -15,6 +15,7 @@ import pytest
 from sweep_jobs import (
     all_jobs,
     check_paper_block,
+    compose_smoke,
     composer,
     config_exists,
     grid,
@@ -189,14 +190,6 @@ def test_the_cutoff_follows_the_data_set(name):
         assert make(name, [f"row={grid(name)['row'][0]}", "data=fixtures"]).data.cutoff_len == 256
 
 
-def _compose_smoke(jobs_of):
-    with composer() as make:
-        for name in SWEEPS:
-            for job in jobs_of(name):
-                cfg = make(name, job, smoke=True)
-                assert cfg.model.name == "tiny_llama" and cfg.trainer.max_steps == 2
-                TrainArgs.from_config(cfg.trainer)
-
 
 def test_every_job_composes_in_smoke_mode():
-    _compose_smoke(all_jobs)  # 41 jobs: all of them
+    compose_smoke(SWEEPS, all_jobs)  # 41 jobs: all of them

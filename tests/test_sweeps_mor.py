@@ -13,6 +13,7 @@ from sweep_jobs import (
     all_jobs,
     assert_averages,
     check_paper_block,
+    compose_smoke,
     composer,
     covering_jobs,
     grid,
@@ -148,19 +149,11 @@ def test_missing_stage1_directory_is_a_clear_error(tmp_path):
         init_from_run(None, cfg, cfg.trainer.init_from)  # refused before any model is touched
 
 
-def _compose_smoke(jobs_of):
-    with composer() as make:
-        for name in SWEEPS:
-            for job in jobs_of(name):
-                cfg = make(name, job, smoke=True)
-                assert cfg.model.name == "tiny_llama" and cfg.trainer.max_steps == 2
-                TrainArgs.from_config(cfg.trainer)
-
 
 def test_every_grid_value_composes_in_smoke_mode():
-    _compose_smoke(covering_jobs)
+    compose_smoke(SWEEPS, covering_jobs)
 
 
 @pytest.mark.slow
 def test_every_job_composes_in_smoke_mode():
-    _compose_smoke(all_jobs)
+    compose_smoke(SWEEPS, all_jobs)

@@ -25,7 +25,6 @@ code) and are averaged over processes; with them the two runs differ slightly.
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 import logging
 import os
