@@ -6,7 +6,8 @@ table, and what the paper reported:
 * ``rows_by`` — override keys whose job values make a row (``[method]``, ``[row]``, ``[router, loss.gamma_c]``);
   a key that varies in the grid but is named nowhere else is added to the rows, so no job is hidden.
 * ``columns_by`` — an override key (one column per value; the cell is the job's headline metric on the
-  benchmark of that name, or on its only benchmark) or ``tasks`` (one column per benchmark each job evaluated).
+  benchmark of that name, else the mean over the benchmarks the job evaluated, e.g. MoA's per-domain
+  averages) or ``tasks`` (one column per benchmark each job evaluated).
 * ``best_over`` — keys over which the best value is kept (MoR: "the highest value from the three experiments").
 * ``mean_over`` — keys over which values are averaged, shown as mean ± sample std (HMoRA: 5 seeds).
 * ``scale`` (ours × scale, e.g. 100 for percent), ``average`` (an ``Avg.`` column), ``extra_columns``
@@ -185,9 +186,11 @@ def _job_value(row: JobRow, column: str, layout: PaperLayout) -> float | None:
         return headline(results.get(column), layout.metric)
     if column in results:
         return headline(results[column], layout.metric)
-    if len(results) == 1:
-        return headline(next(iter(results.values())), layout.metric)
-    return None
+    # a job evaluated on several benchmarks (MoA: a domain's test sets): the mean of their headline metrics
+    values = [headline(v, layout.metric) for v in results.values()]
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.fmean(values)
 
 
 def _cell(jobs: list[tuple[dict[str, str], JobRow | None]], column: str, layout: PaperLayout) -> Cell:

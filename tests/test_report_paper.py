@@ -111,3 +111,13 @@ def test_grid_and_overrides_parsing():
     assert expected_grid({"hydra": {"sweeper": {"params": {"+row": "a,b", "seed": 1}}}}) == [
         {"row": "a", "seed": "1"}, {"row": "b", "seed": "1"}]
     assert overrides_dict(["+row=t/a", "trainer.lr=1e-4"]) == {"row": "t/a", "trainer.lr": "1e-4"}
+
+
+def test_a_column_over_several_benchmarks_is_their_mean(tmp_path):
+    """MoA Table 3: one job per domain, evaluated on the domain's test sets; the cell is their mean."""
+    paper = {"rows_by": ["row"], "columns_by": "data", "scale": 100, "column_labels": {"math14k": "Math"}}
+    root = _sweep(tmp_path / "s", {"row": "t/lora", "data": "math14k"}, paper)
+    _job(root, ["row=t/lora", "data=math14k"], _done({"gsm8k": 0.30, "svamp": 0.50, "aqua": 0.40}))
+    _, csv_path, _ = write_report(root)
+    (row,) = [r for r in _csv(csv_path) if r["source"] == "mole"]
+    assert float(row["Math"]) == pytest.approx(40.0)
