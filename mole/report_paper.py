@@ -80,8 +80,8 @@ class PaperLayout:
             raise MoleConfigError(f"{where}: paper.extra_columns {bad} unknown; choose from {sorted(EXTRA_COLUMNS)}")
         if not isinstance(out.columns_by, str) or not out.columns_by:
             raise MoleConfigError(f"{where}: paper.columns_by must be an override key or 'tasks', got {out.columns_by!r}")
-        out.row_labels = {str(k): str(v) for k, v in (out.row_labels or {}).items()}
-        out.column_labels = {str(k): str(v) for k, v in (out.column_labels or {}).items()}
+        out.row_labels = {canon_key(k): str(v) for k, v in (out.row_labels or {}).items()}
+        out.column_labels = {canon(k): str(v) for k, v in (out.column_labels or {}).items()}
         return out
 
 
@@ -111,13 +111,32 @@ def _normalise_key(key: str) -> str:
     return key.lstrip("+~")
 
 
+def canon(value: str) -> str:
+    """A grid value in one spelling: numbers by value (Hydra records ``1e-4`` as ``0.0001``), the rest as is."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() and "." not in text and "e" not in text.lower() else repr(number)
+
+
+def canon_key(key: str) -> str:
+    """``"k1=v1,k2=v2"`` with each value in :func:`canon`'s spelling."""
+    parts = []
+    for part in str(key).split(","):
+        k, sep, v = part.partition("=")
+        parts.append(f"{k.strip()}{sep}{canon(v)}" if sep else part.strip())
+    return ",".join(parts)
+
+
 def overrides_dict(overrides: list[str]) -> dict[str, str]:
     """``["method=lora", "+row=a/b"]`` -> ``{"method": "lora", "row": "a/b"}``."""
     out = {}
     for item in overrides:
         if "=" in item:
             key, value = item.split("=", 1)
-            out[_normalise_key(key.strip())] = value.strip()
+            out[_normalise_key(key.strip())] = canon(value)
     return out
 
 
@@ -138,7 +157,7 @@ def expected_grid(config: dict | None) -> list[dict[str, str]]:
     if not params:
         return []
     keys = [_normalise_key(str(k)) for k in params]
-    values = [_split_values(v) for v in params.values()]
+    values = [[canon(v) for v in _split_values(spec)] for spec in params.values()]
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 

@@ -110,7 +110,7 @@ def test_layout_errors_name_the_key(tmp_path):
 def test_grid_and_overrides_parsing():
     assert expected_grid({"hydra": {"sweeper": {"params": {"+row": "a,b", "seed": 1}}}}) == [
         {"row": "a", "seed": "1"}, {"row": "b", "seed": "1"}]
-    assert overrides_dict(["+row=t/a", "trainer.lr=1e-4"]) == {"row": "t/a", "trainer.lr": "1e-4"}
+    assert overrides_dict(["+row=t/a", "trainer.lr=1e-4", "seed=3"]) == {"row": "t/a", "trainer.lr": "0.0001", "seed": "3"}
 
 
 def test_a_column_over_several_benchmarks_is_their_mean(tmp_path):
@@ -121,3 +121,16 @@ def test_a_column_over_several_benchmarks_is_their_mean(tmp_path):
     _, csv_path, _ = write_report(root)
     (row,) = [r for r in _csv(csv_path) if r["source"] == "mole"]
     assert float(row["Math"]) == pytest.approx(40.0)
+
+
+def test_numbers_match_whatever_their_spelling(tmp_path):
+    """The grid says 1e-4, Hydra records 0.0001 in the job's overrides; labels may use either."""
+    paper = {"rows_by": ["loss.tsallis.weight"], "columns_by": "tasks", "scale": 100,
+             "row_labels": {"loss.tsallis.weight=0.0": "beta = 0", "loss.tsallis.weight=1e-4": "beta = 1e-4"}}
+    root = _sweep(tmp_path / "s", {"loss.tsallis.weight": "0.0,1e-4"}, paper)
+    _job(root, ["loss.tsallis.weight=0.0"], _done({"t": 0.25}))
+    _job(root, ["loss.tsallis.weight=0.0001"], _done({"t": 0.5}))
+    _, csv_path, _ = write_report(root)
+    rows = {r["row"]: r for r in _csv(csv_path)}
+    assert set(rows) == {"beta = 0", "beta = 1e-4"}
+    assert float(rows["beta = 1e-4"]["t"]) == pytest.approx(50.0) and rows["beta = 1e-4"]["t jobs"] == "1/1"
