@@ -161,6 +161,25 @@ def expected_grid(config: dict | None) -> list[dict[str, str]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
+def _fixed_values(config: dict | None, keys: set[str]) -> dict[str, str]:
+    """Each of ``keys`` as the composed sweep config has it: a config group's choice or a dotted value."""
+    hydra_cfg = (config or {}).get("hydra") or {}
+    choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
+    out = {}
+    for key in keys:
+        if key == "tasks":
+            continue
+        if choices.get(key) is not None:
+            out[key] = canon(choices[key])
+            continue
+        node: Any = config or {}
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, (dict, list)):
+            out[key] = canon(node)
+    return out
+
+
 def headline(values: Any, metric: str | None = None) -> float | None:
     """A benchmark's headline metric from its lm-eval results (``metric`` first when given)."""
     if not isinstance(values, dict):
@@ -263,6 +282,10 @@ def build_table(layout: PaperLayout, config: dict | None, rows: list[JobRow]) ->
             matched.add(hit)
         jobs.append((g, found[hit][1] if hit is not None else None))
     jobs += [found[i] for i in range(len(found)) if i not in matched]  # jobs outside the grid still show
+
+    # a key the grid does not vary (e.g. data chosen in the sweep file's defaults) has the sweep's one value
+    fixed = _fixed_values(config, set(layout.rows_by) | {layout.columns_by})
+    jobs = [({**fixed, **values}, row) for values, row in jobs]
 
     def row_key(values: dict[str, str]) -> str:
         return ",".join(f"{k}={values.get(k, '')}" for k in rows_by)

@@ -134,3 +134,19 @@ def test_numbers_match_whatever_their_spelling(tmp_path):
     rows = {r["row"]: r for r in _csv(csv_path)}
     assert set(rows) == {"beta = 0", "beta = 1e-4"}
     assert float(rows["beta = 1e-4"]["t"]) == pytest.approx(50.0) and rows["beta = 1e-4"]["t jobs"] == "1/1"
+
+
+def test_a_column_key_the_grid_does_not_vary_takes_the_sweeps_choice(tmp_path):
+    """MoA Table 4 picks data=math14k in its defaults list: one column, named by that choice."""
+    paper = {"rows_by": ["row"], "columns_by": "data", "scale": 100, "column_labels": {"math14k": "Math"},
+             "reported": {"row=t/a": {"Math": 81.2}}}
+    root = tmp_path / "s"
+    root.mkdir()
+    config = {"hydra": {"sweeper": {"params": {"row": "t/a"}}, "runtime": {"choices": {"data": "math14k"}}},
+              "paper": paper}
+    (root / "multirun.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _job(root, ["row=t/a"], _done({"gsm8k": 0.2, "svamp": 0.4}))
+    _, csv_path, _ = write_report(root)
+    rows = {(r["row"], r["source"]): r for r in _csv(csv_path)}
+    assert float(rows[("row=t/a", "mole")]["Math"]) == pytest.approx(30.0)
+    assert rows[("row=t/a", "paper")]["Math"] == "81.2"
