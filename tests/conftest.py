@@ -46,3 +46,12 @@ def tiny_cfg():
         return compose_tiny(overrides)
 
     return make
+
+
+def assert_same_outputs_and_grads(out: torch.Tensor, ref: torch.Tensor, params: list) -> None:
+    """``out`` equals ``ref``, and so do the gradients of ``sum(out**2)`` and ``sum(ref**2)`` w.r.t. ``params``."""
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)

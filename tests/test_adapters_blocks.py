@@ -18,6 +18,7 @@ from mole.model.blocks import select_layers
 from mole.model.layer import MoLELinear
 from mole.routers import TopKRouter
 from mole.utils.errors import MoleConfigError
+from tests.conftest import assert_same_outputs_and_grads
 
 
 def _layer(hidden=4, heads=1, kv_heads=1, head_dim=None, inter=8, mlp_bias=False) -> LlamaDecoderLayer:
@@ -290,11 +291,7 @@ def test_mixlora_block_equals_the_per_expert_loop_for_top2(mlp_bias):
     gates = experts.router(x.reshape(-1, 8)).gates
     assert int((gates > 0).sum()) == 10 * 2  # top-2 of 4 per token
     ref = ffn_reference(layer.mlp, x.reshape(-1, 8), gates).view(2, 5, 8)
-    torch.testing.assert_close(out, ref)
-    params = [x, *experts.parameters()]
-    for a, b in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(ref.square().sum(), params),
-                    strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_outputs_and_grads(out, ref, [x, *experts.parameters()])
 
 
 def test_mixlora_fresh_block_is_the_base_ffn():

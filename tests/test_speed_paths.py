@@ -25,7 +25,7 @@ from mole.routers.base import param_dtype, run_router
 from mole.routers.hybrid import TaskEncoder
 from mole.routers.mor import MoRRouter
 from mole.routers.threshold import ThresholdRouter
-from tests.conftest import compose_tiny
+from tests.conftest import assert_same_outputs_and_grads, compose_tiny
 
 PRESETS = ["lora", "mola", "mola_mor", "mola_crw", "dynmole", "dynmole_topp", "hmora", "hmora_lw", "moa_soft",
            "moa_sparse", "hydralora", "mixlora", "adamole", "loramoe", "dora", "llama_adapter"]
@@ -82,11 +82,7 @@ def test_mixlora_static_pairs_equal_the_per_expert_loop(make_router, k):
     out = layer.mlp(x)
     gates = experts.router(x.reshape(-1, 8)).gates
     ref = ffn_reference(layer.mlp, x.reshape(-1, 8), gates).view(2, 5, 8)
-    torch.testing.assert_close(out, ref)
-    params = [x, *experts.parameters()]
-    for a, b in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(ref.square().sum(), params),
-                    strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_outputs_and_grads(out, ref, [x, *experts.parameters()])
 
 
 def test_mixlora_tokens_without_experts_output_zero():
