@@ -478,7 +478,7 @@ def _build_selector(cfg: DictConfig, args, tokenizer, run_dir: Path, accelerator
     (``eval.val_tasks``) on the main process."""
     if not args.val_acc_every:
         return None
-    from mole.report_paper import headline
+    from mole.report import headline
     from mole.training.selection import BestSelector
 
     eval_cfg = cfg.get("eval") or {}

@@ -46,11 +46,28 @@ class JobRow:
         """``{task: headline metric}`` from the run's lm-eval results."""
         scores = {}
         for task, values in (self.metrics.get("eval") or {}).items():
-            for key in METRIC_KEYS:
-                if isinstance(values, dict) and isinstance(values.get(key), (int, float)):
-                    scores[f"{task} ({key.split(',')[0]})"] = float(values[key])
-                    break
+            found = headline_metric(values)
+            if found is not None:
+                scores[f"{task} ({found[0].split(',')[0]})"] = found[1]
         return scores
+
+
+def headline_metric(values: Any, metric: str | None = None) -> tuple[str, float] | None:
+    """A task's headline ``(metric key, value)`` from its lm-eval results: ``metric`` first when given, then
+    :data:`METRIC_KEYS` in order; ``None`` without one."""
+    if not isinstance(values, dict):
+        return None
+    keys = ([f"{metric},none", metric] if metric else []) + list(METRIC_KEYS)
+    for key in keys:
+        if isinstance(values.get(key), (int, float)) and not isinstance(values.get(key), bool):
+            return key, float(values[key])
+    return None
+
+
+def headline(values: Any, metric: str | None = None) -> float | None:
+    """A task's headline metric value (see :func:`headline_metric`)."""
+    found = headline_metric(values, metric)
+    return None if found is None else found[1]
 
 
 def _is_run_dir(path: Path) -> bool:

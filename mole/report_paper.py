@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from mole.report import METRIC_KEYS, MISSING, JobRow
+from mole.report import MISSING, JobRow, headline
 from mole.utils.errors import MoleConfigError
 
 AVG = "Avg."
@@ -178,17 +178,6 @@ def _fixed_values(config: dict | None, keys: set[str]) -> dict[str, str]:
         if node is not None and not isinstance(node, (dict, list)):
             out[key] = canon(node)
     return out
-
-
-def headline(values: Any, metric: str | None = None) -> float | None:
-    """A benchmark's headline metric from its lm-eval results (``metric`` first when given)."""
-    if not isinstance(values, dict):
-        return None
-    keys = ([f"{metric},none", metric] if metric else []) + list(METRIC_KEYS)
-    for key in keys:
-        if isinstance(values.get(key), (int, float)) and not isinstance(values.get(key), bool):
-            return float(values[key])
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- layout
