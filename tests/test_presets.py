@@ -19,6 +19,7 @@ import torch
 from mole import CONF_DIR
 from mole.data import Collator, encode_records, load_datasets
 from mole.model.base import build_model
+from mole.model.blocks import BlockExperts
 from mole.model.state import load_adapter, save_adapter
 from mole.pipeline import build_aux_losses, build_mole_model, run_eval, run_train
 from mole.training import TrainArgs
@@ -149,8 +150,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg, preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_bf16_base_trains_with_fp32_linear_experts_and_routers(tiny_cfg, preset):
-    """`model.dtype=bfloat16`: the frozen base in bf16; Linear experts, routers and HMoRA's task encoder in
-    `model.adapter_dtype` (fp32). Block experts, prompt tuning and full fine-tuning take the base's dtype."""
+    """`model.dtype=bfloat16`: the frozen base in bf16; Linear and block experts (MixLoRA, parallel adapters,
+    prompts), routers and HMoRA's task encoder in `model.adapter_dtype` (fp32). Prompt tuning and full
+    fine-tuning train the base's own tensors, in its dtype."""
     from mole.model.inject import mole_layers
 
     cfg = tiny_cfg(f"method={preset}", "model.dtype=bfloat16")
@@ -165,5 +167,7 @@ def test_bf16_base_trains_with_fp32_linear_experts_and_routers(tiny_cfg, preset)
         assert {p.dtype for p in layer.mole_experts.parameters()} == {torch.float32}
         if layer.mole_router is not None:
             assert {p.dtype for p in layer.mole_router.parameters()} == {torch.float32}
+    blocks = [m for m in model.modules() if isinstance(m, BlockExperts)]
+    assert all({p.dtype for p in b.parameters()} == {torch.float32} for b in blocks)
     fp32_parts = [p for n, p in model.named_parameters() if "mole_task_encoder" in n or "router" in n]
     assert all(p.dtype == torch.float32 for p in fp32_parts)

@@ -197,11 +197,14 @@ class MixLoRAFFN(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
         gates = self.mole_experts.route(flat, x)  # (N, E) or None
         gate_out, up_out = self.gate_proj(flat), self.up_proj(flat)  # (N, I) each: frozen, once
-        h_mix, lora_down, gate_sum = self.mole_experts.mix(flat, gate_out, up_out, gates, self.act_fn)
-        y = F.linear(h_mix, self.down_proj.weight)  # W_down (sum_i g_i h_i), once
+        # the experts' arithmetic in their dtype (model.adapter_dtype: fp32 experts on a bf16 base)
+        dt = self.mole_experts.gate_A.dtype
+        h_mix, lora_down, gate_sum = self.mole_experts.mix(flat.to(dt), gate_out.to(dt), up_out.to(dt), gates, self.act_fn)
+        w_down = self.down_proj.weight
+        y = F.linear(h_mix.to(w_down.dtype), w_down)  # W_down (sum_i g_i h_i), once, in the base's dtype
         if self.down_proj.bias is not None:
-            y = y + gate_sum.unsqueeze(-1) * self.down_proj.bias
-        return (y + lora_down).view(*x.shape[:-1], -1)
+            y = y + gate_sum.to(y.dtype).unsqueeze(-1) * self.down_proj.bias
+        return (y + lora_down.to(y.dtype)).view(*x.shape[:-1], -1)
 
 
 def reference_forward(mlp: MixLoRAFFN, x: Tensor, gates: Tensor | None) -> Tensor:

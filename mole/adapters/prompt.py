@@ -150,7 +150,8 @@ class PromptExperts(BlockExperts):
     def prompt_kv(self) -> tuple[Tensor, Tensor]:
         """Prompt keys and values through the frozen projections, repeated to every query head: ``(E, L, H, hd)``."""
         e, L = self.num_experts, self.length
-        flat = self.prompt.reshape(e * L, -1)  # (E*L, d)
+        # the prompts (model.adapter_dtype, fp32 by default) through the frozen projections in the base's dtype
+        flat = self.prompt.reshape(e * L, -1).to(self._k_proj.weight.dtype)  # (E*L, d)
         k = self._k_proj(flat).view(e, L, self.num_kv_heads, self.head_dim)
         v = self._v_proj(flat).view(e, L, self.num_kv_heads, self.head_dim)
         rep = self.num_heads // self.num_kv_heads

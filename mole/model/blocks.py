@@ -132,7 +132,7 @@ def inject_blocks(
     placement: str,
     make_router: Callable[[int, int, int], nn.Module | None],
     layer_router: Any = None,
-    router_dtype: torch.dtype | None = None,
+    adapter_dtype: torch.dtype | None = None,
 ) -> tuple[list[str], int]:
     """Add every configured block adapter to decoder layer ``idx``.
 
@@ -145,6 +145,8 @@ def inject_blocks(
         placement: ``linear``/``shared`` (each block expert has its own router) or ``layer``.
         make_router: ``(layer_idx, in_features, num_experts) -> router or None``.
         layer_router: the layer's :class:`~mole.routers.placement.LayerRouter` (placement ``layer``).
+        adapter_dtype: dtype of the block experts and their routers (``model.adapter_dtype``); ``None``: the
+            layer's.
 
     Returns:
         ``(names of the adapted blocks, number of routers created)``.
@@ -158,13 +160,13 @@ def inject_blocks(
         experts = spec.factory(layer=layer, num_experts=num_experts)
         if not isinstance(experts, BlockExperts):
             raise MoleConfigError(f"{spec.name}: _target_ must build a block adapter, got {type(experts).__name__}")
-        experts.to(device=ref.device, dtype=ref.dtype)
+        experts.to(device=ref.device, dtype=adapter_dtype or ref.dtype)
         if placement == "layer":
             experts.set_gate_source(layer_router.claim(num_experts))
         else:
             router = make_router(idx, experts.in_features, num_experts)
             if router is not None:
-                experts.router = router.to(device=ref.device, dtype=router_dtype or ref.dtype)
+                experts.router = router.to(device=ref.device, dtype=adapter_dtype or ref.dtype)
                 routers += 1
         experts.attach(layer)
         names.append(f"{BLOCK_ATTR[experts.position]}.{experts.attr_name}")

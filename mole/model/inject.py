@@ -179,7 +179,7 @@ def inject_mole(
         if blocks:  # block experts claim their gate columns after the Linears, before the layer router is built
             block_names, made = inject_blocks(layer, idx, blocks, num_experts, num_layers=num_layers, placement=placement,
                                               make_router=make_router, layer_router=layer_router,
-                                              router_dtype=adapter_dtype)
+                                              adapter_dtype=adapter_dtype)
             routers += made
         if layer_router is not None and layer_router.num_experts:
             ref = next(layer.parameters())
