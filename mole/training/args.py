@@ -31,6 +31,7 @@ class TrainArgs:
     eval_batch_size: int = 8  # micro-batch for validation loss
     init_from: str | None = None  # a previous run directory: start from its adapter (MoR Table 2, stage 2)
     lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): lr of *lora_B* parameters x this (eta_B); 1 = off
+    fused_optimizer: bool = True  # torch's fused AdamW kernel where the parameters allow it (same update, one kernel)
     save_every: int = 0  # resumable checkpoint every N steps into RUN_DIR/checkpoints/; 0: none
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest checkpoint of the run directory
@@ -75,6 +76,8 @@ class TrainArgs:
         if not (isinstance(self.lora_plus_ratio, (int, float)) and not isinstance(self.lora_plus_ratio, bool)
                 and self.lora_plus_ratio > 0):
             raise bad("lora_plus_ratio", "a positive number (1.0 turns LoRA+ off)")
+        if not isinstance(self.fused_optimizer, bool):
+            raise bad("fused_optimizer", "true or false")
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
             self.mixed_precision = "no"
         if self.mixed_precision not in MIXED_PRECISION:
