@@ -11,7 +11,8 @@ What it does (README "Speed"):
   shape of ``conf/model/llama3_2_1b.yaml``, random weights, bf16), and makes each variant from a copy of
   it (the module tree copied, the frozen weights shared) through mole's own config composition and :func:`mole.pipeline.inject_from_config` — the
   presets of ``conf/method/`` exactly as ``mole-train method=...`` builds them, aux losses included;
-* times full training steps (forward, LM loss + auxiliary routing losses, backward, AdamW step)
+* times full training steps (forward, LM loss + auxiliary routing losses, backward, AdamW step; every
+  variant, the peft baseline included, with the AdamW that mole's trainer builds: fused where possible)
   round-robin — every round runs one step of every variant, in a shuffled order — after warm-up, and
   reports the median over rounds of the per-round ratio ``t(variant) / t(peft LoRA r=8)``, so slow drifts
   of a shared machine cancel out;
@@ -103,6 +104,7 @@ class Setup:
     eval_limit: int | None  # documents per task (None: every fixture document)
     eval_repeats: int
     clock: str = "wall"  # CPU: "cpu" (process CPU time, single-threaded) or "wall"
+    compile_scope: str = "layer"  # "layer": each decoder layer compiled (regional); "model": the whole forward
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Variant:
     trainable: int = 0
     times: list[float] = field(default_factory=list)
     peak_mb: float = 0.0
+    warmup_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         raise SystemExit("bench.py: --clock cpu needs --threads 1 (CPU time of several threads is not a step's time)")
     return Setup(device, model + list(args.model_override or []), args.batch or batch, args.seq or seq,
                  rounds, warmup, amp, comp, eval_limit=8 if args.quick else None, eval_repeats=3 if args.quick else 7,
-                 clock=clock if device.type == "cpu" else "cuda-events")
+                 clock=clock if device.type == "cpu" else "cuda-events", compile_scope=args.compile_scope)
 
 
 def compose(setup: Setup, overrides: list[str]):
@@ -202,7 +205,11 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
                           target_modules=list(cfg.experts.targets), task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
         model.to(setup.device)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        # the AdamW that mole's trainer builds (fused where the parameters allow it), so that the ratios
+        # compare the adapters' cost and not two optimizer implementations
+        from mole.training.optim import adamw
+
+        opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def forward_loss(batch: dict) -> torch.Tensor:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -225,9 +232,7 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
     model.train()
     fwd = forward_loss
     if setup.compile:
-        # compile the model's forward; the step around it (loss, backward, optimizer) stays eager
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.forward = torch.compile(inner.forward, dynamic=False)
+        compile_model(model, setup.compile_scope)
 
     def step(batch: dict) -> torch.Tensor:
         with torch.autocast(setup.device.type, dtype=setup.amp or torch.bfloat16, enabled=setup.amp is not None):
@@ -239,6 +244,22 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Variant(name, model, step, forward_loss, opt, trainable)
+
+
+def compile_model(model: nn.Module, scope: str) -> None:
+    """``torch.compile`` the forward (the loss, backward and optimizer step stay eager, the same for every
+    variant). ``scope="layer"`` compiles each decoder layer in place (regional compilation: the layers share
+    one compiled graph per distinct structure, so a 16-layer model compiles in seconds, not minutes; what
+    runs outside the layers, such as HMoRA's task encoder or the embeddings, stays eager); ``"model"``
+    compiles the whole forward as one graph."""
+    from mole.model.inject import decoder_layers
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if scope == "model":
+        inner.forward = torch.compile(inner.forward, dynamic=False)
+        return
+    for layer in decoder_layers(inner):
+        layer.compile(dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,10 +333,14 @@ def _model_bytes(v: Variant) -> int:
 def time_variants(variants: list[Variant], batch: dict, setup: Setup, log) -> None:
     timer = Timer(setup.device, setup.clock)
     for v in variants:  # warm-up (and compilation)
+        t0 = time.perf_counter()
         for _ in range(setup.warmup):
             loss = v.step(batch)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{v.name}: non-finite loss during warm-up")
+        v.warmup_s = time.perf_counter() - t0
+        if setup.compile:
+            log(f"  warm-up of {v.name} (compilation included): {v.warmup_s:.1f} s")
     rng = random.Random(0)
     for r in range(setup.rounds):
         order = list(variants)
@@ -387,7 +412,8 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Device: {result['device']}; model: {result['model']}; batch {result['batch']} x {result['seq']} tokens; "
         f"{result['rounds']} rounds after {result['warmup']} warm-up steps; threads {result['threads']}; "
-        f"compile {result['compile']}; clock {result['clock']}; load average before the run {result['loadavg']}.",
+        f"compile {result['compile']}{' (' + result['compile_scope'] + ')' if result.get('compile_scope') else ''}; "
+        f"autocast {result.get('autocast')}; clock {result['clock']}; load average before the run {result['loadavg']}.",
         "",
         "| variant | step ms (median) | ratio vs peft LoRA r=8 (median of paired rounds) | target | trainable params | peak memory MB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -444,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default=None, help="comma-separated subset (the peft baseline is always run)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models on the CPU too")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile on a GPU")
+    p.add_argument("--compile-scope", default="layer", choices=["layer", "model"],
+                   help="compile each decoder layer (default: fast to compile) or the whole forward")
     p.add_argument("--no-eval", action="store_true", help="skip the mole-eval vs lm-eval throughput")
     p.add_argument("--model-override", action="append", help="extra model.* override, e.g. model.num_layers=8")
     p.add_argument("--out", default="outputs/bench", help="output directory")
@@ -453,6 +481,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = make_setup(args)
+    if setup.compile:
+        # MoLA's layers differ in expert count and HMoRA's in a_l: each distinct layer is a graph of its own,
+        # more than Dynamo's default of 8 per code object (past which it silently runs the rest eagerly)
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -505,6 +539,8 @@ def main(argv: list[str] | None = None) -> dict:
         "step_ms_median": {v.name: round(statistics.median(v.times) * 1000, 2) for v in variants},
         "trainable": {v.name: v.trainable for v in variants},
         "peak_memory_mb": {v.name: round(v.peak_mb, 1) for v in variants},
+        "warmup_s": {v.name: round(v.warmup_s, 1) for v in variants},
+        "compile_scope": setup.compile_scope if setup.compile else None,
         "memory_method": ("torch.cuda.max_memory_allocated over one step (plus the model)" if setup.device.type == "cuda" else
                           "CPU account of one step: parameters + buffers, gradients and two AdamW moments of the "
                           "trainable parameters, and the unique storages autograd saves for backward"),
@@ -512,17 +548,25 @@ def main(argv: list[str] | None = None) -> dict:
         "derived": {k: [round(a, 4), b, c] for k, (a, b, c) in derived({v.name: v.times for v in variants}).items()},
         "step_s_per_round": {v.name: [round(t, 5) for t in v.times] for v in variants},
     }
+    result["eval_throughput_vs_lm_eval"] = None
+
+    def write() -> str:
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+        md = markdown({**result, "derived": {k: tuple(v) for k, v in result["derived"].items()}})
+        (out / "latest.md").write_text(md)
+        return md
+
+    write()  # the step timings are kept even if the evaluation below fails
     if not args.no_eval:
+        for v in variants:  # the variants' copies share the base weights; free their adapters and optimizer states
+            v.optimizer.state.clear()
+        del variants, by
         ev = eval_throughput(setup, base, tokenizer, out, log)
         result["eval_throughput_vs_lm_eval"] = round(ev["ratio"], 4)
         result["eval"] = ev
         result["eval_repeats"] = setup.eval_repeats
-    else:
-        result["eval_throughput_vs_lm_eval"] = None
-    result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown({**result, "derived": {k: tuple(v) for k, v in result["derived"].items()}})
-    (out / "latest.md").write_text(md)
+    md = write()
     print(md)
     log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
     return result

@@ -267,6 +267,9 @@ class HybridRouter(nn.Module):
         self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
         self.layer_idx = layer_idx
         self.alpha = layer_alpha(layer_idx, num_layers, eps, mu)
+        # a_l and 1 - a_l as tensors for the forward: a Python float would make torch.compile specialise each
+        # layer's graph on its value (one graph per layer instead of one for all)
+        self.register_buffer("mix", torch.tensor([self.alpha, 1.0 - self.alpha], dtype=torch.float32), persistent=False)
         self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         use_token, use_task = self.alpha <= beta_high, self.alpha >= beta_low
         self.token_gate = nn.Linear(in_features, num_experts, bias=False) if use_token else None
@@ -330,9 +333,9 @@ class HybridRouter(nn.Module):
             if gates is None:  # a_l > beta_high: task routing only
                 gates, probs, selected = g_task, p_task_n, s_task
             else:  # eq. 7
-                a = self.alpha
-                gates = a * g_task + (1.0 - a) * gates
-                probs = a * p_task_n + (1.0 - a) * probs
+                a, b = self.mix.float().unbind()  # a_l, 1 - a_l
+                gates = a * g_task + b * gates
+                probs = a * p_task_n + b * probs
                 selected = None if selected is None else selected | s_task
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=balance, dists=dists)
 
