@@ -168,3 +168,72 @@ def test_balance_loss_masks_padding_without_a_host_sync():
     assert balance_loss(BalanceStats(probs, selected, 1), mask).item() == pytest.approx(1.0)
     meta = BalanceStats(probs.to("meta"), selected.to("meta"), None)
     assert balance_loss(meta, mask.to("meta")).is_meta  # boolean indexing would raise here
+
+
+# ---- the router in the same product as the experts' A ----
+
+FUSED_PRESETS = {"mola": "TopKRouter", "dynmole": "DynamicRouter", "dynmole_topp": "TopPRouter", "loramoe": "SoftRouter"}
+
+
+def _count_expert_forwards(model) -> tuple[list[int], list]:
+    from mole.model.layer import MoLELinear
+
+    calls = [0]
+    handles = [m.mole_experts.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+               for m in model.modules() if isinstance(m, MoLELinear) and m.mole_router is not None]
+    return calls, handles
+
+
+@pytest.mark.parametrize("method", sorted(FUSED_PRESETS))
+def test_fused_router_and_experts_equal_the_two_products(method):
+    """In evaluation (no dropout in effect) a single-Linear router's logits and the experts' A come from
+    one product; outputs and the routing the losses and analyses read equal the unfused layer's."""
+    from mole.model.layer import MoLELinear
+    from mole.model.routing import collect_routing
+
+    torch.manual_seed(0)
+    model, _, _ = build_mole_model(compose_tiny([f"method={method}"]))
+    for m in model.modules():  # non-zero B, so the experts' output counts in the comparison
+        if isinstance(m, LoRAExperts):
+            nn.init.normal_(m.lora_B, std=0.05)
+    model.eval()
+    ids = torch.randint(3, 200, (2, 11))
+    runs = {}
+    for fuse in (True, False):
+        MoLELinear.fuse_router = fuse
+        try:
+            calls, handles = _count_expert_forwards(model)
+            with torch.no_grad(), collect_routing(model) as routing:
+                logits = model(input_ids=ids).logits
+            runs[fuse] = (logits, [o.gates for o in routing], calls[0])
+        finally:
+            MoLELinear.fuse_router = True
+            for h in handles:
+                h.remove()
+    (fused, g_fused, n_fused), (plain, g_plain, n_plain) = runs[True], runs[False]
+    assert n_fused == 0 and n_plain > 0  # the fused path bypasses the experts' forward; the plain one calls it
+    assert type(next(m.mole_router for m in model.modules() if isinstance(m, MoLELinear))).__name__ == FUSED_PRESETS[method]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert len(g_fused) == len(g_plain) > 0
+    for a, b in zip(g_fused, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_only_where_both_read_the_same_input():
+    from mole.model.layer import fusable
+
+    x = torch.randn(5, 16)
+    experts = LoRAExperts(16, 12, num_experts=4, rank=2, dropout=0.05)
+    router = SoftRouter(16, 4)
+    experts.train(), router.train()
+    assert not fusable(experts, router, x)  # the experts' dropout is in effect: they read dropout(x)
+    experts.eval()
+    assert fusable(experts, router, x)
+    router_dropped = SoftRouter(16, 4, dropout=0.1).train()
+    assert not fusable(experts, router_dropped, x)  # the router reads its own dropout(x)
+    assert not fusable(experts, ThresholdRouter(16, 4), x)  # computes its logits its own way
+    assert not fusable(experts, router, x.double())  # another dtype than the weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fusable(experts, router, x)  # the router must stay fp32 while autocast runs A in bf16
+    experts.forward = lambda *a, **k: None  # a swapped-in forward (the benchmark's loop references) is kept
+    assert not fusable(experts, router, x)
