@@ -351,41 +351,6 @@ def time_variants(variants: list[Variant], batch: dict, setup: Setup, log) -> No
         log(f"  round {r + 1}/{setup.rounds}: baseline {base * 1000:.1f} ms")
 
 
-def fusion_speedup(variants: list[Variant], batch: dict, setup: Setup, log) -> dict[str, float]:
-    """Evaluation-mode forward of soft MoLE and MoLA with the router computed in the experts' A product
-    (``MoLELinear.fuse_router``) against two products: the median of paired per-round ratios
-    ``t(two products) / t(fused)``. Under autocast (the GPU setting) the layers never fuse, so ~1."""
-    from mole.model.layer import MoLELinear
-
-    timer = Timer(setup.device, setup.clock)
-    out = {}
-    for v in variants:
-        if v.name not in ("soft_e8", "mola"):
-            continue
-        v.model.eval()
-
-        def forward(m=v.model) -> None:
-            with torch.no_grad(), torch.autocast(setup.device.type, dtype=setup.amp or torch.bfloat16,
-                                                 enabled=setup.amp is not None):
-                m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-
-        ratios = []
-        try:
-            for r in range(setup.rounds + 1):  # round 0 warms up
-                t = {}
-                for fuse in ((True, False) if r % 2 else (False, True)):
-                    MoLELinear.fuse_router = fuse
-                    t[fuse] = timer(forward)
-                if r:
-                    ratios.append(t[False] / t[True])
-        finally:
-            MoLELinear.fuse_router = True
-            v.model.train()
-        out[v.name] = round(statistics.median(ratios), 4)
-        log(f"  fused router + A, {v.name} evaluation forward: {out[v.name]:.3f}x")
-    return out
-
-
 def eval_throughput(setup: Setup, base: nn.Module, tokenizer, out_dir: Path, log) -> dict:
     """Seconds per run of the same log-likelihood requests: mole's harness vs plain lm-eval, alternating."""
     from lm_eval import simple_evaluate
@@ -466,10 +431,6 @@ def markdown(result: dict) -> str:
         for key, (val, tgt, sense) in d.items():
             ok = val >= tgt if sense == ">=" else val <= tgt
             lines.append(f"| {key} | {val:.3f} | {sense} {tgt} {'met' if ok else '**missed**'} |")
-    fu = result.get("fused_router_eval_speedup")
-    if fu:
-        lines += ["", "Evaluation-mode forward with the router in the experts' A product vs two products: "
-                  + ", ".join(f"{k} {v:.3f}x" for k, v in fu.items()) + "."]
     ev = result.get("eval_throughput_vs_lm_eval")
     if ev is not None:
         e = result["eval"]
@@ -556,7 +517,6 @@ def main(argv: list[str] | None = None) -> dict:
     time_variants(variants, batch, setup, log)
     for v in variants:
         v.peak_mb = peak_memory_mb(v, batch, setup)
-    fusion = fusion_speedup(variants, batch, setup, log)
     by = {v.name: v for v in variants}
     base_t = by[BASELINE].times
     ratios = {k: statistics.median(t / b for t, b in zip(by[k].times, base_t, strict=True)) for k in RATIO_KEYS if k in by}
@@ -580,7 +540,6 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable": {v.name: v.trainable for v in variants},
         "peak_memory_mb": {v.name: round(v.peak_mb, 1) for v in variants},
         "warmup_s": {v.name: round(v.warmup_s, 1) for v in variants},
-        "fused_router_eval_speedup": fusion,
         "compile_scope": setup.compile_scope if setup.compile else None,
         "memory_method": ("torch.cuda.max_memory_allocated over one step (plus the model)" if setup.device.type == "cuda" else
                           "CPU account of one step: parameters + buffers, gradients and two AdamW moments of the "

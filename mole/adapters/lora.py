@@ -87,14 +87,7 @@ class LoRAExperts(nn.Module):
         Returns:
             ``(N, d_out)``: ``sum_i g_i (alpha/r) B_i A_i dropout(x)``.
         """
-        return self.combine(F.linear(self.dropout(x), self.lora_A), gates)
-
-    def combine(self, h: Tensor, gates: Tensor | None = None) -> Tensor:
-        """The experts' output from their stacked A projection ``h = A_all dropout(x)`` ``(N, E*r)``.
-
-        Split from :meth:`forward` so that :class:`~mole.model.layer.MoLELinear` can compute ``h`` in one
-        product with the router's logits where both read the same input.
-        """
+        h = F.linear(self.dropout(x), self.lora_A)  # (N, E*r)
         if gates is None:
             h = h * self.scaling
         else:

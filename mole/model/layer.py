@@ -10,45 +10,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.adapters.lora import LoRAExperts
-from mole.routers.base import LinearGate, Router, RouterOutput, param_dtype, run_router
+from mole.routers.base import Router, RouterOutput, param_dtype, run_router
 
 
 class GateSource(Protocol):
     """Gates computed outside the layer: a shared router or a slice of a per-layer router."""
 
     def route(self, flat: Tensor, x: Tensor) -> Tensor: ...
-
-
-def _dropout_off(m: nn.Module) -> bool:
-    return isinstance(m, nn.Identity) or not m.training or getattr(m, "p", 1.0) == 0.0
-
-
-def fusable(experts: nn.Module, router: nn.Module, flat: Tensor) -> bool:
-    """Whether the router's logits and the experts' A projection can come from one matrix product.
-
-    Both must read the same input: stacked LoRA experts (not a subclass, and no forward swapped in, as
-    the benchmark's loop references do) under a single-Linear router that computes its logits through
-    :meth:`LinearGate.logits`, with no dropout in effect on either (evaluation mode, or
-    ``adapter.dropout=0`` and no router dropout), the same dtype, and no autocast (the router runs in
-    fp32 while autocast would run the experts' product in bf16).
-    """
-    return (
-        type(experts) is LoRAExperts
-        and "forward" not in experts.__dict__
-        and isinstance(router, LinearGate)
-        and router.takes_logits
-        and "forward" not in router.__dict__
-        and router.gate.bias is None
-        and _dropout_off(experts.dropout)
-        and _dropout_off(router.dropout)
-        and router.gate.weight.dtype == experts.lora_A.dtype == flat.dtype
-        and not (torch.amp.is_autocast_available(flat.device.type) and torch.is_autocast_enabled(flat.device.type))
-    )
 
 
 class MoLELinear(nn.Module):
@@ -63,8 +33,6 @@ class MoLELinear(nn.Module):
         gate_source: gates computed elsewhere (router sharing, one router per transformer layer, see
             :mod:`mole.routers.placement`); held by reference, its parameters live with its owner.
     """
-
-    fuse_router = True  # compute the router with the experts' A where :func:`fusable` allows (class-wide switch)
 
     def __init__(self, base: nn.Linear, experts: nn.Module, router: Router | None = None,
                  gate_source: GateSource | None = None):
@@ -91,18 +59,6 @@ class MoLELinear(nn.Module):
         # (N, d_in), N = tokens in the batch; in the adapters' dtype (fp32 adapters on a bf16 base)
         flat = x.reshape(-1, self.in_features).to(param_dtype(self.mole_experts))
         gates = None
-        if self.mole_router is not None and self.fuse_router and fusable(self.mole_experts, self.mole_router, flat):
-            # the router reads the same input as the experts' A (no dropout active, no autocast): one
-            # product x [A_all; W_r]^T gives both, instead of two
-            experts, router = self.mole_experts, self.mole_router
-            er = experts.lora_A.shape[0]
-            both = F.linear(flat, torch.cat([experts.lora_A, router.gate.weight]))  # (N, E*r + E)
-            router._given_logits = both[:, er:]
-            try:
-                gates = run_router(router, flat, self.routing_sink).gates  # (N, E), fp32
-            finally:
-                router._given_logits = None
-            return out + experts.combine(both[:, :er], gates).view(out.shape).to(out.dtype)
         if self.mole_router is not None:
             gates = run_router(self.mole_router, flat, self.routing_sink).gates  # (N, E), fp32
         elif self.gate_source is not None:

@@ -132,12 +132,6 @@ class LinearGate(nn.Module):
         dropout: dropout on the router's input.
     """
 
-    # forward() computes its logits with :meth:`logits`, so the layer may hand them in (see
-    # mole.model.layer.MoLELinear: one product for the router and the experts' A); a subclass that reads
-    # ``self.gate`` in another way sets this to False
-    takes_logits = True
-    _given_logits: Tensor | None = None  # set by the layer for one call
-
     def __init__(self, in_features: int, num_experts: int, dropout: float = 0.0):
         super().__init__()
         self.num_experts = num_experts
@@ -145,10 +139,7 @@ class LinearGate(nn.Module):
         self.gate = nn.Linear(in_features, num_experts, bias=False)
 
     def logits(self, x: Tensor) -> Tensor:
-        """``(N, E)`` fp32 logits for ``(N, d_in)`` features (or those the layer computed for this call)."""
-        given = self._given_logits
-        if given is not None:
-            return given.float()
+        """``(N, E)`` fp32 logits for ``(N, d_in)`` features."""
         return self.gate(self.dropout(x)).float()
 
 

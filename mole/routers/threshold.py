@@ -54,8 +54,6 @@ class ThresholdRouter(LinearGate):
         dropout: dropout on the router's input.
     """
 
-    takes_logits = False  # its forward reads self.gate directly (no input dropout)
-
     def __init__(
         self,
         in_features: int,
