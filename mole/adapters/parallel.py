@@ -126,7 +126,7 @@ class ParallelAdapterExperts(BlockExperts):
     def _add_to_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))  # the block's input (B, T, d)
         flat = x.reshape(-1, self.in_features)  # (N, d)
-        # in the adapter's dtype (model.adapter_dtype: fp32 experts on a bf16 base); the sum in the block's
+        # in the adapter's dtype (model.adapter_dtype: fp32 experts on a bf16 base); the sum in the block's dtype
         delta = self(flat.to(self.down.dtype), self.route(flat, x)).view(x.shape)
         if isinstance(output, tuple):  # attention returns (attn_output, attn_weights)
             return (output[0] + delta.to(output[0].dtype), *output[1:])
