@@ -249,9 +249,9 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
 def compile_model(model: nn.Module, scope: str) -> None:
     """``torch.compile`` the forward (the loss, backward and optimizer step stay eager, the same for every
     variant). ``scope="layer"`` compiles each decoder layer in place (regional compilation: the layers share
-    one compiled graph per distinct structure, so a 16-layer model compiles in seconds, not minutes; what
-    runs outside the layers, such as HMoRA's task encoder or the embeddings, stays eager); ``"model"``
-    compiles the whole forward as one graph."""
+    one compiled graph per distinct structure, so compile time grows with the distinct layers, not with
+    depth; what runs outside the layers, such as HMoRA's task encoder or the embeddings, stays eager);
+    ``"model"`` compiles the whole forward as one graph."""
     from mole.model.inject import decoder_layers
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
