@@ -212,7 +212,7 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
         opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def forward_loss(batch: dict) -> torch.Tensor:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             return lm_loss(logits, batch["labels"])
     else:
         cfg = compose(setup, overrides)

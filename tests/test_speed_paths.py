@@ -168,3 +168,32 @@ def test_balance_loss_masks_padding_without_a_host_sync():
     assert balance_loss(BalanceStats(probs, selected, 1), mask).item() == pytest.approx(1.0)
     meta = BalanceStats(probs.to("meta"), selected.to("meta"), None)
     assert balance_loss(meta, mask.to("meta")).is_meta  # boolean indexing would raise here
+
+
+def test_training_and_validation_forwards_build_no_kv_cache(monkeypatch):
+    """A training step has no use for a KV cache; transformers builds one unless told (and copies every
+    layer's keys and values into it)."""
+    from transformers import cache_utils
+
+    from mole.training.loop import loss_step, validation_loss
+
+    made = []
+    original = cache_utils.DynamicCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting_init)
+    cfg = compose_tiny(["method=mola"])
+    model, tok, _ = build_mole_model(cfg)
+    ids = torch.randint(3, 200, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    model(input_ids=ids)  # the premise: a plain forward does build one
+    assert made
+    made.clear()
+    model.train()
+    loss, _ = loss_step(model, batch, {})
+    loss.backward()
+    validation_loss(model, [batch])
+    assert not made

@@ -129,7 +129,7 @@ def analyze_run(
         for start in range(0, len(encoded), batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size]).items()}
             with routing_inputs(model, prompt_mask(batch)):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             collector.add_batch(sinks, batch["attention_mask"], tasks[start : start + batch_size])
 
     result: dict[str, Any] = {

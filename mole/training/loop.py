@@ -64,7 +64,9 @@ def loss_step(
     Returns ``(total loss, {"lm_loss": ..., "aux/<name>": unweighted value})`` with tensors, no syncs.
     """
     with collect_routing(model) as routing, routing_inputs(model, prompt_mask(batch)):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        # use_cache=False: a training forward has no use for a KV cache (transformers would build one and copy
+        # every layer's keys and values into it)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (B, T, V)
     if num_tokens is None:
         lm = lm_loss(logits, batch["labels"], label_smoothing=label_smoothing)
     else:
@@ -104,7 +106,7 @@ def validation_loss(model: nn.Module, loader: DataLoader | None, accelerator=Non
     gather = accelerator is not None and accelerator.num_processes > 1
     for batch in loader:
         with routing_inputs(model, prompt_mask(batch)):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         if gather:
             b = logits.shape[0]
             sums = lm_loss(logits, batch["labels"], reduction="none").view(b, -1).sum(dim=1)  # (B,) per example
