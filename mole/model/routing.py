@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import nn
@@ -10,20 +10,45 @@ from torch import nn
 from mole.routers.base import RouterOutput
 
 
-@contextmanager
-def collect_routing(model: nn.Module) -> Iterator[list[RouterOutput]]:
-    """Inside the block, every routed MoLE layer appends its :class:`RouterOutput` to the yielded list.
+class RoutingOutputs(Sequence):
+    """The router outputs of one forward, in module order, read from each routing module's own list.
 
-    The outputs keep their autograd graph (losses backpropagate through them); the list is detached
-    from the layers on exit, so nothing is retained between steps.
+    Each module appends to a list of its own rather than to one shared list: ``torch.compile`` guards on
+    the length of a list the traced code appends to, so a shared list (7 outputs longer at every decoder
+    layer) would give every layer a graph of its own.
     """
-    sink: list[RouterOutput] = []
-    # MoLE layers with their own router, shared routers and per-layer routers all publish here
+
+    def __init__(self, sinks: list[list[RouterOutput]]):
+        self._sinks = sinks
+
+    def _all(self) -> list[RouterOutput]:
+        return [out for sink in self._sinks for out in sink]
+
+    def __len__(self) -> int:
+        return sum(len(sink) for sink in self._sinks)
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[RouterOutput]:
+        return (out for sink in self._sinks for out in sink)
+
+
+@contextmanager
+def collect_routing(model: nn.Module) -> Iterator[RoutingOutputs]:
+    """Inside the block, every routed MoLE layer publishes its :class:`RouterOutput`; the yielded
+    sequence holds them all (in module order), during the block and after it.
+
+    The outputs keep their autograd graph (losses backpropagate through them); the layers are detached
+    from their lists on exit, so nothing is retained between steps.
+    """
+    # MoLE layers with their own router, shared routers and per-layer routers all publish
     layers = [m for m in model.modules() if hasattr(m, "routing_sink")]
-    for m in layers:
+    sinks: list[list[RouterOutput]] = [[] for _ in layers]
+    for m, sink in zip(layers, sinks, strict=True):
         m.routing_sink = sink
     try:
-        yield sink
+        yield RoutingOutputs(sinks)
     finally:
         for m in layers:
             m.routing_sink = None
