@@ -19,6 +19,7 @@ Table 9 and Fig. 5 show gamma_c changing top-2 routing's certainty, which only t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -72,7 +73,7 @@ class CGJSLoss:
         self.weight, self.gamma_b, self.gamma_c = float(weight), float(gamma_b), float(gamma_c)
         self.task_routers = task_routers
 
-    def __call__(self, outputs: list[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+    def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
         """Sum over every router distribution in ``outputs``; token rows exclude padding (``token_mask``)."""
         terms = [
             cgjs_loss(real_rows(d.probs, d.level, token_mask), self.gamma_b, self.gamma_c)

@@ -7,6 +7,7 @@ as HMoRA eq. 13 does (SPEC §3). Padding tokens are excluded from every statisti
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -63,7 +64,7 @@ class BalanceLoss:
         self.weight = float(weight)
         self._warned = False
 
-    def __call__(self, outputs: list[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+    def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
         terms = [balance_loss(s, token_mask) for out in outputs for s in out.balance]
         if not terms:
             if not self._warned and outputs:

@@ -10,6 +10,7 @@ being alpha and ``loss.tsallis.weight`` beta (the training loop multiplies each 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ class TsallisLoss:
             raise MoleConfigError(f"loss.tsallis.q (the Tsallis entropic index) must be a positive number, got {q!r}")
         self.weight, self.q = float(weight), float(q)
 
-    def __call__(self, outputs: list[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+    def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
         terms = [mean_tsallis_entropy(out.probs, self.q, token_mask) for out in outputs]
         if not terms:
             return torch.zeros(())
