@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from mole.analysis.stats import GateStats, count_sets, main_expert_pairs, selected_sets, top_sets
 from mole.model.inject import decoder_layers
+from mole.model.routing import module_sinks
 from mole.routers.base import RouterOutput, real_rows
 
 #: Expert-set size used for the main pairs of a soft task router (no selection of its own): HMoRA's
@@ -52,21 +53,8 @@ def sinks_by_module(model: nn.Module) -> Iterator[dict[ModuleKey, list[RouterOut
     for idx, layer in enumerate(decoder_layers(model)):
         for rel, m in layer.named_modules():
             where[id(m)] = (idx, rel)
-    sinks: dict[ModuleKey, list[RouterOutput]] = {}
-    modules = []
-    for order, (name, m) in enumerate(model.named_modules()):
-        if not hasattr(m, "routing_sink"):
-            continue
-        layer, rel = where.get(id(m), (-1, name))
-        sink: list[RouterOutput] = []
-        sinks[ModuleKey(layer, rel, order)] = sink
-        m.routing_sink = sink
-        modules.append(m)
-    try:
-        yield sinks
-    finally:
-        for m in modules:
-            m.routing_sink = None
+    with module_sinks(model) as attached:
+        yield {ModuleKey(*where.get(id(m), (-1, name)), order): sink for order, name, m, sink in attached}
 
 
 @dataclass

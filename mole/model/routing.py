@@ -21,17 +21,33 @@ class RoutingOutputs(Sequence):
     def __init__(self, sinks: list[list[RouterOutput]]):
         self._sinks = sinks
 
-    def _all(self) -> list[RouterOutput]:
-        return [out for sink in self._sinks for out in sink]
-
     def __len__(self) -> int:
         return sum(len(sink) for sink in self._sinks)
 
     def __getitem__(self, i):
-        return self._all()[i]
+        return list(self)[i]
 
     def __iter__(self) -> Iterator[RouterOutput]:
         return (out for sink in self._sinks for out in sink)
+
+
+@contextmanager
+def module_sinks(model: nn.Module) -> Iterator[list[tuple[int, str, nn.Module, list[RouterOutput]]]]:
+    """Inside the block, each routing module (MoLE layers with their own router, shared routers, per-layer
+    routers: anything with a ``routing_sink``) appends its outputs to a list of its own.
+
+    Yields ``(position in model.named_modules(), module name, module, list)`` in module order; the modules are
+    detached from their lists on exit, so nothing is retained between forwards.
+    """
+    attached = [(order, name, m, []) for order, (name, m) in enumerate(model.named_modules())
+                if hasattr(m, "routing_sink")]
+    for *_, m, sink in attached:
+        m.routing_sink = sink
+    try:
+        yield attached
+    finally:
+        for *_, m, _ in attached:
+            m.routing_sink = None
 
 
 @contextmanager
@@ -39,16 +55,7 @@ def collect_routing(model: nn.Module) -> Iterator[RoutingOutputs]:
     """Inside the block, every routed MoLE layer publishes its :class:`RouterOutput`; the yielded
     sequence holds them all (in module order), during the block and after it.
 
-    The outputs keep their autograd graph (losses backpropagate through them); the layers are detached
-    from their lists on exit, so nothing is retained between steps.
+    The outputs keep their autograd graph (losses backpropagate through them).
     """
-    # MoLE layers with their own router, shared routers and per-layer routers all publish
-    layers = [m for m in model.modules() if hasattr(m, "routing_sink")]
-    sinks: list[list[RouterOutput]] = [[] for _ in layers]
-    for m, sink in zip(layers, sinks, strict=True):
-        m.routing_sink = sink
-    try:
-        yield RoutingOutputs(sinks)
-    finally:
-        for m in layers:
-            m.routing_sink = None
+    with module_sinks(model) as sinks:
+        yield RoutingOutputs([sink for *_, sink in sinks])
