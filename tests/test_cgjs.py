@@ -94,3 +94,29 @@ def test_loss_pushes_towards_certain_and_balanced_routing():
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(MoleConfigError, match=f"loss.cgjs.{key}"):
         CGJSLoss(**kwargs)
+
+
+def test_stacked_routers_match_one_router_at_a_time_with_padding_and_gradients():
+    """CGJSLoss stacks routers of equal shape (and weights padding out): the same value and gradients as
+    cgjs_loss on each router's real rows."""
+    from mole.losses.cgjs import cgjs_losses
+
+    torch.manual_seed(3)
+    logits = [torch.randn(6, e, requires_grad=True) for e in (8, 8, 4, 8)]  # token routers, two expert counts
+    task_logits = [torch.randn(2, 8, requires_grad=True) for _ in range(2)]  # task routers: one row per sequence
+    mask = torch.tensor([True, True, False, True, False, True])
+    outs = [RouterOutput(gates=lg.softmax(-1), probs=lg.softmax(-1)) for lg in logits]
+    outs += [RouterOutput(gates=lg.softmax(-1), probs=lg.softmax(-1), dists=[GateDist(lg.softmax(-1), "task", "sequence")])
+             for lg in task_logits]
+    got = CGJSLoss(weight=1.0, gamma_c=0.1)(outs, mask)
+    want = sum(cgjs_loss(lg.softmax(-1)[mask], 1.0, 0.1) for lg in logits)
+    want = want + sum(cgjs_loss(lg.softmax(-1), 1.0, 0.1) for lg in task_logits)
+    torch.testing.assert_close(got, want)
+    leaves = [*logits, *task_logits]
+    g_got, g_want = torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(g.abs().sum() > 0 for g in g_got)  # every router gets a gradient
+    # no real row at all: 0, as cgjs_loss of an empty set
+    none = cgjs_losses(torch.stack([lg.softmax(-1) for lg in logits[:2]]), torch.zeros(6, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(2))

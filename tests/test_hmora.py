@@ -165,7 +165,7 @@ def test_no_task_router_anywhere_builds_no_task_encoder():
 
 def _hooked_encoder(model):
     calls = []
-    model.mole_task_encoder.layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+    model.mole_task_encoder.layer.linear1.register_forward_hook(lambda *_: calls.append(1))  # once per encoder pass
     return calls
 
 

@@ -82,3 +82,27 @@ def test_balance_with_a_variable_number_of_slots_per_token():
 def test_balance_with_variable_slots_and_no_slot_at_all_is_zero():
     s = _stats([[0.5, 0.5]] * 2, [[], []], None)  # threshold routing that kept no expert
     assert balance_loss(s).item() == 0.0
+
+
+def test_balance_term_stacks_routers_with_the_same_values_and_gradients():
+    """BalanceLoss stacks decisions of equal shape, level and k: the same as balance_loss one at a time."""
+    torch.manual_seed(5)
+    mask = torch.tensor([True, False, True, True, True, False])
+    leaves, outs = [], []
+    for m, k, level, rows in [(8, 2, "token", 6), (8, 2, "token", 6), (8, 2, "token", 6), (4, 2, "token", 6),
+                              (8, None, "token", 6), (8, 1, "sequence", 2), (8, 1, "sequence", 2)]:
+        logits = torch.randn(rows, m, requires_grad=True)
+        probs = logits.softmax(-1)
+        if k is None:
+            selected = probs > 0.1  # a variable number of slots per token
+        else:
+            selected = torch.zeros(rows, m, dtype=torch.bool).scatter(-1, probs.topk(k, -1).indices, True)
+        leaves.append(logits)
+        outs.append(RouterOutput(gates=probs, probs=probs, balance=[BalanceStats(probs, selected, k, level)]))
+    got = BalanceLoss()(outs, mask)
+    want = sum(balance_loss(o.balance[0], mask) for o in outs)
+    torch.testing.assert_close(got, want)
+    g_got, g_want = torch.autograd.grad(got, leaves, retain_graph=True), torch.autograd.grad(want, leaves)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(g.abs().sum() > 0 for g in g_got)

@@ -19,7 +19,8 @@ from mole.adapters.ffn import max_active
 from mole.adapters.ffn import reference_forward as ffn_reference
 from mole.adapters.lora import gather_reference_forward, reference_forward
 from mole.model.context import RoutingContext
-from mole.pipeline import build_mole_model
+from mole.model.routing import collect_routing
+from mole.pipeline import build_aux_losses, build_mole_model
 from mole.routers import SoftRouter, TopKRouter
 from mole.routers.base import param_dtype, run_router
 from mole.routers.hybrid import TaskEncoder
@@ -33,14 +34,22 @@ PRESETS = ["lora", "mola", "mola_mor", "mola_crw", "dynmole", "dynmole_topp", "h
 
 @pytest.mark.parametrize("method", PRESETS)
 def test_forward_and_backward_have_no_host_sync(method):
-    """On the meta device a tensor has no data: any host read of one raises, so this passes only sync-free."""
-    model, _, _ = build_mole_model(compose_tiny([f"method={method}"]))
+    """On the meta device a tensor has no data: any host read of one raises, so this passes only sync-free.
+    The preset's auxiliary losses (balance, CGJS, Tsallis) are part of the step, padding mask included."""
+    cfg = compose_tiny([f"method={method}"])
+    model, _, _ = build_mole_model(cfg)
+    aux = build_aux_losses(cfg)
     model.train().to("meta")
     ids = torch.zeros(2, 9, dtype=torch.long, device="meta")
     # no attention_mask: transformers' own mask helper reads the mask on the host; mole's code is under test
-    logits = model(input_ids=ids).logits
+    with collect_routing(model) as routing:
+        logits = model(input_ids=ids).logits
     assert logits.shape == (2, 9, model.config.vocab_size) and logits.is_meta
-    logits.sum().backward()
+    token_mask = torch.ones(18, dtype=torch.bool, device="meta")
+    total = logits.sum()
+    for term in aux.values():
+        total = total + term.weight * term(routing, token_mask).to(total.device)
+    total.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n)
 
 
@@ -132,12 +141,20 @@ def test_task_encoder_computes_the_full_layers_output_at_e_task(norm_first):
     ids = torch.randint(0, 20, (3, 7))
     prompt = torch.zeros(3, 7, dtype=torch.bool)
     prompt[0, :4], prompt[1, :2], prompt[2, 1:6] = True, True, True  # row 2: a prompt not at the start
+    prompt[1] = False if norm_first else prompt[1]  # no prompt at all: e_task attends to itself only
     fast = enc.encode(ids, prompt)  # (3, 16)
     seq = torch.cat([emb(ids), enc.e_task.expand(3, 1, -1)], dim=1)
     ignore = torch.cat([~prompt, torch.zeros(3, 1, dtype=torch.bool)], dim=1)
     enc.train()  # the full layer's plain (non fast-path) computation
     full = enc.layer(seq, src_key_padding_mask=ignore)[:, -1]
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    # the folded key/value projections give the same gradients as the full layer's
+    params = [enc.e_task, *enc.layer.parameters()]
+    w = torch.randn_like(fast)
+    g_fast = torch.autograd.grad((fast * w).sum(), params)
+    g_full = torch.autograd.grad((full * w).sum(), params, allow_unused=True)
+    for name, a, b in zip(["e_task", *dict(enc.layer.named_parameters())], g_fast, g_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     # keys outside the prompt are ignored: changing those tokens leaves H_task as it was
     changed = ids.clone()
     changed[0, 5:] = (changed[0, 5:] + 1) % 20

@@ -1,8 +1,8 @@
 """Losses: the LM objective and auxiliary routing terms, selected from ``conf/loss/``."""
 
-from mole.losses.cgjs import CGJSLoss, cgjs_loss
+from mole.losses.cgjs import CGJSLoss, cgjs_loss, cgjs_losses
 from mole.losses.lm import lm_loss
-from mole.losses.routing import BalanceLoss, balance_loss
+from mole.losses.routing import BalanceLoss, balance_loss, balance_losses
 from mole.losses.tsallis import TsallisLoss, mean_tsallis_entropy
 
 __all__ = [
@@ -10,7 +10,9 @@ __all__ = [
     "CGJSLoss",
     "TsallisLoss",
     "balance_loss",
+    "balance_losses",
     "cgjs_loss",
+    "cgjs_losses",
     "lm_loss",
     "mean_tsallis_entropy",
 ]

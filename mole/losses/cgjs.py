@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mole.routers.base import RouterOutput, real_rows
-from mole.routers.select import balance_and_certainty
+from mole.routers.base import RouterOutput
+from mole.routers.select import balance_and_certainty, shannon_entropy
 from mole.utils.errors import MoleConfigError
 
 
@@ -47,6 +47,43 @@ def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tens
     balance, certainty = balance_and_certainty(probs)  # H(mean g), mean H(g): eq. 10's two terms
     cgjs = torch.clamp(balance, max=gamma_b * log_e) - torch.clamp(certainty, min=gamma_c * log_e)  # eq. 11
     return torch.clamp((gamma_b - gamma_c) * log_e - cgjs, min=0.0) / log_e  # eq. 12
+
+
+def cgjs_losses(probs: Tensor, row_weight: Tensor | None = None, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tensor:
+    """:func:`cgjs_loss` of R routers at once, padding rows weighted out instead of removed.
+
+    The same values and gradients as ``[cgjs_loss(p[row_weight.bool()], ...) for p in probs]``, in one
+    set of operations for all R routers, and without boolean indexing (which waits for the host to learn
+    how many rows are real).
+
+    Args:
+        probs: ``(R, N, E)`` R routers' gate distributions over the same N rows.
+        row_weight: ``(N,)`` 1 for real rows, 0 for padding; ``None``: every row is real.
+        gamma_b, gamma_c: as :func:`cgjs_loss`.
+
+    Returns:
+        ``(R,)`` losses; 0 for fewer than two experts or no real row.
+    """
+    r, n, e = probs.shape
+    p = probs.float()
+    if n == 0 or e < 2:
+        return p.sum(dim=(1, 2)) * 0.0
+    log_e = math.log(e)
+    entropy = shannon_entropy(p)  # (R, N)
+    if row_weight is None:
+        mean_g, certainty = p.mean(dim=1), entropy.mean(dim=1)  # (R, E), (R,)
+        real = None
+    else:
+        w = row_weight.to(device=p.device, dtype=p.dtype)  # (N,)
+        count = w.sum()
+        real = count > 0
+        denom = count.clamp_min(1.0)
+        mean_g = (p * w[:, None]).sum(dim=1) / denom  # (R, E): mean over real rows
+        certainty = (entropy * w).sum(dim=1) / denom  # (R,)
+    balance = shannon_entropy(mean_g)  # (R,)
+    cgjs = torch.clamp(balance, max=gamma_b * log_e) - torch.clamp(certainty, min=gamma_c * log_e)  # eq. 11
+    loss = torch.clamp((gamma_b - gamma_c) * log_e - cgjs, min=0.0) / log_e  # eq. 12
+    return loss if real is None else loss * real.to(loss.dtype)
 
 
 class CGJSLoss:
@@ -74,13 +111,21 @@ class CGJSLoss:
         self.task_routers = task_routers
 
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
-        """Sum over every router distribution in ``outputs``; token rows exclude padding (``token_mask``)."""
-        terms = [
-            cgjs_loss(real_rows(d.probs, d.level, token_mask), self.gamma_b, self.gamma_c)
-            for out in outputs
-            for d in out.distributions()
-            if self.task_routers or d.kind != "task"
-        ]
-        if not terms:
+        """Sum over every router distribution in ``outputs``; token rows exclude padding (``token_mask``).
+
+        Distributions of the same shape and level (a model's token routers of equal expert count, its task
+        routers) are stacked and go through :func:`cgjs_losses` together.
+        """
+        groups: dict[tuple, list[Tensor]] = {}
+        for out in outputs:
+            for d in out.distributions():
+                if self.task_routers or d.kind != "task":
+                    groups.setdefault((d.level, tuple(d.probs.shape), d.probs.device), []).append(d.probs)
+        if not groups:
             return torch.zeros(())
-        return torch.stack(terms).sum()
+        terms = []
+        for (level, _shape, _device), probs in groups.items():
+            weight = token_mask if level == "token" else None
+            stacked = torch.stack(probs) if len(probs) > 1 else probs[0].unsqueeze(0)  # (R, N, E)
+            terms.append(cgjs_losses(stacked, weight, self.gamma_b, self.gamma_c).sum())
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()

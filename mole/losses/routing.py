@@ -27,23 +27,39 @@ def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tenso
         stats: the routing decision (probabilities ``(N, M)``, chosen set ``(N, M)``, k).
         token_mask: ``(N,)`` bool, the real (non-padding) tokens; ``None`` counts every row.
     """
-    probs = stats.probs.float()  # (N, M)
-    m = probs.shape[-1]
+    weight = token_mask if stats.level == "token" else None
+    return balance_losses(stats.probs, stats.selected, stats.k, weight)
+
+
+def balance_losses(probs: Tensor, selected: Tensor, k: int | None, row_weight: Tensor | None = None) -> Tensor:
+    """:func:`balance_loss` of one routing decision ``(N, M)``, or of R decisions over the same rows at once.
+
+    Args:
+        probs: ``(N, M)`` or ``(R, N, M)`` router probabilities.
+        selected: the chosen sets, the shape of ``probs``.
+        k: routing slots per token, or ``None`` (counted from ``selected``).
+        row_weight: ``(N,)`` 1 for real rows, 0 for padding; ``None`` counts every row.
+
+    Returns:
+        A scalar, or ``(R,)`` losses.
+    """
+    probs = probs.float()
+    m, n_rows = probs.shape[-1], probs.shape[-2]
     # padding rows weigh 0 (masked sums instead of boolean indexing: no host synchronisation)
-    if stats.level == "token" and token_mask is not None:
-        w = token_mask.to(device=probs.device, dtype=probs.dtype).unsqueeze(-1)  # (N, 1)
+    if row_weight is not None:
+        w = row_weight.to(device=probs.device, dtype=probs.dtype).unsqueeze(-1)  # (N, 1)
         n = w.sum()  # real rows, a tensor
     else:
-        w, n = None, probs.new_tensor(float(probs.shape[0]))
-    sel = stats.selected.to(probs.dtype)
-    counts = (sel if w is None else sel * w).sum(dim=0)  # (M,) slots per choice
-    if stats.k is None:
+        w, n = None, probs.new_tensor(float(n_rows))
+    sel = selected.to(probs.dtype)
+    counts = (sel if w is None else sel * w).sum(dim=-2)  # (..., M) slots per choice
+    if k is None:
         # a variable number of slots per token: F_i is the fraction of all slots taken (0 if none were)
-        frac = counts / counts.sum().clamp_min(1.0)  # (M,) F_i, eq. 18
+        frac = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (..., M) F_i, eq. 18
     else:
-        frac = counts / (stats.k * n).clamp_min(1.0)  # (M,) F_i, eq. 18 (no real row: counts are 0)
-    mean_prob = (probs if w is None else probs * w).sum(dim=0) / n.clamp_min(1.0)  # (M,) P_i, eq. 19
-    return m * (frac * mean_prob).sum()
+        frac = counts / (k * n).clamp_min(1.0)  # (..., M) F_i, eq. 18 (no real row: counts are 0)
+    mean_prob = (probs if w is None else probs * w).sum(dim=-2) / n.clamp_min(1.0)  # (..., M) P_i, eq. 19
+    return m * (frac * mean_prob).sum(dim=-1)
 
 
 class BalanceLoss:
@@ -65,10 +81,24 @@ class BalanceLoss:
         self._warned = False
 
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
-        terms = [balance_loss(s, token_mask) for out in outputs for s in out.balance]
-        if not terms:
+        # decisions of the same shape, level and k (a model's routers of equal expert count) go through
+        # balance_losses together: one set of operations instead of one per router
+        groups: dict[tuple, list[BalanceStats]] = {}
+        for out in outputs:
+            for st in out.balance:
+                groups.setdefault((st.level, tuple(st.probs.shape), st.k, st.probs.device), []).append(st)
+        if not groups:
             if not self._warned and outputs:
                 warnings.warn("loss.balance: the routers expose no sparse choice to balance (soft routing); term is 0", stacklevel=2)
                 self._warned = True
             return torch.zeros(())
-        return torch.stack(terms).sum()
+        terms = []
+        for (level, _shape, k, _device), stats in groups.items():
+            weight = token_mask if level == "token" else None
+            if len(stats) == 1:
+                terms.append(balance_losses(stats[0].probs, stats[0].selected, k, weight))
+            else:
+                probs = torch.stack([st.probs.float() for st in stats])  # (R, N, M)
+                selected = torch.stack([st.selected for st in stats])  # (R, N, M)
+                terms.append(balance_losses(probs, selected, k, weight).sum())
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()

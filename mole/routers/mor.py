@@ -147,12 +147,15 @@ class MoRRouter(nn.Module):
             if self.main_top_k is None or self.main_top_k == R:
                 weights = main_probs  # eq. 6 over all sub-routers (their weights already sum to 1)
                 # NOTE(deviation): top-1 slot for the balance loss, see the module docstring
-                _, chosen = keep_top_k(main_probs, 1, "sum")
+                chosen = torch.zeros_like(main_probs, dtype=torch.bool).scatter_(
+                    -1, main_probs.argmax(dim=-1, keepdim=True), True)  # (N, R), each token's top sub-router
                 balance.append(BalanceStats(main_probs, chosen, 1))
             else:
                 weights, chosen = keep_top_k(main_probs, self.main_top_k, "sum")  # eq. 6
                 balance.append(BalanceStats(main_probs, chosen, self.main_top_k))
-            scores = torch.einsum("nr,nre->ne", weights, sub_probs)  # (N, E), eq. 6
+            # (N, E), eq. 6; a broadcast product and a sum over the R sub-routers, cheaper than einsum's
+            # batched matrix product of (1 x R) by (R x E) per token
+            scores = (weights.unsqueeze(-1) * sub_probs).sum(dim=1)
         if self.select == "soft":
             return RouterOutput(gates=scores, probs=scores, balance=balance)
         k = None  # slots per token vary for topp / dynamic
