@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mole.routers.base import RouterOutput
-from mole.routers.select import balance_and_certainty, shannon_entropy
+from mole.routers.select import shannon_entropy
 from mole.utils.errors import MoleConfigError
 
 
@@ -40,13 +40,7 @@ def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tens
     Returns:
         A scalar in ``[0, 1]``; 0 for fewer than two experts or no rows.
     """
-    n, e = probs.shape
-    if n == 0 or e < 2:
-        return probs.sum() * 0.0
-    log_e = math.log(e)
-    balance, certainty = balance_and_certainty(probs)  # H(mean g), mean H(g): eq. 10's two terms
-    cgjs = torch.clamp(balance, max=gamma_b * log_e) - torch.clamp(certainty, min=gamma_c * log_e)  # eq. 11
-    return torch.clamp((gamma_b - gamma_c) * log_e - cgjs, min=0.0) / log_e  # eq. 12
+    return cgjs_losses(probs.unsqueeze(0), None, gamma_b, gamma_c)[0]
 
 
 def cgjs_losses(probs: Tensor, row_weight: Tensor | None = None, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tensor:
@@ -80,7 +74,7 @@ def cgjs_losses(probs: Tensor, row_weight: Tensor | None = None, gamma_b: float 
         denom = count.clamp_min(1.0)
         mean_g = (p * w[:, None]).sum(dim=1) / denom  # (R, E): mean over real rows
         certainty = (entropy * w).sum(dim=1) / denom  # (R,)
-    balance = shannon_entropy(mean_g)  # (R,)
+    balance = shannon_entropy(mean_g)  # (R,): H(mean g) and `certainty` mean H(g) are eq. 10's two terms
     cgjs = torch.clamp(balance, max=gamma_b * log_e) - torch.clamp(certainty, min=gamma_c * log_e)  # eq. 11
     loss = torch.clamp((gamma_b - gamma_c) * log_e - cgjs, min=0.0) / log_e  # eq. 12
     return loss if real is None else loss * real.to(loss.dtype)
