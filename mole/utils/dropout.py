@@ -54,6 +54,11 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype 
     q = quantized_drop_prob(p)
     if q is None:
         raise ValueError(f"dropout p={p} is not within 0.1% of a multiple of 2^-16; use the float path")
+    return _mask16(shape, q, dtype, device)
+
+
+def _mask16(shape, q: float, dtype: torch.dtype, device) -> Tensor:
+    """:func:`keep_mask` for an already rounded drop probability ``q = p'``."""
     numel = 1
     for s in shape:
         numel *= int(s)
@@ -75,7 +80,8 @@ class ExpertDropout(nn.Dropout):
             return x
         if x.device.type != "cpu" or self.inplace or self.p >= 1.0 or not x.dtype.is_floating_point:
             return F.dropout(x, self.p, True, self.inplace)
-        if quantized_drop_prob(self.p) is not None:
-            return x * keep_mask(x.shape, self.p, x.dtype, x.device)
+        q = quantized_drop_prob(self.p)
+        if q is not None:
+            return x * _mask16(x.shape, q, x.dtype, x.device)
         keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # float path: 0 or 1/(1-p)
         return x * keep
