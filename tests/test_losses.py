@@ -106,3 +106,18 @@ def test_balance_term_stacks_routers_with_the_same_values_and_gradients():
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b)
     assert all(g.abs().sum() > 0 for g in g_got)
+
+
+def test_sum_over_groups_calls_the_term_once_per_key_with_its_members_in_order():
+    from mole.losses.routing import sum_over_groups
+
+    seen = []
+
+    def term(key, members):
+        seen.append((key, members))
+        return torch.tensor(float(sum(members)))
+
+    total = sum_over_groups([1, 2, 3, 4, 5], lambda v: v % 2, term)
+    assert seen == [(1, [1, 3, 5]), (0, [2, 4])]
+    assert total.item() == 15.0
+    assert sum_over_groups([], lambda v: v, term) is None

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mole.routers.base import RouterOutput
+from mole.losses.routing import sum_over_groups
+from mole.routers.base import GateDist, RouterOutput
 from mole.routers.select import shannon_entropy
 from mole.utils.errors import MoleConfigError
 
@@ -110,16 +111,14 @@ class CGJSLoss:
         Distributions of the same shape and level (a model's token routers of equal expert count, its task
         routers) are stacked and go through :func:`cgjs_losses` together.
         """
-        groups: dict[tuple, list[Tensor]] = {}
-        for out in outputs:
-            for d in out.distributions():
-                if self.task_routers or d.kind != "task":
-                    groups.setdefault((d.level, tuple(d.probs.shape), d.probs.device), []).append(d.probs)
-        if not groups:
-            return torch.zeros(())
-        terms = []
-        for (level, _shape, _device), probs in groups.items():
-            weight = token_mask if level == "token" else None
-            stacked = torch.stack(probs) if len(probs) > 1 else probs[0].unsqueeze(0)  # (R, N, E)
-            terms.append(cgjs_losses(stacked, weight, self.gamma_b, self.gamma_c).sum())
-        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        def term(key: tuple, dists: list[GateDist]) -> Tensor:
+            weight = token_mask if key[0] == "token" else None
+            probs = torch.stack([d.probs for d in dists])  # (R, N, E)
+            return cgjs_losses(probs, weight, self.gamma_b, self.gamma_c).sum()
+
+        total = sum_over_groups(
+            (d for out in outputs for d in out.distributions() if self.task_routers or d.kind != "task"),
+            lambda d: (d.level, tuple(d.probs.shape), d.probs.device),
+            term,
+        )
+        return torch.zeros(()) if total is None else total

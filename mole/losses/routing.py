@@ -7,13 +7,31 @@ as HMoRA eq. 13 does (SPEC §3). Padding tokens are excluded from every statisti
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from mole.routers.base import BalanceStats, RouterOutput
 from mole.utils.errors import MoleConfigError
+
+T = TypeVar("T")
+
+
+def sum_over_groups(items: Iterable[T], key: Callable[[T], Hashable], term: Callable[[Hashable, list[T]], Tensor]) -> Tensor | None:
+    """``sum_g term(key_g, members_g)`` over the groups of ``items`` that share ``key(item)``; ``None`` if empty.
+
+    The auxiliary losses group a model's routers of equal shape and level so that each group is stacked
+    and computed in one set of operations instead of one per router.
+    """
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    terms = [term(k, members) for k, members in groups.items()]
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tensor:
@@ -83,22 +101,23 @@ class BalanceLoss:
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
         # decisions of the same shape, level and k (a model's routers of equal expert count) go through
         # balance_losses together: one set of operations instead of one per router
-        groups: dict[tuple, list[BalanceStats]] = {}
-        for out in outputs:
-            for st in out.balance:
-                groups.setdefault((st.level, tuple(st.probs.shape), st.k, st.probs.device), []).append(st)
-        if not groups:
+        def term(key: tuple, stats: list[BalanceStats]) -> Tensor:
+            level, k = key[0], key[2]
+            weight = token_mask if level == "token" else None
+            if len(stats) == 1:
+                return balance_losses(stats[0].probs, stats[0].selected, k, weight)
+            probs = torch.stack([st.probs.float() for st in stats])  # (R, N, M)
+            selected = torch.stack([st.selected for st in stats])  # (R, N, M)
+            return balance_losses(probs, selected, k, weight).sum()
+
+        total = sum_over_groups(
+            (st for out in outputs for st in out.balance),
+            lambda st: (st.level, tuple(st.probs.shape), st.k, st.probs.device),
+            term,
+        )
+        if total is None:
             if not self._warned and outputs:
                 warnings.warn("loss.balance: the routers expose no sparse choice to balance (soft routing); term is 0", stacklevel=2)
                 self._warned = True
             return torch.zeros(())
-        terms = []
-        for (level, _shape, k, _device), stats in groups.items():
-            weight = token_mask if level == "token" else None
-            if len(stats) == 1:
-                terms.append(balance_losses(stats[0].probs, stats[0].selected, k, weight))
-            else:
-                probs = torch.stack([st.probs.float() for st in stats])  # (R, N, M)
-                selected = torch.stack([st.selected for st in stats])  # (R, N, M)
-                terms.append(balance_losses(probs, selected, k, weight).sum())
-        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        return total
