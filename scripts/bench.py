@@ -285,6 +285,31 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
     return Variant(name, model, step, forward_loss, opt, trainable)
 
 
+def configure_dynamo() -> None:
+    """Dynamo settings for compiling many variants' layers in one process.
+
+    * Each distinct layer is a graph of its own: MoLA's layers differ in expert count, HMoRA's in a_l, MoA's
+      in the layer router its input-norm hook calls, and the first layer's input needs no gradient. That
+      is far more than Dynamo's default of 8 graphs per code object.
+    * Past the limit Dynamo would run the rest eagerly without a word; it fails instead, so that no ratio
+      compares a compiled step with an eager one.
+    * Dynamo does not guard module hooks by default, so a graph traced with one layer's hooks could run
+      for another layer (or another variant) whose hooks differ. MoA's layer routers are hooks
+      (:class:`mole.routers.placement.LayerRouter`): hooks are guarded.
+    """
+    import torch._dynamo as dynamo
+
+    cfg = dynamo.config
+    for name, least in (("recompile_limit", 1024), ("cache_size_limit", 1024),
+                        ("accumulated_recompile_limit", 8192), ("accumulated_cache_size_limit", 8192)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), least))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
+    cfg.skip_nnmodule_hook_guards = False
+
+
 def compile_model(model: nn.Module, scope: str) -> None:
     """``torch.compile`` the forward (the loss, backward and optimizer step stay eager, the same for every
     variant). ``scope="layer"`` compiles each decoder layer in place (regional compilation: the layers share
@@ -536,11 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
         if malloc is None and args.keep_freed_memory == "on":
             p.error("--keep-freed-memory on needs glibc (mallopt)")
     if setup.compile:
-        # MoLA's layers differ in expert count and HMoRA's in a_l: each distinct layer is a graph of its own,
-        # more than Dynamo's default of 8 per code object (past which it silently runs the rest eagerly)
-        import torch._dynamo as dynamo
-
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        configure_dynamo()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -81,3 +81,14 @@ def test_half_precision_input_keeps_its_dtype_and_rate():
     y = ExpertDropout(0.2).train()(x)
     assert y.dtype == torch.bfloat16
     assert abs((y == 0).float().mean().item() - 0.2) < 0.005
+
+
+def test_torch_compile_traces_it_in_one_graph():
+    # the 16-bit draw (random_ over the int64 range) breaks a dynamo graph; traced code takes F.dropout
+    drop = ExpertDropout(0.1).train()
+    f = torch.compile(lambda x: drop(x) * 2.0, backend="eager", fullgraph=True)
+    torch.manual_seed(0)
+    y = f(torch.ones(128, 64))
+    kept = y != 0
+    assert 0.87 < kept.float().mean().item() < 0.93
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 2.0 / 0.9))

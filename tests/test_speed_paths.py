@@ -214,3 +214,40 @@ def test_training_and_validation_forwards_build_no_kv_cache(monkeypatch):
     loss.backward()
     validation_loss(model, [batch])
     assert not made
+
+
+def _load_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("mole_bench_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+
+def test_bench_compile_settings_fail_past_the_recompile_limit_instead_of_running_eagerly():
+    # past Dynamo's recompile limit a compiled layer would silently run eagerly, and the bench would compare
+    # compiled steps with eager ones; its settings make that an error. Traced only (backend "eager").
+    import torch._dynamo as dynamo
+
+    keys = [k for k in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                        "accumulated_cache_size_limit", "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit",
+                        "skip_nnmodule_hook_guards") if hasattr(dynamo.config, k)]
+    saved = {k: getattr(dynamo.config, k) for k in keys}
+    try:
+        dynamo.reset()
+        _load_bench().configure_dynamo()
+        assert not dynamo.config.skip_nnmodule_hook_guards  # MoA's layer routers are hooks: guard them
+        dynamo.config.recompile_limit = 1
+        f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+        f(torch.ones(2))
+        with pytest.raises(Exception, match="(?i)limit"):
+            f(torch.ones(3))  # a second shape: a second graph, past the limit of 1
+    finally:
+        for k, v in saved.items():
+            setattr(dynamo.config, k, v)
+        dynamo.reset()

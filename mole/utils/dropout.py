@@ -16,9 +16,9 @@ adapted Linear, one more per router that has input dropout (HMoRA) — take abou
   instead: ``u ~ U[0, 1)`` in float32, kept iff ``u >= p`` (``bernoulli_``'s resolution), scale
   ``1 / (1 - p)``.
 
-Other devices use ``F.dropout`` (fused there). Evaluation mode, or ``p = 0``, is the identity. The
-random stream differs from ``nn.Dropout``'s, so masks differ draw by draw; a seeded generator
-(``torch.manual_seed``) makes them reproducible.
+Other devices, and code traced by ``torch.compile``, use ``F.dropout`` (fused there). Evaluation mode, or
+``p = 0``, is the identity. The random stream differs from ``nn.Dropout``'s, so masks differ draw by
+draw; a seeded generator (``torch.manual_seed``) makes them reproducible.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class ExpertDropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or self.inplace or self.p >= 1.0 or not x.dtype.is_floating_point:
+        if (x.device.type != "cpu" or self.inplace or self.p >= 1.0 or not x.dtype.is_floating_point
+                or torch.compiler.is_compiling()):
+            # under torch.compile, the compiler's own (fused) dropout: the 16-bit draw would break the graph
             return F.dropout(x, self.p, True, self.inplace)
         q = quantized_drop_prob(self.p)
         if q is not None:
