@@ -365,6 +365,7 @@ def peak_memory_mb(v: Variant, batch: dict, setup: Setup) -> float:
     param_ptrs = {p.untyped_storage().data_ptr() for p in v.model.parameters()}
     saved: dict[int, int] = {}
 
+    @torch.compiler.disable  # measurement, not model code: traced, it would recompile for every tensor it sees
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             storage = t.untyped_storage()
