@@ -192,13 +192,13 @@ def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[st
     """
     from mole.model.inject import is_trainable_name
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    base = total - sum(p.numel() for n, p in model.named_parameters() if is_trainable_name(n))
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    base = total - sum(_numel(p) for n, p in model.named_parameters() if is_trainable_name(n))
     layers = decoder_layers(model)
     # modules trained once per model, outside the decoder layers (HMoRA's task encoder)
     per_model = {
-        name: sum(p.numel() for p in m.parameters())
+        name: sum(_numel(p) for p in m.parameters())
         for name, m in model.named_children()
         if name.startswith("mole_")
     }
@@ -214,6 +214,13 @@ def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[st
             for i, (e, r) in enumerate(zip(report.experts_per_layer, report.routers_per_layer, strict=True))
         ],
     }
+
+
+def _numel(p: torch.Tensor) -> int:
+    """A parameter's full size. Under DeepSpeed ZeRO-3 the base model is built partitioned (transformers
+    builds it inside ``deepspeed.zero.Init``): each process holds an empty placeholder, the real size is
+    ``ds_numel``."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _layer_info(layer: torch.nn.Module) -> dict[str, Any]:

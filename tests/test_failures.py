@@ -62,6 +62,23 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_finite_adapter(t
     assert again["finished"] and not (run_dir / "error.txt").exists()
 
 
+@pytest.mark.parametrize("norm, finished", [(0.5, True), (float("nan"), False), (None, True)])
+def test_a_gradient_norm_given_as_a_float_or_none_is_checked(norm, finished, tmp_path, monkeypatch):
+    """Under DeepSpeed, ``Accelerator.clip_grad_norm_`` returns the engine's global norm as a Python float
+    (None before its first step), not a tensor; the loop's finiteness check took only tensors."""
+    from accelerate import Accelerator
+
+    from mole.utils.errors import NonFiniteLossError
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, params, max_norm: norm)
+    cfg = compose_config([*TINY, "trainer.max_steps=2"])
+    if finished:
+        assert run_train(cfg, tmp_path)["finished"]
+    else:
+        with pytest.raises(NonFiniteLossError, match="gradient norm became nan at step 1"):
+            run_train(cfg, tmp_path)
+
+
 # ---- sweeps: a failed job does not stop the others ----
 
 

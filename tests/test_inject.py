@@ -48,6 +48,22 @@ def test_lora_r8_on_qwen2_1_5b_is_060_percent():
     assert round(rep["percent"], 2) == 0.60
 
 
+def test_parameter_report_counts_zero3_partitioned_weights_at_their_full_size(tiny_cfg):
+    """Under DeepSpeed ZeRO-3 transformers builds the base model partitioned: each weight is an empty
+    placeholder whose real size is ``ds_numel``. The report must count that size (it divided by zero)."""
+    import torch
+
+    model, _, report = build_mole_model(tiny_cfg("experts=mola_2468"))
+    whole = parameter_report(model, report)
+    for p in model.parameters():
+        if not p.requires_grad:  # the frozen base, as a ZeRO-3 process of several holds it
+            p.ds_numel = p.numel()
+            p.data = torch.empty(0, dtype=p.dtype)
+    partitioned = parameter_report(model, report)
+    assert partitioned["base"] == whole["base"] > 0
+    assert (partitioned["total"], partitioned["percent"]) == (whole["total"], whole["percent"])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -14,8 +14,19 @@ from hydra import compose, initialize_config_dir
 from mole import CONF_DIR
 
 SECRET = "sk-live-1234567890abcdef"
-HAS_JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
-HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def _installed(module: str) -> bool:
+    """find_spec of a submodule raises when its parent package (here the ``hydra_plugins`` namespace, which
+    only the launcher plugins install) is missing; that means not installed."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_JOBLIB = _installed("hydra_plugins.hydra_joblib_launcher")
+HAS_SUBMITIT = _installed("hydra_plugins.hydra_submitit_launcher")
 
 
 def _compose_with_hydra(*overrides: str):

@@ -210,8 +210,9 @@ def train(
                     f"training loss became {sums['loss']} at step {step}; lower trainer.lr or check the data"
                 )
             if args.max_grad_norm > 0:
+                # a tensor, or under DeepSpeed the engine's global norm as a Python float (None before its first step)
                 norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-                if norm is not None and not torch.isfinite(norm):  # the step would write NaN into the weights
+                if norm is not None and not math.isfinite(float(norm)):  # the step would write NaN into the weights
                     raise NonFiniteLossError(
                         f"gradient norm became {float(norm)} at step {step}; lower trainer.lr or check the data"
                     )
