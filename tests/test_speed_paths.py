@@ -252,3 +252,77 @@ def test_bench_compile_settings_fail_past_the_recompile_limit_instead_of_running
         for k, v in saved.items():
             setattr(dynamo.config, k, v)
         dynamo.reset()
+
+
+# ---- torch.compile: one graph per layer ----
+
+
+def test_a_routed_layer_under_autocast_compiles_to_one_graph(monkeypatch):
+    """The router leaves autocast (fp32 gates). Its check ``torch.amp.is_autocast_available`` is a builtin
+    that Dynamo could not trace before torch 2.13: a graph break at every routed Linear (seen on an H100
+    with torch 2.11). Made untraceable here on any torch version, it must not be reached under compile."""
+    from mole.model.layer import MoLELinear
+
+    real = torch.amp.is_autocast_available
+
+    def untraceable(kind):
+        torch._dynamo.graph_break()
+        return real(kind)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    torch.manual_seed(0)
+    layer = MoLELinear(nn.Linear(16, 12).to(torch.bfloat16).requires_grad_(False), LoRAExperts(16, 12, 4, 2),
+                       SoftRouter(16, 4))
+    nn.init.normal_(layer.mole_experts.lora_B)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = layer(x)
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    assert torch.equal(compiled, eager)
+    gates = run_router(layer.mole_router, x.float()).gates
+    assert gates.dtype == torch.float32  # the router still ran outside autocast
+
+
+def test_the_soft_loop_reference_compiles_to_one_graph():
+    """Under compile the per-expert loop computes every expert instead of testing its gates on the host
+    (``bool(g.any())`` breaks the graph), so the bench's compiled ``loop_soft`` is a whole-graph loop."""
+    torch.manual_seed(0)
+    experts = LoRAExperts(16, 12, 4, 2)
+    nn.init.normal_(experts.lora_B)
+    x, gates = torch.randn(6, 16), torch.softmax(torch.randn(6, 4), -1)
+    gates[:, 2] = 0.0  # an expert no token uses: skipped eagerly, computed (as zero) when compiled
+    f = torch.compile(lambda x, g: reference_forward(experts, x, g), backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(x, gates), reference_forward(experts, x, gates))
+    torch.testing.assert_close(f(x, gates), experts(x, gates))
+
+
+def test_bench_compiles_each_variant_with_its_own_code_objects():
+    """Dynamo caches graphs per code object. The bench gives every variant's layers their own, so that a
+    graph-breaking variant (the gather loop) leaves no partial graph that another variant's layer matches."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from mole.model.inject import decoder_layers
+
+    bench = _load_bench()
+    torch._dynamo.reset()
+    try:
+        models = {}
+        for name, method in (("lora", "lora"), ("loop", "mola")):
+            model, _, _ = build_mole_model(compose_tiny([f"method={method}", "adapter.dropout=0"]))
+            if name == "loop":
+                assert bench.swap_in_loops(model, "gather")
+            bench.compile_model(model, "layer", tag=name, backend="eager")
+            models[name] = model
+        ids = torch.randint(3, 100, (2, 8))
+        for model in models.values():
+            model(input_ids=ids).logits.sum().backward()
+        layer_cls = type(decoder_layers(models["lora"])[0])
+        assert not _debug_get_cache_entry_list(layer_cls.forward.__code__)  # the shared code: untouched
+        codes = {name: {layer.forward.__code__ for layer in decoder_layers(m)} for name, m in models.items()}
+        assert all(len(c) == 1 for c in codes.values()) and codes["lora"].isdisjoint(codes["loop"])
+        (lora_code,) = codes["lora"]
+        assert lora_code.co_name.endswith("__lora")
+        # mole's LoRA layers: whole graphs, at most one for the first layer (input without grad) and one for the rest
+        assert 1 <= len(_debug_get_cache_entry_list(lora_code)) <= 2
+    finally:
+        torch._dynamo.reset()

@@ -108,7 +108,8 @@ def reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = No
     """The plain per-expert loop ``sum_i g_i (alpha/r) B_i A_i dropout(x)``, for tests and benchmarks.
 
     Mathematically identical to :meth:`LoRAExperts.forward`; it computes each expert separately, as
-    the published MoLE code does, and skips experts whose gates are all zero.
+    the published MoLE code does, and skips experts whose gates are all zero (not under ``torch.compile``,
+    where that test would break the graph: there every expert is computed).
     """
     xd = experts.dropout(x)
     r = experts.rank
@@ -117,7 +118,7 @@ def reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = No
         a_i = experts.lora_A[i * r : (i + 1) * r]  # (r, d_in)
         b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
         g_i = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)  # (N,)
-        if gates is not None and not bool(g_i.any()):
+        if gates is not None and not torch.compiler.is_compiling() and not bool(g_i.any()):
             continue
         out = out + g_i[:, None] * experts.scaling * F.linear(F.linear(xd, a_i), b_i)
     return out

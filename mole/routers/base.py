@@ -93,7 +93,7 @@ def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = N
     dtype = param_dtype(router)
     x = x if dtype is None else x.to(dtype)
     kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+    if _autocast_enabled(kind):
         with torch.autocast(device_type=kind, enabled=False):
             out = router(x)
     else:  # no autocast to leave: skip the context manager (one per routed Linear per forward)
@@ -101,6 +101,16 @@ def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = N
     if sink is not None:
         sink.append(out)
     return out
+
+
+def _autocast_enabled(kind: str) -> bool:
+    """Whether autocast is on for this device type. Under ``torch.compile`` only ``is_autocast_enabled``:
+    Dynamo folds it to a constant, while ``torch.amp.is_autocast_available`` (an untraceable builtin
+    before torch 2.13) broke the graph at every routed Linear; a device that reaches a compiled graph has
+    autocast."""
+    if torch.compiler.is_compiling():
+        return torch.is_autocast_enabled(kind)
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 # attributes holding a module's first parameter, looked up before the generic (slower) parameters() walk
