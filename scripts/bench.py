@@ -311,7 +311,7 @@ def configure_dynamo() -> None:
     cfg.skip_nnmodule_hook_guards = False
 
 
-def compile_model(model: nn.Module, scope: str, tag: str = "", backend: str = "inductor") -> None:
+def compile_model(model: nn.Module, scope: str, tag: str, backend: str = "inductor") -> None:
     """``torch.compile`` the forward (the loss, backward and optimizer step stay eager, the same for every
     variant). ``scope="layer"`` compiles each decoder layer in place (regional compilation: the layers share
     one compiled graph per distinct structure, so compile time grows with the distinct layers, not with
@@ -335,7 +335,7 @@ def compile_model(model: nn.Module, scope: str, tag: str = "", backend: str = "i
 
 
 def private_code(fn: Callable, tag: str) -> Callable:
-    """``fn`` with a code object of its own (renamed ``<name>__<tag>``); the same function otherwise.
+    """``fn`` with a code object of its own (renamed ``<name>__<tag>``), the same function otherwise.
 
     Dynamo keeps compiled graphs per code object, and every variant's layers run the same
     ``LlamaDecoderLayer.forward``. Shared, (1) every layer call walks the cache entries of every variant
@@ -346,8 +346,6 @@ def private_code(fn: Callable, tag: str) -> Callable:
     step time). A training run compiles one model, so this is the bench's own isolation, not a change to
     the models.
     """
-    if not tag:
-        return fn
     code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}__{tag}")
     copy_ = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
     copy_.__kwdefaults__ = fn.__kwdefaults__
