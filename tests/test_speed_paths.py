@@ -4,7 +4,8 @@
   host read (``.item()``, ``nonzero``, ``bool(tensor)``, boolean-mask indexing) raises;
 * MixLoRA's static-shape pair computation equals the whole-FFN-per-expert loop for soft, threshold
   (rows without any expert) and top-k gates;
-* the per-expert gather loop timed by ``scripts/bench.py`` equals the stacked experts;
+* the per-expert gather loop timed by ``scripts/bench.py`` equals the stacked experts, and so does the loop in
+  LoRAMoE's form in eval mode (in training it draws one dropout mask per expert);
 * HMoRA's task encoder computes only ``e_task``'s position, equal to the full encoder layer's output there.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 from mole.adapters import FFNLoRAExperts, LoRAExperts
 from mole.adapters.ffn import max_active
 from mole.adapters.ffn import reference_forward as ffn_reference
-from mole.adapters.lora import gather_reference_forward, reference_forward
+from mole.adapters.lora import gather_reference_forward, per_expert_dropout_loop_forward, reference_forward
 from mole.model.context import RoutingContext
 from mole.model.routing import collect_routing
 from mole.pipeline import build_aux_losses, build_mole_model
@@ -130,6 +131,38 @@ def test_gather_loop_equals_the_stacked_experts_with_unused_experts():
         torch.testing.assert_close(a, b)
     # expert 3 got no token: its B block has zero gradient in both
     assert not ga[2][:, 6:8].any() and not gb[2][:, 6:8].any()
+
+
+def test_loramoe_form_loop_equals_the_stacked_experts_in_eval_mode():
+    torch.manual_seed(7)
+    ex = LoRAExperts(6, 5, num_experts=4, rank=2, alpha=4.0, dropout=0.3).eval()
+    with torch.no_grad():
+        ex.lora_B.normal_()
+    x = torch.randn(7, 6, requires_grad=True)
+    gates = torch.softmax(torch.randn(7, 4), dim=-1)
+    fast, loop = ex(x, gates), per_expert_dropout_loop_forward(ex, x, gates)
+    torch.testing.assert_close(loop, fast)
+    ga = torch.autograd.grad(fast.sum(), [x, ex.lora_A, ex.lora_B])
+    gb = torch.autograd.grad(loop.sum(), [x, ex.lora_A, ex.lora_B])
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_loramoe_form_loop_draws_a_dropout_mask_per_expert_in_training():
+    """LoRAMoE's released forward calls its dropout inside the loop over experts: one mask per expert, from
+    torch's dropout. Two identical experts with equal gates then differ only by their masks."""
+    torch.manual_seed(8)
+    ex = LoRAExperts(64, 1, num_experts=2, rank=1, alpha=1.0, dropout=0.5).train()
+    with torch.no_grad():
+        ex.lora_A.fill_(1.0)
+        ex.lora_B.fill_(1.0)
+    x, gates = torch.ones(4, 64), torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(2, 1)
+    torch.manual_seed(9)
+    out = per_expert_dropout_loop_forward(ex, x, gates)  # (4, 1): row t gets expert t % 2 only
+    torch.manual_seed(9)
+    m0, m1 = (torch.nn.functional.dropout(x, 0.5, True) for _ in range(2))  # the two draws, in expert order
+    torch.testing.assert_close(out, torch.where(gates[:, :1].bool(), m0.sum(1, keepdim=True), m1.sum(1, keepdim=True)))
+    assert not torch.equal(m0, m1)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

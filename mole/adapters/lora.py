@@ -124,6 +124,28 @@ def reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = No
     return out
 
 
+def per_expert_dropout_loop_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
+    """The per-expert loop in the form of LoRAMoE's released code (Dou et al. 2024), for benchmarks.
+
+    As :func:`reference_forward`, but each expert draws a dropout mask of its own with torch's dropout
+    (``nn.Dropout``), as LoRAMoE's forward does
+    (``result + route_weight[..., i] * B_i(A_i(lora_dropout(x))) * scaling`` for each expert ``i``).
+    In eval mode, or with dropout 0, it equals :meth:`LoRAExperts.forward`; in training its masks are
+    independent per expert, where mole shares one mask across a layer's experts (module docstring).
+    """
+    p = float(getattr(experts.dropout, "p", 0.0))
+    r = experts.rank
+    out = x.new_zeros(x.shape[0], experts.out_features)
+    for i in range(experts.num_experts):
+        xd = F.dropout(x, p, experts.training) if p > 0 else x  # a fresh mask per expert
+        a_i = experts.lora_A[i * r : (i + 1) * r]  # (r, d_in)
+        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
+        y = F.linear(F.linear(xd, a_i), b_i)  # (N, d_out)
+        g_i = None if gates is None else gates[:, i : i + 1].to(x.dtype)  # (N, 1)
+        out = out + (y if g_i is None else g_i * y) * experts.scaling
+    return out
+
+
 def gather_reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
     """The per-expert *gather* loop of published sparse MoLE code (MoLA, Mixtral-style), for benchmarks.
 
