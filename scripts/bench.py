@@ -21,7 +21,8 @@ What it does (README "Speed"):
   soft / top-2 MoLE models with their experts' forward swapped for the loop; both draw one dropout mask
   per layer, as mole does. ``loop_soft_loramoe`` is ``loop_soft`` in the form of LoRAMoE's released code,
   where every expert draws its own mask with torch's dropout (CPU default; on a GPU only when named in
-  ``--variants``: its eight saved masks per Linear would not fit beside the 1B model at the GPU batch);
+  ``--variants``: eight saved dropped-out inputs per Linear instead of one add tens of GB to ``loop_soft``'s
+  61 GB at the GPU batch);
 * peak memory per variant: on CUDA ``torch.cuda.max_memory_allocated`` over one step; on the CPU an
   account of one step: parameters and buffers + gradients and two AdamW moments of the trainable
   parameters + every tensor autograd saves for backward (unique storages, parameters excluded);
@@ -236,7 +237,8 @@ def swap_in_loops(model: nn.Module, kind: str) -> int:
     return n
 
 
-def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Variant:
+def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer, overrides: list[str] | None = None) -> Variant:
+    """One variant: the peft baseline, a built-in of :data:`VARIANTS`, or ``overrides`` (``--add-variant``)."""
     from mole.losses.lm import lm_loss
     from mole.pipeline import build_aux_losses, inject_from_config
     from mole.training.args import TrainArgs
@@ -248,7 +250,8 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer) -> Varian
     shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
     model = copy.deepcopy(base, memo=shared)
     torch.manual_seed(0)
-    overrides = VARIANTS[name]
+    if overrides is None:
+        overrides = VARIANTS[name]
     if overrides is None:  # peft LoRA r=8 on all 7 linears, as mole's `method=lora` (alpha 16, dropout 0.05)
         from peft import LoraConfig, get_peft_model
 
@@ -438,9 +441,10 @@ def time_variants(variants: list[Variant], batch: dict, setup: Setup, log) -> No
     timer = Timer(setup.device, setup.clock)
     for v in variants:  # warm-up (and compilation)
         t0 = time.perf_counter()
+        loss = None  # --warmup 0: no warm-up step
         for _ in range(setup.warmup):
             loss = v.step(batch)
-        if not torch.isfinite(loss):
+        if loss is not None and not torch.isfinite(loss):
             raise RuntimeError(f"{v.name}: non-finite loss during warm-up")
         v.warmup_s = time.perf_counter() - t0
         if setup.compile:
@@ -529,9 +533,7 @@ def markdown(result: dict) -> str:
     faults = result.get("minor_page_faults_per_step_median", {})
     lines.append(f"| peft LoRA r=8 | {ms[BASELINE]:.1f} | 1.000 | | {result['trainable'][BASELINE]:,} | {mem[BASELINE]:.0f} "
                  f"| {faults.get(BASELINE, '')} |")
-    for k in RATIO_KEYS:
-        if k not in ratios:
-            continue
+    for k in ratios:
         tgt = TARGETS.get(k)
         mark = "" if tgt is None else (f"<= {tgt:.2f} " + ("met" if ratios[k] <= tgt else "**missed**"))
         lines.append(f"| {k} | {ms[k]:.1f} | {ratios[k]:.3f} | {mark} | {result['trainable'][k]:,} | {mem[k]:.0f} "
@@ -589,8 +591,15 @@ def main(argv: list[str] | None = None) -> dict:
                    help="CPU: keep freed heap memory in the process (glibc mallopt; auto = on for the CPU), so that "
                         "round-robin timing does not add page faults a training run does not have")
     p.add_argument("--model-override", action="append", help="extra model.* override, e.g. model.num_layers=8")
+    p.add_argument("--add-variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="time one more variant, built from mole-train overrides (space-separated), e.g. "
+                        "'hmora_no_router_dropout=method=hmora router.dropout=0'; repeatable")
     p.add_argument("--out", default="outputs/bench", help="output directory")
     args = p.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup must be 0 or more, got {args.warmup}")
     if args.threads is None and args.quick and args.device != "cuda":
         args.threads = 1  # --quick on the CPU: single-threaded, timed by CPU time (steady on a shared CI runner)
     if args.threads:
@@ -617,6 +626,16 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    added: dict[str, list[str]] = {}
+    for spec in args.add_variant:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name.isidentifier() or not overrides.split():
+            p.error(f"--add-variant {spec!r}: expected NAME=OVERRIDES with NAME an identifier, e.g. "
+                    "'hmora_no_router_dropout=method=hmora router.dropout=0'")
+        if name in VARIANTS or name in added:
+            p.error(f"--add-variant {spec!r}: the name {name!r} is already taken; choose another")
+        added[name] = overrides.split()
+    names += list(added)
     loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     from mole.model.base import build_model
@@ -631,14 +650,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = []
     for n in names:
-        variants.append(build_variant(n, setup, base, tokenizer))
+        variants.append(build_variant(n, setup, base, tokenizer, added.get(n)))
         log(f"built {n}: {variants[-1].trainable:,} trainable")
     time_variants(variants, batch, setup, log)
     for v in variants:
         v.peak_mb = peak_memory_mb(v, batch, setup)
     by = {v.name: v for v in variants}
     base_t = by[BASELINE].times
-    ratios = {k: statistics.median(t / b for t, b in zip(by[k].times, base_t, strict=True)) for k in RATIO_KEYS if k in by}
+    ratios = {k: statistics.median(t / b for t, b in zip(by[k].times, base_t, strict=True))
+              for k in [*RATIO_KEYS, *added] if k in by}
     result = {
         "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(setup.device) + ("" if setup.device.type != "cuda" else f" ({torch.cuda.get_device_name()})"),

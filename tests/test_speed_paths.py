@@ -359,3 +359,37 @@ def test_bench_compiles_each_variant_with_its_own_code_objects():
         assert 1 <= len(_debug_get_cache_entry_list(lora_code)) <= 2
     finally:
         torch._dynamo.reset()
+
+
+def test_bench_times_an_added_variant_beside_the_baseline(tmp_path):
+    """``--add-variant NAME=OVERRIDES`` builds a variant from mole-train overrides and reports its ratio."""
+    bench = _load_bench()
+    small = ["model.hidden_size=64", "model.num_layers=1", "model.config.intermediate_size=128",
+             "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2"]
+    args = ["--device", "cpu", "--threads", "1", "--variants", "soft_e8", "--rounds", "2", "--warmup", "0",
+            "--batch", "1", "--seq", "8", "--no-eval", "--keep-freed-memory", "off", "--out", str(tmp_path),
+            "--add-variant", "soft_no_dropout=method=lora experts=uniform_8 router=soft loss=none adapter.dropout=0"]
+    for o in small:
+        args += ["--model-override", o]
+    result = bench.main(args)
+    assert set(result["ratios_vs_peft_lora_r8"]) == {"soft_e8", "soft_no_dropout"}
+    assert result["trainable"]["soft_no_dropout"] == result["trainable"]["soft_e8"]
+    assert "| soft_no_dropout |" in (tmp_path / "latest.md").read_text()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_overrides", "expected NAME=OVERRIDES"),
+    ("bad name=method=lora", "expected NAME=OVERRIDES"),
+    ("soft_e8=method=lora", "already taken"),
+])
+def test_bench_rejects_a_malformed_added_variant(tmp_path, capsys, spec, message):
+    with pytest.raises(SystemExit):
+        _load_bench().main(["--device", "cpu", "--out", str(tmp_path), "--add-variant", spec])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--rounds", "0"), ("--warmup", "-1")])
+def test_bench_rejects_rounds_or_warmup_out_of_range(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        _load_bench().main(["--device", "cpu", "--out", str(tmp_path), flag, value])
+    assert flag in capsys.readouterr().err
