@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -660,7 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {k: statistics.median(t / b for t, b in zip(by[k].times, base_t, strict=True))
               for k in [*RATIO_KEYS, *added] if k in by}
     result = {
-        "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python scripts/bench.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "device": str(setup.device) + ("" if setup.device.type != "cuda" else f" ({torch.cuda.get_device_name()})"),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),

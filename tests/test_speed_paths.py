@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import torch
 from torch import nn
@@ -375,6 +377,8 @@ def test_bench_times_an_added_variant_beside_the_baseline(tmp_path):
     assert set(result["ratios_vs_peft_lora_r8"]) == {"soft_e8", "soft_no_dropout"}
     assert result["trainable"]["soft_no_dropout"] == result["trainable"]["soft_e8"]
     assert "| soft_no_dropout |" in (tmp_path / "latest.md").read_text()
+    # the recorded command runs again as it is: the added variant's overrides stay one argument
+    assert shlex.split(result["command"])[2:] == args
 
 
 @pytest.mark.parametrize("spec, message", [
