@@ -62,6 +62,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from mole.adapters.lora import (  # noqa: E402
+    LoRAExperts,
+    gather_reference_forward,
+    per_expert_dropout_loop_forward,
+    reference_forward,
+)
 from mole.config import compose_config  # noqa: E402
 
 BASELINE = "peft_lora_r8"
@@ -87,7 +93,8 @@ VARIANTS: dict[str, list[str] | None] = {
     "loop_soft_loramoe": ["method=lora", *E8, "router=soft", "loss=none"],
 }
 # which per-expert loop replaces the stacked forward
-LOOPS = {"loop_soft": "dense", "loop_topk": "gather", "loop_soft_loramoe": "per_expert_dropout"}
+LOOPS = {"loop_soft": reference_forward, "loop_topk": gather_reference_forward,
+         "loop_soft_loramoe": per_expert_dropout_loop_forward}
 GPU_OPT_IN = {"loop_soft_loramoe"}  # run on a GPU only when named in --variants
 RATIO_KEYS = [k for k in VARIANTS if k != BASELINE]
 
@@ -219,17 +226,8 @@ def make_batch(setup: Setup, vocab: int, seed: int = 0) -> dict:
     return {k: v.to(setup.device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
 
-def swap_in_loops(model: nn.Module, kind: str) -> int:
-    """Replace every stacked LoRA expert set's forward by a per-expert Python loop; returns how many."""
-    from mole.adapters.lora import (
-        LoRAExperts,
-        gather_reference_forward,
-        per_expert_dropout_loop_forward,
-        reference_forward,
-    )
-
-    fn = {"dense": reference_forward, "gather": gather_reference_forward,
-          "per_expert_dropout": per_expert_dropout_loop_forward}[kind]
+def swap_in_loops(model: nn.Module, fn: Callable) -> int:
+    """Replace every stacked LoRA expert set's forward by the per-expert Python loop ``fn``; returns how many."""
     n = 0
     for m in model.modules():
         if isinstance(m, LoRAExperts) and m.num_experts > 1:
@@ -251,9 +249,7 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer, overrides
     shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
     model = copy.deepcopy(base, memo=shared)
     torch.manual_seed(0)
-    if overrides is None:
-        overrides = VARIANTS[name]
-    if overrides is None:  # peft LoRA r=8 on all 7 linears, as mole's `method=lora` (alpha 16, dropout 0.05)
+    if name == BASELINE:  # peft LoRA r=8 on all 7 linears, as mole's `method=lora` (alpha 16, dropout 0.05)
         from peft import LoraConfig, get_peft_model
 
         cfg = compose(setup, ["method=lora"])
@@ -271,7 +267,7 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer, overrides
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             return lm_loss(logits, batch["labels"])
     else:
-        cfg = compose(setup, overrides)
+        cfg = compose(setup, VARIANTS[name] if overrides is None else overrides)
         inject_from_config(model, cfg, tokenizer)
         if name in LOOPS and not swap_in_loops(model, LOOPS[name]):
             raise RuntimeError(f"{name}: no multi-expert LoRA layer to swap")

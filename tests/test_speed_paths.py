@@ -345,7 +345,7 @@ def test_bench_compiles_each_variant_with_its_own_code_objects():
         for name, method in (("lora", "lora"), ("loop", "mola")):
             model, _, _ = build_mole_model(compose_tiny([f"method={method}", "adapter.dropout=0"]))
             if name == "loop":
-                assert bench.swap_in_loops(model, "gather")
+                assert bench.swap_in_loops(model, gather_reference_forward)
             bench.compile_model(model, "layer", tag=name, backend="eager")
             models[name] = model
         ids = torch.randint(3, 100, (2, 8))

@@ -104,6 +104,12 @@ class LoRAExperts(nn.Module):
         )
 
 
+def expert_weights(experts: LoRAExperts, i: int) -> tuple[Tensor, Tensor]:
+    """Expert ``i``'s ``A_i`` ``(r, d_in)`` and ``B_i`` ``(d_out, r)``: views into the stacked matrices."""
+    r = experts.rank
+    return experts.lora_A[i * r : (i + 1) * r], experts.lora_B[:, i * r : (i + 1) * r]
+
+
 def reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
     """The plain per-expert loop ``sum_i g_i (alpha/r) B_i A_i dropout(x)``, for tests and benchmarks.
 
@@ -112,11 +118,9 @@ def reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | None = No
     where that test would break the graph: there every expert is computed).
     """
     xd = experts.dropout(x)
-    r = experts.rank
     out = x.new_zeros(x.shape[0], experts.out_features)
     for i in range(experts.num_experts):
-        a_i = experts.lora_A[i * r : (i + 1) * r]  # (r, d_in)
-        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
+        a_i, b_i = expert_weights(experts, i)  # (r, d_in), (d_out, r)
         g_i = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)  # (N,)
         if gates is not None and not torch.compiler.is_compiling() and not bool(g_i.any()):
             continue
@@ -134,12 +138,10 @@ def per_expert_dropout_loop_forward(experts: LoRAExperts, x: Tensor, gates: Tens
     independent per expert, where mole shares one mask across a layer's experts (module docstring).
     """
     p = float(getattr(experts.dropout, "p", 0.0))
-    r = experts.rank
     out = x.new_zeros(x.shape[0], experts.out_features)
     for i in range(experts.num_experts):
         xd = F.dropout(x, p, experts.training) if p > 0 else x  # a fresh mask per expert
-        a_i = experts.lora_A[i * r : (i + 1) * r]  # (r, d_in)
-        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
+        a_i, b_i = expert_weights(experts, i)  # (r, d_in), (d_out, r)
         y = F.linear(F.linear(xd, a_i), b_i)  # (N, d_out)
         g_i = None if gates is None else gates[:, i : i + 1].to(x.dtype)  # (N, 1)
         out = out + (y if g_i is None else g_i * y) * experts.scaling
@@ -156,14 +158,12 @@ def gather_reference_forward(experts: LoRAExperts, x: Tensor, gates: Tensor | No
     if gates is None:
         return reference_forward(experts, x, gates)
     xd = experts.dropout(x)
-    r = experts.rank
     out = x.new_zeros(x.shape[0], experts.out_features)
     for i in range(experts.num_experts):
         tok = gates[:, i].nonzero(as_tuple=True)[0]  # (n_i,): the tokens routed to expert i
         if tok.numel() == 0:
             continue
-        a_i = experts.lora_A[i * r : (i + 1) * r]  # (r, d_in)
-        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
+        a_i, b_i = expert_weights(experts, i)  # (r, d_in), (d_out, r)
         y = F.linear(F.linear(xd[tok], a_i), b_i)  # (n_i, d_out)
         out = out.index_add(0, tok, y * (gates[tok, i].to(x.dtype) * experts.scaling).unsqueeze(-1))
     return out
