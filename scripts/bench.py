@@ -5,7 +5,7 @@
     python scripts/bench.py --threads 1    # single-threaded (steadier on a shared machine)
     python scripts/bench.py --device cuda  # GPU: 1B-class Llama shape, bf16 autocast, torch.compile, CUDA events
 
-What it does (README "Speed"):
+What it does (docs/speed.md):
 
 * builds ONE random base model (CPU: a small Llama from ``conf/model/tiny_llama.yaml`` widened; GPU: the
   shape of ``conf/model/llama3_2_1b.yaml``, random weights, bf16), and makes each variant from a copy of
@@ -98,7 +98,7 @@ LOOPS = {"loop_soft": reference_forward, "loop_topk": gather_reference_forward,
 GPU_OPT_IN = {"loop_soft_loramoe"}  # run on a GPU only when named in --variants
 RATIO_KEYS = [k for k in VARIANTS if k != BASELINE]
 
-# the targets of issue 5 (measured here, never asserted in tests)
+# the speed targets (measured here, never asserted in tests)
 TARGETS = {
     "soft_e8": 1.10,
     "topk_e8": 1.10,

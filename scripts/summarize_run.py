@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Summarise finished mole runs as a Markdown table (the figures README.md quotes).
+"""Summarise finished mole runs as a Markdown table (the figures docs/runs.md quotes).
 
     python scripts/summarize_run.py outputs/runs/default [more run dirs ...]
 

@@ -4,7 +4,7 @@ Hydra's basic sweeper runs the cartesian product of ``hydra.sweeper.params`` (co
 ``train.yaml`` + ``sweep=<name>`` + that job's overrides. The tests expand the grid themselves and compose
 each job with Hydra's compose API (``return_hydra_config=True``, so ``hydra.*`` resolves too).
 
-Data and eval configs (``data=scienceqa``, ``eval=same_as_data``, ...) come from another branch: while one
+Data and eval configs (``data=scienceqa``, ``eval=same_as_data``, ...) may be missing from a checkout: while one
 is missing here, the shipped fixtures stand in for it (``stand_ins``), so the rest of the job still composes.
 """
 

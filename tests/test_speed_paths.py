@@ -1,4 +1,4 @@
-"""The fast paths (issue 5): equal to their plain references, and free of host synchronisation.
+"""The fast paths: equal to their plain references, and free of host synchronisation.
 
 * no host sync: every preset's forward and backward run on the meta device, where any data-dependent
   host read (``.item()``, ``nonzero``, ``bool(tensor)``, boolean-mask indexing) raises;

@@ -3,7 +3,7 @@
 The grid in ``hydra.sweeper.params`` is expanded here with Hydra's own override parser, as the basic
 sweeper does. Every job but for its seed (seed 1: 53 configurations, 265 jobs with seeds 1-5) is composed
 at full size and with ``debug=smoke``; one test shows that the seed changes nothing but ``seed``. The expected values are the paper's (Liao et al., ICLR 2025:
-Sec. 4, App. E.3-E.7), written out by hand. Nothing is trained: the smoke runs are the lead's CI test.
+Sec. 4, App. E.3-E.7), written out by hand. Nothing is trained here: the smoke runs (``-m sweeps``) train.
 """
 
 from __future__ import annotations
