@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-sweeps test-all test-gpu lint params bench clean
+.PHONY: help setup train test test-slow test-sweeps test-all test-gpu test-install lint params bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test-sweeps: setup ## every paper table's sweep end to end with debug=smoke (tin
 
 test-all: setup ## every CPU test, slow ones and the smoke sweeps included
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+test-install: setup ## build the wheel, install it into a fresh venv, run the commands from another directory
+	bash scripts/check_install.sh $(PYTHON)
 
 test-gpu: setup ## tests that need a CUDA GPU (DeepSpeed: pip install '.[deepspeed]' first)
 	$(BIN)/python -m pytest -q -m gpu $(ARGS)
