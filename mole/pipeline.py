@@ -240,6 +240,7 @@ def build_loaders(cfg: DictConfig, tokenizer, args):
     from torch.utils.data import DataLoader
 
     from mole.data import Collator, encode_records, load_datasets
+    from mole.data.collate import length_grouped_sampler
 
     train_records, val_records = load_datasets(cfg.data, seed=cfg.seed)
     cutoff = cfg.data.get("cutoff_len", 256)
@@ -250,11 +251,25 @@ def build_loaders(cfg: DictConfig, tokenizer, args):
     if not train_set:
         raise MoleConfigError(f"data: no training example keeps a response within data.cutoff_len={cutoff} tokens")
     val_set = encode_records(val_records, tokenizer, cutoff, template)
-    collate = Collator(tokenizer.pad_token_id)
+    group, multiple = _batching_options(cfg.data)
+    collate = Collator(tokenizer.pad_token_id, multiple)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen, collate_fn=collate)
+    sampler = length_grouped_sampler([len(e["input_ids"]) for e in train_set], args.batch_size, gen) if group else None
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=gen, collate_fn=collate)
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, collate_fn=collate) if val_set else None
     return train_loader, val_loader, {"train_records": len(train_set), "val_records": len(val_set)}
+
+
+def _batching_options(data: DictConfig) -> tuple[bool, int | None]:
+    """``data.group_by_length`` (bool) and ``data.pad_to_multiple_of`` (null or a positive integer), checked."""
+    group = data.get("group_by_length", False)
+    if not isinstance(group, bool):
+        raise MoleConfigError(f"data.group_by_length must be true or false, got {group!r}")
+    multiple = data.get("pad_to_multiple_of")
+    if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1):
+        raise MoleConfigError(f"data.pad_to_multiple_of must be null or a positive integer (tokens), got {multiple!r}")
+    return group, multiple
 
 
 def build_aux_losses(cfg: DictConfig) -> dict:

@@ -36,6 +36,7 @@ Writes ``<out>/latest.json`` and ``<out>/latest.md`` (default ``outputs/bench/``
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import os
@@ -57,6 +58,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -434,6 +436,41 @@ def _model_bytes(v: Variant) -> int:
     return total
 
 
+# aten ops that only make a new view or handle of existing data (or allocate without initialising): on a GPU
+# they launch no kernel, so the op count leaves them out. Every other op is roughly one kernel launch.
+METADATA_ONLY_OPS = frozenset({"detach", "alias", "lift_fresh", "empty", "empty_like", "empty_strided",
+                               "new_empty", "new_empty_strided", "_unsafe_view", "sym_size", "sym_stride",
+                               "sym_numel", "sym_storage_offset", "is_same_size"})
+
+
+def is_metadata_only(func) -> bool:
+    """``func`` (an ``OpOverload``) returns a view (``is_view`` from its schema) or is in :data:`METADATA_ONLY_OPS`."""
+    return func.is_view or func.overloadpacket.__name__ in METADATA_ONLY_OPS
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it that launch a kernel (:func:`is_metadata_only` excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not is_metadata_only(func):
+            self.counts[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_ops(v: Variant, batch: dict) -> collections.Counter:
+    """The kernel-launching aten ops of one full eager training step of ``v`` (forward, losses, backward,
+    optimizer step) after the optimizer state exists. The backward runs in this thread on the CPU, so the
+    mode sees it; on a GPU autograd's device threads would not be counted, hence the CPU in CI."""
+    v.step(batch)  # lazily created optimizer state is not part of a steady step
+    with OpCounter() as counter:
+        v.step(batch)
+    return counter.counts
+
+
 def time_variants(variants: list[Variant], batch: dict, setup: Setup, log) -> None:
     timer = Timer(setup.device, setup.clock)
     for v in variants:  # warm-up (and compilation)
@@ -547,6 +584,12 @@ def markdown(result: dict) -> str:
         lines += ["", f"mole-eval log-likelihood throughput vs lm-eval on the bare base model: **{ev:.3f}x** "
                   f"(target >= 0.9; median of {result['eval_repeats']} alternating runs, {e['documents']} documents, "
                   f"mole {e['mole_eval_s']:.2f} s, lm-eval {e['lm_eval_s']:.2f} s)."]
+    if "ops_per_step" in result:
+        n, r = result["ops_per_step"], result["ops_ratio_vs_peft_lora_r8"]
+        lines += ["", "| variant | kernel-launching aten ops per eager step | ratio vs peft LoRA r=8 (target <= 1.25) |",
+                  "|---|---:|---:|", f"| peft LoRA r=8 | {n[BASELINE]:,} | 1.000 |"]
+        lines += [f"| {k} | {n[k]:,} | {r[k]:.3f} |" for k in r]
+        lines += ["", f"Not counted (no kernel launch): {result['ops_excluded']}."]
     lines += ["", f"Peak memory: {result['memory_method']}"]
     return "\n".join(lines) + "\n"
 
@@ -591,12 +634,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--add-variant", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="time one more variant, built from mole-train overrides (space-separated), e.g. "
                         "'hmora_no_router_dropout=method=hmora router.dropout=0'; repeatable")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the kernel-launching aten ops of one eager training step per variant, and their "
+                        "ratio to the peft baseline (views and allocations excluded: see METADATA_ONLY_OPS)")
     p.add_argument("--out", default="outputs/bench", help="output directory")
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.count_ops and args.compile:
+        p.error("--count-ops counts eager steps; run it without --compile")
     if args.threads is None and args.quick and args.device != "cuda":
         args.threads = 1  # --quick on the CPU: single-threaded, timed by CPU time (steady on a shared CI runner)
     if args.threads:
@@ -652,6 +700,7 @@ def main(argv: list[str] | None = None) -> dict:
     time_variants(variants, batch, setup, log)
     for v in variants:
         v.peak_mb = peak_memory_mb(v, batch, setup)
+    ops = {v.name: count_step_ops(v, batch) for v in variants} if args.count_ops else {}
     by = {v.name: v for v in variants}
     base_t = by[BASELINE].times
     ratios = {k: statistics.median(t / b for t, b in zip(by[k].times, base_t, strict=True))
@@ -686,6 +735,12 @@ def main(argv: list[str] | None = None) -> dict:
         "derived": {k: [round(a, 4), b, c] for k, (a, b, c) in derived({v.name: v.times for v in variants}).items()},
         "step_s_per_round": {v.name: [round(t, 5) for t in v.times] for v in variants},
     }
+    if ops:
+        result["ops_per_step"] = {k: sum(c.values()) for k, c in ops.items()}
+        result["ops_ratio_vs_peft_lora_r8"] = {k: round(n / result["ops_per_step"][BASELINE], 4)
+                                               for k, n in result["ops_per_step"].items() if k != BASELINE}
+        result["ops_by_name"] = {k: dict(c.most_common()) for k, c in ops.items()}
+        result["ops_excluded"] = "views (schema is_view) and " + ", ".join(sorted(METADATA_ONLY_OPS))
     result["eval_throughput_vs_lm_eval"] = None
 
     def write() -> str:

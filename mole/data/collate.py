@@ -34,13 +34,15 @@ def encode_records(records: Sequence[dict[str, str]], tokenizer, cutoff_len: int
 
 
 class Collator:
-    """Right-pad a list of encoded records into a batch of tensors."""
+    """Right-pad a list of encoded records into a batch of tensors, to the longest record rounded up to a
+    multiple of ``pad_to_multiple_of`` (fewer distinct shapes for compiled models and tensor cores)."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of or 1
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(b["input_ids"]) for b in batch)
+        width = -(-max(len(b["input_ids"]) for b in batch) // self.multiple) * self.multiple
         ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -50,3 +52,22 @@ class Collator:
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def length_grouped_sampler(lengths: Sequence[int], batch_size: int, generator: torch.Generator):
+    """Batches of similar length in a random order: ``transformers``' ``LengthGroupedSampler`` (a random
+    permutation cut into mega-batches of up to 50 batches, each sorted by length). It draws its order from
+    ``generator`` when an epoch starts, as a shuffling sampler does, so checkpoints resume it exactly."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    return LengthGroupedSampler(batch_size, lengths=list(lengths), generator=generator)
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], multiple: int = 1) -> float:
+    """The share of a padded batch's positions that are padding, over ``batches`` of record lengths."""
+    real = padded = 0
+    for lengths in batches:
+        width = -(-max(lengths) // multiple) * multiple
+        real += sum(lengths)
+        padded += width * len(lengths)
+    return 1 - real / padded if padded else 0.0
