@@ -269,9 +269,9 @@ def finished_run(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
     """The metrics of a finished run in ``run_dir`` made with ``cfg``'s settings (the caller skips the run).
 
     ``None`` when there is no finished run there, or ``force=true`` asks to train over it. A finished run
-    made with another config is an error naming the keys that differ (secrets compare redacted).
+    made with another config is an error naming the keys that differ (secrets are not compared).
     """
-    from mole.utils.secrets import redacted_yaml
+    from mole.utils.secrets import is_secret_key, redacted_yaml
 
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
@@ -283,7 +283,8 @@ def finished_run(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
     except Exception as err:  # noqa: BLE001 - a missing file or a YAML error, in their many types
         raise MoleConfigError(f"{run_dir} holds a finished run whose {CONFIG_FILE} cannot be read to compare with "
                               f"this config ({type(err).__name__}); {hint}") from None
-    differences = config_differences(saved, OmegaConf.create(redacted_yaml(cfg)), RERUN_IGNORED_KEYS)
+    differences = [k for k in config_differences(saved, OmegaConf.create(redacted_yaml(cfg)), RERUN_IGNORED_KEYS)
+                   if not is_secret_key(k)]  # credentials change nothing a run computes
     if differences:
         shown = ", ".join(differences[:8]) + (f" and {len(differences) - 8} more" if len(differences) > 8 else "")
         raise MoleConfigError(f"{run_dir} holds a finished run of another config (differs at {shown}); {hint}")
@@ -316,7 +317,7 @@ def load_run_config(checkpoint: str | Path, *, trust_remote_code: bool = False, 
     stored = cfg.model.get("trust_remote_code", False)
     if stored is not False and stored is not None and not trust_remote_code:
         raise MoleConfigError(
-            f"checkpoint: {path} sets model.trust_remote_code={stored}; a run directory cannot make mole run code. "
+            f"checkpoint: {path} sets model.trust_remote_code={str(stored).lower()}; a run directory cannot make mole run code. "
             f"If you trust model.hf_id={cfg.model.get('hf_id')!r}, say so on this command line: trust_remote_code=true"
         )
     if trust_remote_code or "trust_remote_code" in cfg.model:
