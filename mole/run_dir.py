@@ -227,15 +227,16 @@ class RunLock:
             self._lock.release()
         self._lock, self._held = None, False
 
-    def env(self) -> dict[str, str]:
-        """The environment entry that hands this lock to the processes started for the same run."""
-        return {LOCK_ENV: f"{os.getpid()}:{_key(self.run_dir)}"} if self._lock is not None else {}
-
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def handed_down_env(run_dir: str | Path) -> dict[str, str]:
+    """The environment entry that hands this process's lock of ``run_dir`` to the processes it starts for the run."""
+    return {LOCK_ENV: f"{os.getpid()}:{_key(run_dir)}"} if _key(run_dir) in _HELD else {}
 
 
 def lock_run(run_dir: str | Path) -> RunLock | None:

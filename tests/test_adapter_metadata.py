@@ -124,8 +124,13 @@ def test_mole_eval_refuses_a_mismatched_adapter_in_one_line_and_writes_nothing(a
 
     run = _run_dir(tmp_path, adapter)
     before = sorted(p.name for p in run.iterdir())
-    with pytest.raises(SystemExit) as stop:
-        mole.cli.eval.main([f"checkpoint={run}"])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the command logs to this test's captured stdout
+    try:
+        with pytest.raises(SystemExit) as stop:
+            mole.cli.eval.main([f"checkpoint={run}"])
+    finally:
+        root.handlers[:], root.level = handlers, level
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err

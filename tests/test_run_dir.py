@@ -232,12 +232,17 @@ def _shared_run_asking_for_remote_code(finished: Path, tmp: Path) -> Path:
 
 def _cli(module: str, args: list[str], capsys) -> tuple[int, str]:
     import importlib
+    import logging
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the command logs to this test's captured stdout
     try:
         importlib.import_module(f"mole.cli.{module}").main(args)
         code = 0
     except SystemExit as stop:
         code = stop.code
+    finally:
+        root.handlers[:], root.level = handlers, level
     return code, capsys.readouterr().err
 
 
@@ -319,6 +324,7 @@ def test_a_second_process_on_a_live_run_directory_stops_at_once(tmp_path):
         while not ckpt.list_checkpoints(run) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ckpt.list_checkpoints(run), "the first run wrote no checkpoint"
+        notes = _snapshot(run / ".hydra")  # Hydra's notes of the first run's command line
         # the same config (which used to remove the live run's checkpoints) and another config
         for extra in ([], ["trainer.lr=1e-3"]):
             started = time.monotonic()
@@ -329,6 +335,7 @@ def test_a_second_process_on_a_live_run_directory_stops_at_once(tmp_path):
             assert line == (f"mole-train: error: run directory {run} is in use by another mole run (pid {first.pid}); "
                             "wait for it to end, or give this run another directory (hydra.run.dir=DIR)")
             assert first.poll() is None and ckpt.list_checkpoints(run)  # the first run goes on, checkpoints kept
+            assert _snapshot(run / ".hydra") == notes  # the second stopped before writing anything
             assert time.monotonic() - started < 60
         hold.unlink()
         assert first.wait(timeout=240) == 0, first.stderr.read()[-2000:]

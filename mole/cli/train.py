@@ -28,6 +28,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -37,6 +38,29 @@ from mole.cli.common import hydra_error_line, report_user_errors
 
 PROG = "mole-train"
 log = logging.getLogger(PROG)
+
+
+class RunDirectoryLock(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): a single run takes its run directory's lock
+    (:mod:`mole.run_dir`) before Hydra writes into the directory (``.hydra/``, the log), so a second run on a
+    busy directory stops without touching it. Sweep jobs take theirs in :func:`mole.pipeline.run_train`."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from mole.run_dir import lock_run
+        from mole.utils.errors import MoleConfigError
+
+        self.lock = lock_run(config.hydra.run.dir)
+        if self.lock is None:
+            return
+        try:
+            self.lock.acquire()
+        except MoleConfigError as err:  # Hydra turns a callback's exception into a warning: stop here
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_end(self, config, **kwargs) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
 
 def _redact_hydra_files(hydra_cfg) -> None:

@@ -98,6 +98,12 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if everything or is_trainable_name(n)}
 
 
+def _metadata_of(model: nn.Module) -> dict[str, str] | None:
+    """The metadata a built model carries (also through a DDP / DeepSpeed wrapper's ``module``)."""
+    return getattr(model, "mole_adapter_metadata", None) or getattr(getattr(model, "module", None),
+                                                                   "mole_adapter_metadata", None)
+
+
 def save_adapter(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the trainable weights to ``path`` atomically (a temp file renamed into place).
 
@@ -106,7 +112,7 @@ def save_adapter(model: nn.Module, path: str | Path, state: dict[str, torch.Tens
     path = Path(path)
     source = trainable_state_dict(model) if state is None else {n: t for n, t in state.items() if is_trainable_name(n)}
     state = {n: t.detach().contiguous().cpu() for n, t in source.items()}
-    metadata = getattr(model, "mole_adapter_metadata", None) or {"format": FORMAT}
+    metadata = _metadata_of(model) or {"format": FORMAT}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -127,7 +133,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
     except (SafetensorError, OSError, ValueError) as err:
         raise MoleConfigError(f"{path}: not a readable safetensors file ({err})") from None
-    expected = getattr(model, "mole_adapter_metadata", None)
+    expected = _metadata_of(model)
     if "mole_version" not in stored:
         log.warning("%s has no metadata saying what made it (written by an older mole): it cannot be checked "
                     "against the run's config", path)

@@ -82,7 +82,7 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> None:
     """Start the run's processes with ``accelerate launch`` and wait for them (see the module docstring)."""
     from mole.data import load_datasets
     from mole.pipeline import build_aux_losses
-    from mole.run_dir import finished_run, lock_run
+    from mole.run_dir import finished_run, handed_down_env, lock_run
     from mole.training.tracking import check_trackers
 
     run_dir = Path(run_dir).resolve()
@@ -98,7 +98,7 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> None:
         if finished_run(run_dir, cfg) is not None:
             log.info("%s already holds a finished run of this config; skipping (force=true to run it again)", run_dir)
             return
-        _launch_workers(cfg, run_dir, args, dist, {} if lock is None else lock.env())
+        _launch_workers(cfg, run_dir, args, dist, handed_down_env(run_dir))
 
 
 def _launch_workers(cfg: DictConfig, run_dir: Path, args: TrainArgs, dist: DistributedArgs, lock_env: dict) -> None:
