@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import platform
 import resource
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,23 @@ import mole
 from mole.experts.layout import expand_layout
 from mole.model.base import adapter_dtype, build_model, build_skeleton
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
-from mole.model.state import ADAPTER_FILE, load_adapter, save_adapter
+from mole.model.state import ADAPTER_FILE, adapter_metadata, load_adapter, save_adapter
+from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_config: re-exported for callers
+    CONFIG_FILE,
+    FINISHED,
+    METRICS_FILE,
+    RUNNING,
+    finished_run,
+    is_finished,
+    load_run_config,
+    lock_run,
+    with_status,
+)
+from mole.run_dir import write_json as _write_json
+from mole.run_dir import write_text as _write_text
 from mole.utils.errors import MoleConfigError
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,6 +191,8 @@ def build_mole_model(cfg: DictConfig, *, meta: bool = False):
     model, tokenizer = build_model(cfg.model, seed=seed)
     torch.manual_seed(seed)  # adapter and router initialisation
     report = inject_from_config(model, cfg, tokenizer)
+    # what the adapter file says about itself; loading an adapter checks it (mole.model.state)
+    model.mole_adapter_metadata = adapter_metadata(cfg, model)
     return model, tokenizer, report
 
 
@@ -293,27 +305,6 @@ def build_aux_losses(cfg: DictConfig) -> dict:
 # run directory
 
 
-def is_finished(run_dir: Path) -> bool:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return False
-    try:
-        return bool(json.loads(path.read_text()).get("finished"))
-    except json.JSONDecodeError:
-        return False
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically: a temp file renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=str))
-
-
 def _versions() -> dict[str, str]:
     import accelerate
     import transformers
@@ -348,17 +339,25 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from mole.training.failures import record_failure
 
     run_dir = Path(run_dir)
-    if is_finished(run_dir) and not cfg.get("force", False):
-        log.info("%s already holds a finished run; skipping (force=true to run it again)", run_dir)
-        return json.loads((run_dir / METRICS_FILE).read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {}  # filled as the run goes, so a failure records what was measured
-    try:
-        return _train_run(cfg, run_dir, metrics)
-    except (Exception, KeyboardInterrupt) as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # in a multi-process run, only the main process writes
-            record_failure(run_dir, err, metrics)
-        raise
+    main = int(os.environ.get("RANK", "0")) == 0  # in a multi-process run, only the main process writes
+    with ExitStack() as held:
+        lock = lock_run(run_dir) if main else None
+        if lock is not None:  # before anything is read or written: a second run on the directory stops here
+            held.enter_context(lock)
+        done = finished_run(run_dir, cfg)
+        if done is not None:
+            log.info("%s already holds a finished run of this config; skipping (force=true to run it again)", run_dir)
+            return done
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if main and (run_dir / METRICS_FILE).exists():  # an earlier attempt's record no longer describes the directory
+            _write_json(run_dir / METRICS_FILE, with_status({"pid": os.getpid()}, RUNNING))
+        metrics: dict[str, Any] = {}  # filled as the run goes, so a failure records what was measured
+        try:
+            return _train_run(cfg, run_dir, metrics)
+        except (Exception, KeyboardInterrupt) as err:
+            if main:
+                record_failure(run_dir, err, metrics)
+            raise
 
 
 def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -487,7 +486,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
         metrics["eval"] = results.get("results", {})
     metrics["peak_memory_mb"] = round(_peak_memory_mb(), 1)
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 3)
-    metrics["finished"] = True
+    metrics.update(with_status(metrics, FINISHED))
     _write_json(run_dir / METRICS_FILE, metrics)
     clear_failure(run_dir)
     log.info("run finished: %s", run_dir)
@@ -619,22 +618,6 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
     return results  # the harness logs the results table
 
 
-def load_run_config(checkpoint: str | Path) -> DictConfig:
-    run_dir = Path(checkpoint)
-    path = run_dir / CONFIG_FILE
-    if not run_dir.is_dir():
-        raise MoleConfigError(f"checkpoint={str(run_dir)!r} is not a directory (expected a mole-train run directory)")
-    if not path.is_file():
-        raise MoleConfigError(f"checkpoint: {path} not found (expected a run directory written by mole-train)")
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as err:  # noqa: BLE001 - yaml errors come in many types
-        raise MoleConfigError(f"checkpoint: {path} is not valid YAML ({err})") from None
-    if not isinstance(cfg, DictConfig) or "model" not in cfg:
-        raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
-    return cfg
-
-
 def init_from_run(model: torch.nn.Module, cfg: DictConfig, source: str | Path) -> None:
     """Start from a previous run's adapter (``trainer.init_from``; MoR Table 2's second stage).
 
@@ -642,8 +625,8 @@ def init_from_run(model: torch.nn.Module, cfg: DictConfig, source: str | Path) -
     router); everything else (data, trainer, seed) may differ.
     """
     source = Path(source)
-    try:
-        prev = load_run_config(source)
+    try:  # remote code only as this run's own config allows it, never as the earlier run's asks
+        prev = load_run_config(source, trust_remote_code=cfg.model.get("trust_remote_code", False) is True)
     except MoleConfigError as err:
         raise MoleConfigError(f"trainer.init_from: {err}") from None
     if prev.model.get("name") != cfg.model.get("name"):
@@ -661,10 +644,14 @@ def init_from_run(model: torch.nn.Module, cfg: DictConfig, source: str | Path) -
     log.info("initialised the adapters from %s", source / ADAPTER_FILE)
 
 
-def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = None) -> dict:
-    """Rebuild a run's model from ``config.yaml`` + ``adapter.safetensors`` and evaluate it."""
+def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = None, *,
+             trust_remote_code: bool = False) -> dict:
+    """Rebuild a run's model from ``config.yaml`` + ``adapter.safetensors`` and evaluate it.
+
+    ``trust_remote_code``: the command line's permission for ``model.hf_id``'s own code (never the run's).
+    """
     run_dir = Path(checkpoint)
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, trust_remote_code=trust_remote_code)
     eval_cfg = OmegaConf.merge(cfg.get("eval") or {}, eval_overrides or {})
     model, tokenizer, _ = build_mole_model(cfg)
     load_adapter(model, run_dir / ADAPTER_FILE)

@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
+from mole.run_dir import METRICS_FILE
 from mole.utils.errors import MoleConfigError
 
-METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.txt"
 MISSING = "—"
 # the headline metric of an lm-eval task, in order of preference

@@ -90,10 +90,11 @@ def test_sweep_job_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monke
         raise RuntimeError("CUDA exploded")
 
     monkeypatch.setattr(loop, "loss_step", broken)
-    monkeypatch.setitem(cli._SWEEP, "jobs", [])
-    monkeypatch.setitem(cli._SWEEP, "failed", [])
-    cli._sweep_job(compose_config(TINY), str(tmp_path / "job"))  # does not raise
-    assert cli._SWEEP["failed"] == [str(tmp_path / "job")]
+    cli.sweep.start()
+    monkeypatch.setitem(cli.sweep._STATE, "dir", tmp_path)  # as the sweep's start callback sets it
+    cli._sweep_job(compose_config(TINY), str(tmp_path / "job"), str(tmp_path), 0)  # does not raise
+    outcome = cli.sweep.finish()
+    assert outcome.jobs == [tmp_path / "job"] and [d for d, _ in outcome.failed] == [tmp_path / "job"]
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "mole-train" in ln]  # (not the progress bar)
     assert lines == ["mole-train: job job failed: RuntimeError: CUDA exploded"]
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())

@@ -91,8 +91,10 @@ def test_max_steps_zero_writes_an_untrained_checkpoint(tiny_cfg, tmp_path):
 
 def test_finished_run_is_not_overwritten_without_force(tiny_cfg, tmp_path):
     first = run_train(tiny_cfg("trainer.max_steps=1"), tmp_path)
-    again = run_train(tiny_cfg("trainer.max_steps=2"), tmp_path)
-    assert again["steps"] == first["steps"] == 1
+    again = run_train(tiny_cfg("trainer.max_steps=1"), tmp_path)  # the same config: skipped
+    assert again == first and again["steps"] == 1
+    with pytest.raises(MoleConfigError, match=r"finished run of another config \(differs at trainer\.max_steps\)"):
+        run_train(tiny_cfg("trainer.max_steps=2"), tmp_path)
     forced = run_train(tiny_cfg("trainer.max_steps=2", "force=true"), tmp_path)
     assert forced["steps"] == 2
 

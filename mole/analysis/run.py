@@ -73,6 +73,7 @@ def analyze_run(
     seed: int = 0,
     device: str | None = None,
     figures: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Analyse a run's routing (see the module docstring) and return what ``analysis.json`` holds.
 
@@ -87,16 +88,18 @@ def analyze_run(
         seed: seeds the subsample and t-SNE.
         device: ``cpu`` / ``cuda``...; default CUDA when available.
         figures: draw the PNGs (``False``: JSON and Markdown only).
+        trust_remote_code: the command line's permission for a Hub model's own code (never the run's).
     """
     from mole.data import Collator
     from mole.data.collate import encode_record
     from mole.model.context import routing_inputs
     from mole.model.state import ADAPTER_FILE, load_adapter
-    from mole.pipeline import build_mole_model, load_run_config
+    from mole.pipeline import build_mole_model
+    from mole.run_dir import load_run_config
     from mole.training.loop import prompt_mask
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, trust_remote_code=trust_remote_code)
     adapter = run_dir / ADAPTER_FILE
     if not adapter.is_file():
         raise MoleConfigError(f"{adapter} not found (is the run finished? see its metrics.json)")
@@ -202,7 +205,7 @@ def task_pairs_markdown(task_routers: list[dict]) -> str:
 
 def write_outputs(result: dict, out_dir: Path, figures: bool = True) -> list[Path]:
     """``analysis.json``, ``task_pairs.md`` (task routers only) and the figures; returns the paths written."""
-    from mole.pipeline import _write_json
+    from mole.run_dir import write_json as _write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / ANALYSIS_FILE]

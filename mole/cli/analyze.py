@@ -15,7 +15,8 @@ task, HMoRA Fig. 4). A record's task is the file (stem) or data set it came from
 Options: data=NAME and data.KEY=VALUE (Hydra syntax, as mole-train; without data=NAME the keys override
 the run's own data config); split=val|train|all (default val: the records the run held out);
 per_task=N (at most N records per task); batch_size=N; max_points=N (t-SNE points, default 2000);
-seed=N; device=cpu|cuda; out=DIR.
+seed=N; device=cpu|cuda; out=DIR; trust_remote_code=true (run a Hub model's own Python code: only this
+command line can allow it, a run's config.yaml cannot).
 
 curves: one plot of the training-loss curves (metrics.json train_loss; key=loss, the logged total, or
 lm_loss) of the runs, legend = method (run directory); default out=loss_curves.png. A run directory
@@ -30,9 +31,9 @@ from mole.cli.common import compose_from_argv, log_to, report_user_errors, run_m
 from mole.utils.errors import MoleConfigError
 
 USAGE = ("usage: mole-analyze RUN_DIR [data=NAME] [data.KEY=VALUE ...] [split=val|train|all] [per_task=N] "
-         "[batch_size=N] [max_points=N] [seed=N] [device=DEV] [out=DIR] | "
+         "[batch_size=N] [max_points=N] [seed=N] [device=DEV] [out=DIR] [trust_remote_code=true] | "
          "mole-analyze curves RUN_DIR [RUN_DIR ...] [out=FILE.png] [key=loss|lm_loss] [smooth=N]")
-ANALYZE_OPTIONS = {"split", "per_task", "batch_size", "max_points", "seed", "device", "out"}
+ANALYZE_OPTIONS = {"split", "per_task", "batch_size", "max_points", "seed", "device", "out", "trust_remote_code"}
 CURVE_OPTIONS = {"out", "key", "smooth"}
 INT_OPTIONS = {"per_task", "batch_size", "max_points", "seed", "smooth"}
 
@@ -95,10 +96,11 @@ def run(args: list[str]) -> object:
     positional, options, data = _split_args(args, ANALYZE_OPTIONS)
     if len(positional) != 1:
         raise MoleConfigError(USAGE)
-    from mole.pipeline import load_run_config
+    from mole.run_dir import check_trust_flag, load_run_config
 
     run_dir = Path(positional[0])
-    data_cfg = resolve_data(load_run_config(run_dir), data)
+    options["trust_remote_code"] = check_trust_flag(options.get("trust_remote_code", False))
+    data_cfg = resolve_data(load_run_config(run_dir, trust_remote_code=options["trust_remote_code"]), data)
     result = analyze_run(run_dir, data_cfg, **options)
     out = Path(options.get("out") or run_dir / "analysis")
     print(f"analysed {result['tokens']} tokens of {result['sequences']} sequences "

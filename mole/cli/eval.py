@@ -7,7 +7,8 @@
 Rebuilds the model from ``DIR/config.yaml`` and ``DIR/adapter.safetensors``; writes
 ``DIR/eval/results.json`` (lm-eval's results format) and ``DIR/eval/eval.log``, and prints a table.
 Overrides use Hydra's syntax (composed from ``conf/evaluate.yaml``); nothing is written before the
-checkpoint is found valid.
+checkpoint is found valid. A run's ``config.yaml`` cannot make this command run code: a Hub model's own
+Python files run only with ``trust_remote_code=true`` on this command line.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def run(overrides: list[str]) -> dict:
     from omegaconf.errors import MissingMandatoryValue
 
     from mole.model.state import ADAPTER_FILE
-    from mole.pipeline import check_eval_config, load_run_config, run_eval
+    from mole.pipeline import check_eval_config, run_eval
+    from mole.run_dir import check_trust_flag, load_run_config
     from mole.utils.errors import MoleConfigError
 
     cfg = compose_from_argv(overrides, "evaluate")
@@ -31,15 +33,16 @@ def run(overrides: list[str]) -> dict:
         checkpoint = Path(cfg.checkpoint)
     except MissingMandatoryValue:
         raise MoleConfigError("checkpoint=DIR is required: a run directory written by mole-train") from None
+    trust = check_trust_flag(cfg.get("trust_remote_code", False))
     # validate before writing anything into it
-    run_cfg = load_run_config(checkpoint)
+    run_cfg = load_run_config(checkpoint, trust_remote_code=trust)
     # only the keys the user set override the run's own eval config
     eval_overrides = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if v is not None}
     check_eval_config(OmegaConf.merge(run_cfg.get("eval") or {}, eval_overrides))
     if not (checkpoint / ADAPTER_FILE).is_file():
         raise MoleConfigError(f"checkpoint: {checkpoint / ADAPTER_FILE} not found (is the run finished? see its metrics.json)")
     log_to(file=checkpoint / "eval" / "eval.log")
-    return run_eval(checkpoint, eval_overrides)
+    return run_eval(checkpoint, eval_overrides, trust_remote_code=trust)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,8 @@
 A user error (bad config key, missing file, non-finite loss) ends with one line ``mole-train: error: ...``
 and exit status 2. In a sweep (``-m``) a failed job records its error in its own directory
 (``metrics.json`` with ``failed: true``, ``error.txt``) and the other jobs still run; the sweep then
-ends with one line saying how many jobs failed, and exit status 1.
+ends with one line saying how many jobs failed, and exit status 1. That count is read from the jobs'
+run directories after the launcher returns (:mod:`mole.cli.sweep`), so it holds under every launcher.
 
 With ``distributed.num_processes > 1`` (or DeepSpeed) Hydra composes here, once; the resolved config
 goes to the run directory and ``accelerate launch`` starts the processes that train from it
@@ -27,17 +28,39 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mole import CONF_DIR
+from mole.cli import sweep
 from mole.cli.common import hydra_error_line, report_user_errors
 
 PROG = "mole-train"
 log = logging.getLogger(PROG)
 
-# jobs of this process's sweep, and the directories of those that failed (read by main() at the end)
-_SWEEP: dict[str, list] = {"jobs": [], "failed": []}
+
+class RunDirectoryLock(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): a single run takes its run directory's lock
+    (:mod:`mole.run_dir`) before Hydra writes into the directory (``.hydra/``, the log), so a second run on a
+    busy directory stops without touching it. Sweep jobs take theirs in :func:`mole.pipeline.run_train`."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from mole.run_dir import lock_run
+        from mole.utils.errors import MoleConfigError
+
+        self.lock = lock_run(config.hydra.run.dir)
+        if self.lock is None:
+            return
+        try:
+            self.lock.acquire()
+        except MoleConfigError as err:  # Hydra turns a callback's exception into a warning: stop here
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_end(self, config, **kwargs) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
 
 def _redact_hydra_files(hydra_cfg) -> None:
@@ -79,23 +102,24 @@ def _single_run(cfg: DictConfig, run_dir: str) -> None:
         sys.exit(1)
 
 
-def _sweep_job(cfg: DictConfig, run_dir: str) -> None:
+def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int) -> None:
     """One job of a sweep: a failure is recorded (by run_train) and reported, and the sweep goes on.
 
     Hydra 1.3's basic launcher stores a job's exception and re-raises the first one after the whole
     batch, skipping ``on_multirun_end``; a ``SystemExit`` (how user errors end a single run) would even
-    stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end.
+    stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end,
+    from what each job recorded (:mod:`mole.cli.sweep`).
     """
     from mole.utils.errors import error_line
 
-    _SWEEP["jobs"].append(run_dir)
+    sweep.record_job(sweep_dir, job_num, run_dir)
     try:
         _train_one(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - isolate the job, whatever failed
         line = error_line(err)
         log.error("job failed: %s (details in %s)", line, Path(run_dir) / "error.txt")
         print(f"{PROG}: job {Path(run_dir).name} failed: {line}", file=sys.stderr)
-        _SWEEP["failed"].append(run_dir)
+        sweep.record_job(sweep_dir, job_num, run_dir, error=line)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
@@ -103,7 +127,7 @@ def _app(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     _redact_hydra_files(hydra_cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        _sweep_job(cfg, hydra_cfg.runtime.output_dir)
+        _sweep_job(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.sweep.dir, hydra_cfg.job.num)
     else:
         _single_run(cfg, hydra_cfg.runtime.output_dir)
 
@@ -112,8 +136,10 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _SWEEP["jobs"].clear()
-    _SWEEP["failed"].clear()
+    from mole.utils.errors import error_line
+
+    sweep.start()
+    launcher_error = None
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
     # Hydra raises its own errors (unknown config option or key) instead of printing them over many lines,
     # so they end in one line like every other user error (HYDRA_FULL_ERROR=1 keeps Hydra's full report)
@@ -123,18 +149,26 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as err:
         if user_full_error == "1":
             raise
+        sweep.finish()
         print(f"{PROG}: error: {hydra_error_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # a launcher that gave up (a worker killed, a SLURM job lost): report the jobs
+        if sweep.started() is None:
+            raise
+        launcher_error = error_line(err)
     finally:
         if user_full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = user_full_error
-    failed = _SWEEP["failed"]
-    if failed:
-        names = ", ".join(Path(d).name for d in failed)
-        print(f"{PROG}: error: {len(failed)} of {len(_SWEEP['jobs'])} sweep jobs failed ({names}); each holds "
-              "error.txt and metrics.json with failed: true", file=sys.stderr)
+    outcome = sweep.finish()
+    if outcome is not None and (outcome.failed or launcher_error):
+        names = ", ".join(Path(d).name for d, _ in outcome.failed)
+        line = f"{len(outcome.failed)} of {len(outcome.jobs)} sweep jobs failed" + (f" ({names})" if names else "")
+        line += "; see each job's metrics.json and error.txt"
+        if launcher_error:
+            line = f"the launcher stopped ({launcher_error}); {line}"
+        print(f"{PROG}: error: {line}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -36,11 +36,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_to(console=True)
         logging.getLogger().setLevel(logging.WARNING)
 
-    from mole.pipeline import load_run_config, run_train
+    from mole.pipeline import run_train
+    from mole.run_dir import load_run_config
     from mole.training.launch import read_secrets
 
     try:
-        cfg = load_run_config(run_dir)
+        cfg = load_run_config(run_dir, own_run=True)  # written by this run's own mole-train
         for key, value in read_secrets().items():
             OmegaConf.update(cfg, key, value, force_add=True)
         run_train(cfg, run_dir)

@@ -100,6 +100,20 @@ def build_skeleton(model_cfg: DictConfig) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def _warn_remote_code(hf_id: str) -> None:
+    """Say which code ``trust_remote_code=true`` lets transformers import."""
+    import logging
+    from pathlib import Path
+
+    folder = Path(hf_id)
+    if folder.is_dir():
+        files = sorted(p.name for p in folder.glob("*.py"))
+        what = f"the Python files of {folder.resolve()}: {', '.join(files) or 'none there now'}"
+    else:
+        what = f"the Python files of the Hub repository {hf_id!r}"
+    logging.getLogger(__name__).warning("model.trust_remote_code=true: transformers may import and run %s", what)
+
+
 def build_model(model_cfg: DictConfig, seed: int | None = None):
     """Load (or build) the base model and its tokenizer.
 
@@ -127,6 +141,8 @@ def build_model(model_cfg: DictConfig, seed: int | None = None):
         trust = model_cfg.get("trust_remote_code", False)
         if not isinstance(trust, bool):
             raise MoleConfigError(f"model.trust_remote_code must be true or false, got {trust!r}")
+        if trust:
+            _warn_remote_code(hf_id)
         try:  # remote code (a model repository's own Python) runs only with model.trust_remote_code=true
             tokenizer = AutoTokenizer.from_pretrained(hf_id, trust_remote_code=trust)
             model = AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, trust_remote_code=trust)

@@ -15,7 +15,9 @@
 
 A checkpoint is built in ``checkpoints/.tmp-step-<step>-<pid>/`` and renamed into place, so a run
 killed while saving leaves no half-written ``step-*`` directory (stale temporary directories are removed
-by the next run). The newest ``trainer.keep_checkpoints`` are kept.
+by the next run). The newest ``trainer.keep_checkpoints`` are kept. A process removes a checkpoint it did
+not write itself only while it holds the run directory's lock (:mod:`mole.run_dir`): another live run's
+checkpoints are never touched.
 
 ``trainer.resume=true`` continues from the newest checkpoint: the adapter, optimizer, scheduler and RNG
 states are loaded, and the data order continues exactly: the sampler generator is set to its state at the
@@ -44,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mole.model.state import ADAPTER_FILE, load_adapter, save_adapter
+from mole.run_dir import config_differences, holds_lock
 from mole.training.loop import TrainState
 from mole.utils.errors import MoleConfigError
 
@@ -227,6 +230,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 # ---------------------------------------------------------------------------------------------------
 # the checkpoint directory
 
+_WRITTEN: set[Path] = set()  # checkpoint directories this process wrote
+
+
+def _may_remove(run_dir: str | Path, path: Path) -> bool:
+    """A checkpoint may go when this process wrote it, or holds the run directory's lock."""
+    return path.resolve() in _WRITTEN or holds_lock(run_dir)
+
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
@@ -251,17 +261,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Remove half-written checkpoints left by a run that was killed while saving."""
+    """Remove half-written checkpoints left by a run that was killed while saving: all of them under the run's
+    lock, else only this process's own (another's may be a live run's checkpoint in the making)."""
     root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        for path in root.glob(_TMP_PREFIX + "*"):
-            shutil.rmtree(path, ignore_errors=True)
+    if not root.is_dir():
+        return
+    pattern = _TMP_PREFIX + "*" if holds_lock(run_dir) else f"{_TMP_PREFIX}*-{os.getpid()}"
+    for path in root.glob(pattern):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clear_checkpoints(run_dir: str | Path) -> int:
-    """Remove every checkpoint of a run (a fresh start); returns how many there were."""
+    """Remove every checkpoint of a run (a fresh start); returns how many there were. Needs the run's lock."""
     root = checkpoints_dir(run_dir)
     count = len(list_checkpoints(run_dir))
+    if root.is_dir() and not holds_lock(run_dir):
+        raise RuntimeError(f"{run_dir}: not removing checkpoints without holding the run directory's lock")
     if root.is_dir():
         shutil.rmtree(root)
     return count
@@ -316,29 +331,24 @@ def save_checkpoint(
 
     final = root / f"step-{step}"
     if final.exists():  # a checkpoint of the same step from an earlier attempt
+        if not _may_remove(run_dir, final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"{final} exists and was written by another process; not replacing it without "
+                               "the run directory's lock")
         shutil.rmtree(final)
     os.replace(tmp, final)  # atomic: the step directory appears complete or not at all
+    _WRITTEN.add(final.resolve())
 
     for _, old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if _may_remove(run_dir, old):
+            shutil.rmtree(old, ignore_errors=True)
+            _WRITTEN.discard(old.resolve())
     return final
 
 
 def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     """Dotted keys whose values differ, except those in :data:`RESUME_IGNORED_KEYS`."""
-
-    def flat(node, prefix="") -> dict[str, Any]:
-        if isinstance(node, dict):
-            out = {}
-            for k, v in node.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: node}
-
-    a = flat(OmegaConf.to_container(saved, resolve=True))
-    b = flat(OmegaConf.to_container(current, resolve=True))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
-    return [k for k in keys if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in RESUME_IGNORED_KEYS)]
+    return config_differences(saved, current, RESUME_IGNORED_KEYS)
 
 
 def load_checkpoint(

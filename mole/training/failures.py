@@ -7,27 +7,22 @@ holds the full traceback. A multirun sweep records a failed job this way and goe
 
 from __future__ import annotations
 
-import json
-import os
 import traceback
 from pathlib import Path
 from typing import Any
 
+from mole.run_dir import FAILED, METRICS_FILE, with_status, write_json
 from mole.utils.errors import error_line
 
 ERROR_FILE = "error.txt"
-METRICS_FILE = "metrics.json"
 
 
 def record_failure(run_dir: str | Path, err: BaseException, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the failure record of ``err`` into ``run_dir``; returns the metrics written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {**(metrics or {}), "finished": False, "failed": True, "error": error_line(err),
-              "error_type": type(err).__name__}
-    tmp = run_dir / (METRICS_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, run_dir / METRICS_FILE)
+    record = with_status({**(metrics or {}), "error": error_line(err), "error_type": type(err).__name__}, FAILED)
+    write_json(run_dir / METRICS_FILE, record)
     (run_dir / ERROR_FILE).write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
     return record
 

@@ -16,6 +16,7 @@ with ``ACCELERATE_USE_CPU=true``; they talk over gloo.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -80,9 +81,9 @@ def launch_command(dist: DistributedArgs, args: TrainArgs, run_dir: Path, port: 
 def launch(cfg: DictConfig, run_dir: str | Path) -> None:
     """Start the run's processes with ``accelerate launch`` and wait for them (see the module docstring)."""
     from mole.data import load_datasets
-    from mole.pipeline import CONFIG_FILE, build_aux_losses, is_finished
+    from mole.pipeline import build_aux_losses
+    from mole.run_dir import finished_run, handed_down_env, lock_run
     from mole.training.tracking import check_trackers
-    from mole.utils.secrets import write_config
 
     run_dir = Path(run_dir).resolve()
     args = TrainArgs.from_config(cfg.trainer)
@@ -92,13 +93,22 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> None:
     check_trackers(args.log_with)
     build_aux_losses(cfg)
     load_datasets(cfg.data, seed=cfg.seed)  # a missing data file: one line here, not one per process
-    if is_finished(run_dir) and not cfg.get("force", False):
-        log.info("%s already holds a finished run; skipping (force=true to run it again)", run_dir)
-        return
+    lock = lock_run(run_dir)  # held until the workers end; they inherit it through the environment
+    with lock if lock is not None else contextlib.nullcontext():
+        if finished_run(run_dir, cfg) is not None:
+            log.info("%s already holds a finished run of this config; skipping (force=true to run it again)", run_dir)
+            return
+        _launch_workers(cfg, run_dir, args, dist, handed_down_env(run_dir))
+
+
+def _launch_workers(cfg: DictConfig, run_dir: Path, args: TrainArgs, dist: DistributedArgs, lock_env: dict) -> None:
+    from mole.run_dir import CONFIG_FILE
+    from mole.utils.secrets import write_config
+
     run_dir.mkdir(parents=True, exist_ok=True)
     secrets = write_config(cfg, run_dir / CONFIG_FILE)
 
-    env = dict(os.environ)
+    env = {**os.environ, **lock_env}
     if secrets:
         env[SECRETS_ENV] = json.dumps(secrets)
     if use_cpu(dist):
