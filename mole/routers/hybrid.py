@@ -69,8 +69,8 @@ MAX_POSITIONS = 5000  # the released code's positional table length; right-align
 def right_aligned_positions(mask: Tensor, max_len: int = MAX_POSITIONS) -> Tensor:
     """``(B, T)`` positions of the True entries of ``mask`` counted back from ``max_len - 1``.
 
-    The last True entry of a row gets ``max_len - 1``, the previous one ``max_len - 2``, and so on; False
-    entries get the position of the next True entry after them (they are never attended).
+    Every entry gets ``max_len - 1`` minus the number of True entries after it: the last True entry of a row
+    gets ``max_len - 1``, the previous one ``max_len - 2``, and so on (False entries are never attended).
     """
     m = mask.long()
     after = m.flip(-1).cumsum(-1).flip(-1) - m  # (B, T) True entries strictly after each column
