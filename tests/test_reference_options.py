@@ -389,3 +389,27 @@ def test_effective_weight_per_router_is_logged_once(caplog):
 def test_bad_option_values_name_the_key(build, key):
     with pytest.raises(MoleConfigError, match=key.replace(".", r"\.")):
         build()
+
+
+# ---- the measuring script behind docs/reference-differences.md ----
+
+
+def test_reference_differences_script_measures_the_invariants():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reference_differences.py"
+    spec = importlib.util.spec_from_file_location("reference_differences", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure(tokens=64, draws=3)
+    by_name = {}
+    for name, setting, figure in rows:
+        by_name.setdefault(name, []).append((setting, figure))
+    # top-k of the mixture: exactly k = 2 experts per token, whatever the draw
+    assert all(fig.split("; ")[0].endswith("vs 2.00") for _, fig in by_name["HMoRA top-k placement"])
+    # raw S_2 over 6 experts is at most 1 - 1/6 = 0.833 < 0.9: no token is ever soft on the raw reading
+    q2 = [fig for setting, fig in by_name["DynMoLE entropy threshold"] if "q=2.0" in setting]
+    assert len(q2) == 3 and all(fig.startswith("soft tokens: raw 0% vs") for fig in q2)
+    # flooring each row can only raise the certainty term, so the per-row loss is never below eq. 11's
+    assert all("per_row - mean: +" in fig for _, fig in by_name["HMoRA CGJS floor"])
