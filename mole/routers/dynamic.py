@@ -16,8 +16,10 @@ literally. NOTE(deviation): the released code adds 1e-5 to every probability bef
 mole does not (the difference is measured in docs/reference-differences.md).
 
 Top-p branch (``top_p_keep_crossing``, ``renormalize``): the paper's top-p (eq. 7, after Huang et al.
-2024) keeps the expert that carries the sum across p and renormalises; the released code drops that
-expert (``cumsum <= top_p``) and uses the kept probabilities without renormalising. Defaults: the paper's.
+2024) keeps the expert that carries the sum across p; the paper does not say whether the kept
+probabilities are renormalised, and mole renormalises them as its top-p router does. The released code
+drops that expert (``cumsum <= top_p``) and uses the kept probabilities as they are. Defaults: mole's
+reading of the paper (keep, renormalise).
 
 The number of experts varies per token; the balance loss counts the slots from the chosen set, a soft
 token taking one slot on every expert (``BalanceStats.k = None``).
