@@ -189,6 +189,24 @@ def test_learned_a_l_starts_at_eq8_and_is_trained():
     assert low.a_logit is None and not any("a_logit" in n for n, _ in low.named_parameters())
 
 
+def test_parameter_count_of_hmora_ref_on_the_meta_device():
+    from mole.pipeline import build_mole_model, parameter_report
+
+    cfg = compose_config([*TINY, "method=hmora_ref"])
+    model, _, rep = build_mole_model(cfg, meta=True)
+    report = parameter_report(model, rep)
+    layers = [lay for lay in report["layers"] if lay["router_kinds"] == ["token", "task"]]
+    assert layers  # eps 2, mu 0: the middle layers have both routers, each with a trainable a_l logit
+    trained = [n for n, _ in model.named_parameters() if n.endswith("a_logit")]
+    # one logit per router of a mixed layer: q/k/v share one router and gate/up another (2 per layer)
+    assert len(trained) == 2 * len(layers)
+    # a_l is reported at eq. 8's value: sigmoid(-2 + 4 l / L)
+    num_layers = len(report["layers"])
+    for lay in layers:
+        want = 1 / (1 + math.exp(-(-2 + 4 * lay["layer"] / (num_layers - 1))))
+        assert lay["a_l"] == pytest.approx(want, abs=1e-4)
+
+
 def test_router_bias():
     router, x = _hybrid(mu=-3.0, top_k=None, bias=True)  # token router only
     assert router.token_gate.bias is not None

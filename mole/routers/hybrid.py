@@ -394,8 +394,10 @@ class HybridRouter(nn.Module):
         return [k for k, m in (("token", self.token_gate), ("task", self.task_gate)) if m is not None]
 
     def layer_info(self) -> dict:
-        """For ``mole-params``: the layer's mixing weight (its current value when trained) and routers."""
-        a = self.alpha if self.a_logit is None else float(torch.sigmoid(self.a_logit.detach().float()))
+        """For ``mole-params``: the layer's mixing weight (its current value when trained; eq. 8's on the meta
+        device, where a parameter has no value) and routers."""
+        learned = self.a_logit is not None and not self.a_logit.is_meta
+        a = float(torch.sigmoid(self.a_logit.detach().float())) if learned else self.alpha
         return {"a_l": round(a, 4), "router_kinds": self.kinds}
 
     def _mix_weights(self) -> tuple[Tensor, Tensor]:
