@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from mole.model.context import RoutingContext, install_context
 from mole.routers.base import BalanceStats, GateDist, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.routers.select import check_flag
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
@@ -89,13 +90,18 @@ def sinusoidal_encoding(positions: Tensor, width: int) -> Tensor:
     return pe[..., :width]
 
 
-def layer_alpha(layer_idx: int, num_layers: int, eps: float, mu: float) -> float:
-    """``a_l = sigmoid(-eps + 2 eps l / L + mu)`` (HMoRA eq. 8), ``l`` in ``0 .. L = num_layers - 1``.
+def layer_logit(layer_idx: int, num_layers: int, eps: float, mu: float) -> float:
+    """``-eps + 2 eps l / L + mu``, the argument of eq. 8's sigmoid; ``l`` in ``0 .. L = num_layers - 1``.
 
     A one-layer model (``L = 0``) takes ``l / L = 0``.
     """
     frac = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
-    return 1.0 / (1.0 + math.exp(-(-eps + 2.0 * eps * frac + mu)))
+    return -eps + 2.0 * eps * frac + mu
+
+
+def layer_alpha(layer_idx: int, num_layers: int, eps: float, mu: float) -> float:
+    """``a_l = sigmoid(-eps + 2 eps l / L + mu)`` (HMoRA eq. 8), ``l`` in ``0 .. L = num_layers - 1``."""
+    return 1.0 / (1.0 + math.exp(-layer_logit(layer_idx, num_layers, eps, mu)))
 
 
 class TaskEncoder(nn.Module):
@@ -353,8 +359,7 @@ class HybridRouter(nn.Module):
     ):
         super().__init__()
         for key, value in (("topk_after_mix", topk_after_mix), ("learn_a_l", learn_a_l), ("bias", bias)):
-            if not isinstance(value, bool):
-                raise MoleConfigError(f"router.{key} must be true or false, got {value!r}")
+            check_flag(value, f"router.{key}")
         for key, value in (("eps", eps), ("mu", mu), ("beta_low", beta_low), ("beta_high", beta_high)):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise MoleConfigError(f"router.{key} must be a number, got {value!r}")
@@ -373,8 +378,7 @@ class HybridRouter(nn.Module):
         # a_l's logit, trained where both routers exist (the released code's nn.Parameter); None: fixed a_l
         self.a_logit = None
         if learn_a_l and use_token and use_task:
-            frac = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
-            self.a_logit = nn.Parameter(torch.tensor(-eps + 2.0 * eps * frac + mu, dtype=torch.float32))
+            self.a_logit = nn.Parameter(torch.tensor(layer_logit(layer_idx, num_layers, eps, mu), dtype=torch.float32))
         self.token_gate = nn.Linear(in_features, num_experts, bias=bias) if use_token else None
         self.task_gate = None
         if use_task:
