@@ -260,7 +260,7 @@ def test_task_encoder_width_follows_the_model():
 
 # ---- presets on tiny_llama ----
 
-PRESETS = ["hmora", "hmora_lw", "molora", "hydralora"]
+PRESETS = ["hmora", "hmora_lw", "hmora_ref", "molora", "hydralora"]
 
 
 @pytest.mark.parametrize("method", PRESETS)
@@ -290,7 +290,7 @@ def _batch(cfg, tok):
     return Collator(tok.pad_token_id)(encode_records(train[:2], tok, 256))
 
 
-@pytest.mark.parametrize("method", ["hmora", "hmora_lw"])
+@pytest.mark.parametrize("method", ["hmora", "hmora_lw", "hmora_ref"])
 def test_preset_trains_every_parameter_and_lowers_the_loss(method):
     cfg = compose_config([*TINY, f"method={method}", "trainer.lr=5e-3", "router.dropout=0.0",
                           "router.task_encoder.dropout=0.0"])
@@ -318,7 +318,7 @@ def test_preset_trains_every_parameter_and_lowers_the_loss(method):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("method", ["hmora", "hmora_lw"])
+@pytest.mark.parametrize("method", ["hmora", "hmora_lw", "hmora_ref"])
 def test_save_load_round_trip_gives_identical_logits(method, tmp_path):
     cfg = compose_config([*TINY, f"method={method}"])
     a, _, _ = build_mole_model(cfg)

@@ -161,11 +161,12 @@ def _gate_rows(router_gate: nn.Linear, rows: list[list[float]], fn=torch.log) ->
 
 
 def test_dynamic_router_with_paper_defaults():
-    r = DynamicRouter(2, 4)  # q 1.1, threshold 0.9 (raw), top_p 0.75, keep_top_k 2
+    r = DynamicRouter(2, 4)  # q 1.1, threshold 0.9 (normalised entropy), top_p 0.75, keep_top_k 2
     _gate_rows(r.gate, [[0.25] * 4, [0.9, 0.05, 0.03, 0.02]])
     out = r(torch.eye(2))
-    # token 1 uniform: S = (1 - 4^-0.1) / 0.1 = 1.29 > 0.9 -> soft.
-    # token 2: S = (1 - (.9^1.1 + .05^1.1 + .03^1.1 + .02^1.1)) / 0.1 = (1 - 0.9623) / 0.1 = 0.38 -> top-p
+    # token 1 uniform: S = (1 - 4^-0.1) / 0.1 = 1.29, the maximum: 1.0 > 0.9 -> soft.
+    # token 2: S = (1 - (.9^1.1 + .05^1.1 + .03^1.1 + .02^1.1)) / 0.1 = (1 - 0.9623) / 0.1 = 0.38, 0.29 of the
+    # maximum -> top-p
     # keeps 0.9 alone, keep_top_k 2 adds 0.05
     close(out.gates, [[0.25] * 4, [0.9 / 0.95, 0.05 / 0.95, 0.0, 0.0]])
     assert out.selected.sum(-1).tolist() == [4, 2]
@@ -287,12 +288,13 @@ def _mor(**kw) -> MoRRouter:
         ({"select": "topp", "top_p": 0.4}, [1.0, 0.0, 0.0]),  # 0.4 alone reaches 0.4
         ({"select": "topp", "top_p": 0.77}, FP),  # 0.7625 < 0.77: all three
         # S_2(F') = 1 - (.16 + .05640625 + .13140625) = 0.6521875
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.9}, TOP2),  # 0.652 <= 0.9: top-p, keep 2
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.6}, FP),  # 0.652 > 0.6: soft
+        ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "normalized_entropy": False}, TOP2),  # 0.652 <= 0.9: top-p, keep 2
+        ({"select": "dynamic", "q": 2.0, "threshold": 0.6, "normalized_entropy": False}, FP),  # 0.652 > 0.6: soft
         # normalised: 0.6521875 / (1 - 1/3) = 0.978 > 0.9: soft
         ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "normalized_entropy": True}, FP),
         ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "top_p": 0.3, "keep_top_k": 3}, FP),
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "top_p": 0.3, "keep_top_k": 1}, [1.0, 0.0, 0.0]),
+        ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "top_p": 0.3, "keep_top_k": 1, "normalized_entropy": False},
+         [1.0, 0.0, 0.0]),
     ],
 )
 def test_mor_inner_selections_by_hand(kw, expected):

@@ -32,6 +32,7 @@ from mole.routers.threshold import ThresholdRouter
 from tests.conftest import assert_same_outputs_and_grads, compose_tiny
 
 PRESETS = ["lora", "mola", "mola_mor", "mola_crw", "dynmole", "dynmole_topp", "hmora", "hmora_lw", "moa_soft",
+           "hmora_ref", "dynmole_ref", "mola_ref",
            "moa_sparse", "hydralora", "mixlora", "adamole", "loramoe", "dora", "llama_adapter"]
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.adapters.lora import check_lora_args
+from mole.adapters.lora import check_lora_args, lora_scaling
 from mole.utils.dropout import ExpertDropout
 
 
@@ -38,6 +38,7 @@ class HydraLoRAExperts(nn.Module):
         rank: r of A and of every B_i.
         alpha: LoRA alpha; the update is scaled by ``alpha / rank``.
         dropout: dropout on the experts' input.
+        scaling: ``"lora"`` (``alpha / r``) or ``"rslora"`` (``alpha / sqrt(r)``), as :class:`LoRAExperts`.
     """
 
     def __init__(
@@ -48,11 +49,12 @@ class HydraLoRAExperts(nn.Module):
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
+        scaling: str = "lora",
     ):
         super().__init__()
         check_lora_args(num_experts, rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
-        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        self.num_experts, self.rank, self.scaling = num_experts, rank, lora_scaling(alpha, rank, scaling)
         self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))  # shared A
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # [B_1 ... B_E]

@@ -31,6 +31,16 @@ from torch import Tensor, nn
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
+SCALINGS = ("lora", "rslora")
+
+
+def lora_scaling(alpha: float, rank: int, scaling: str = "lora") -> float:
+    """The update's scale: ``alpha / r`` (LoRA, Hu et al. 2021) or ``alpha / sqrt(r)`` (rsLoRA, Kalajdzievski
+    2023, Sec. 3; the scaling HMoRA's released code always uses)."""
+    if scaling not in SCALINGS:
+        raise MoleConfigError(f"adapter.scaling must be one of {list(SCALINGS)}, got {scaling!r}")
+    return alpha / rank if scaling == "lora" else alpha / math.sqrt(rank)
+
 
 def check_lora_args(num_experts: int, rank: int, alpha: float, dropout: float) -> None:
     """Reject adapter settings that cannot build; shared by every LoRA-based expert kind."""
@@ -52,8 +62,9 @@ class LoRAExperts(nn.Module):
         out_features: d_out of the adapted Linear.
         num_experts: E; 1 is a plain LoRA.
         rank: r of every expert.
-        alpha: LoRA alpha; the update is scaled by ``alpha / rank``.
+        alpha: LoRA alpha; the update is scaled by ``alpha / rank`` (or ``alpha / sqrt(rank)``).
         dropout: dropout on the experts' input.
+        scaling: ``"lora"`` (``alpha / r``) or ``"rslora"`` (``alpha / sqrt(r)``); see :func:`lora_scaling`.
     """
 
     def __init__(
@@ -64,11 +75,12 @@ class LoRAExperts(nn.Module):
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
+        scaling: str = "lora",
     ):
         super().__init__()
         check_lora_args(num_experts, rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
-        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        self.num_experts, self.rank, self.scaling = num_experts, rank, lora_scaling(alpha, rank, scaling)
         self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(num_experts * rank, in_features))  # A_all
         self.lora_B = nn.Parameter(torch.zeros(out_features, num_experts * rank))  # B_all

@@ -24,27 +24,34 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mole.losses.routing import sum_over_groups
+from mole.losses.routing import AuxTerm, check_reduce, reduce_over_routers, row_weights, sum_over_groups
 from mole.routers.base import GateDist, RouterOutput
 from mole.routers.select import shannon_entropy
 from mole.utils.errors import MoleConfigError
 
+FLOORS = ("mean", "per_row")
 
-def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tensor:
+
+def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4, floor: str = "mean") -> Tensor:
     """``L_aux`` of one router's gate distributions (HMoRA eq. 10-12).
 
     Args:
         probs: ``(N, E)`` gate distributions, rows summing to 1 (padding rows already removed).
         gamma_b: balance cap, in [0, 1].
         gamma_c: certainty floor, in [0, 1].
+        floor: ``"mean"``: floor the mean entropy, ``max(mean_n H(g_n), gamma_c log E)`` (eq. 11);
+            ``"per_row"``: floor each row's entropy, then average, ``mean_n max(H(g_n), gamma_c log E)``
+            (HMoRA's released code).
 
     Returns:
         A scalar in ``[0, 1]``; 0 for fewer than two experts or no rows.
     """
-    return cgjs_losses(probs.unsqueeze(0), None, gamma_b, gamma_c)[0]
+    return cgjs_losses(probs.unsqueeze(0), None, gamma_b, gamma_c, floor)[0]
 
 
-def cgjs_losses(probs: Tensor, row_weight: Tensor | None = None, gamma_b: float = 1.0, gamma_c: float = 0.4) -> Tensor:
+def cgjs_losses(
+    probs: Tensor, row_weight: Tensor | None = None, gamma_b: float = 1.0, gamma_c: float = 0.4, floor: str = "mean"
+) -> Tensor:
     """:func:`cgjs_loss` of R routers at once, padding rows weighted out instead of removed.
 
     The same values and gradients as ``[cgjs_loss(p[row_weight.bool()], ...) for p in probs]``, in one
@@ -54,7 +61,7 @@ def cgjs_losses(probs: Tensor, row_weight: Tensor | None = None, gamma_b: float 
     Args:
         probs: ``(R, N, E)`` R routers' gate distributions over the same N rows.
         row_weight: ``(N,)`` 1 for real rows, 0 for padding; ``None``: every row is real.
-        gamma_b, gamma_c: as :func:`cgjs_loss`.
+        gamma_b, gamma_c, floor: as :func:`cgjs_loss`.
 
     Returns:
         ``(R,)`` losses; 0 for fewer than two experts or no real row.
@@ -65,6 +72,8 @@ def cgjs_losses(probs: Tensor, row_weight: Tensor | None = None, gamma_b: float 
         return p.sum(dim=(1, 2)) * 0.0
     log_e = math.log(e)
     entropy = shannon_entropy(p)  # (R, N)
+    if floor == "per_row":  # released code: each row's entropy floored before the mean
+        entropy = torch.clamp(entropy, min=gamma_c * log_e)
     if row_weight is None:
         mean_g, certainty = p.mean(dim=1), entropy.mean(dim=1)  # (R, E), (R,)
         real = None
@@ -81,19 +90,24 @@ def cgjs_losses(probs: Tensor, row_weight: Tensor | None = None, gamma_b: float 
     return loss if real is None else loss * real.to(loss.dtype)
 
 
-class CGJSLoss:
-    """The ``loss.cgjs`` term: ``sum`` over routers of :func:`cgjs_loss` (HMoRA eq. 13), times ``weight``.
+class CGJSLoss(AuxTerm):
+    """The ``loss.cgjs`` term: :func:`cgjs_loss` of every router, reduced over routers (``sum``: HMoRA eq. 13),
+    times ``weight``.
 
     Args:
         weight: lambda (0.003 in HMoRA).
         gamma_b: balance cap (1).
         gamma_c: certainty floor (0.4; HMoRA Table 9 sweeps 0 .. 0.8).
         task_routers: also apply it to task routers (HMoRA Table 4 switches this off).
+        floor: ``mean`` (eq. 11) or ``per_row`` (released code); see :func:`cgjs_loss`.
+        reduce: ``sum`` (eq. 13) | ``mean`` | ``pooled`` over routers (:mod:`mole.losses.routing`);
+            ``pooled`` takes the rows of every router with the same number of experts as one router's.
     """
 
     name = "cgjs"
 
-    def __init__(self, weight: float = 0.003, gamma_b: float = 1.0, gamma_c: float = 0.4, task_routers: bool = True):
+    def __init__(self, weight: float = 0.003, gamma_b: float = 1.0, gamma_c: float = 0.4, task_routers: bool = True,
+                 floor: str = "mean", reduce: str = "sum"):
         for key, value in (("weight", weight), ("gamma_b", gamma_b), ("gamma_c", gamma_c)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise MoleConfigError(f"loss.cgjs.{key} must be a non-negative number, got {value!r}")
@@ -102,23 +116,37 @@ class CGJSLoss:
                 raise MoleConfigError(f"loss.cgjs.{key} must be in [0, 1], got {value!r}")
         if not isinstance(task_routers, bool):
             raise MoleConfigError(f"loss.cgjs.task_routers must be true or false, got {task_routers!r}")
+        if floor not in FLOORS:
+            raise MoleConfigError(f"loss.cgjs.floor must be one of {list(FLOORS)}, got {floor!r}")
+        check_reduce(reduce, "loss.cgjs.reduce")
         self.weight, self.gamma_b, self.gamma_c = float(weight), float(gamma_b), float(gamma_c)
-        self.task_routers = task_routers
+        self.task_routers, self.floor, self.reduce = task_routers, floor, reduce
 
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
-        """Sum over every router distribution in ``outputs``; token rows exclude padding (``token_mask``).
+        """Every router distribution in ``outputs``, reduced; token rows exclude padding (``token_mask``).
 
         Distributions of the same shape and level (a model's token routers of equal expert count, its task
         routers) are stacked and go through :func:`cgjs_losses` together.
         """
-        def term(key: tuple, dists: list[GateDist]) -> Tensor:
-            weight = token_mask if key[0] == "token" else None
-            probs = torch.stack([d.probs for d in dists])  # (R, N, E)
-            return cgjs_losses(probs, weight, self.gamma_b, self.gamma_c).sum()
+        dists = [d for out in outputs for d in out.distributions() if self.task_routers or d.kind != "task"]
+        args = (self.gamma_b, self.gamma_c, self.floor)
 
-        total = sum_over_groups(
-            (d for out in outputs for d in out.distributions() if self.task_routers or d.kind != "task"),
-            lambda d: (d.level, tuple(d.probs.shape), d.probs.device),
-            term,
-        )
-        return torch.zeros(()) if total is None else total
+        def term(key: tuple, group: list[GateDist]) -> Tensor:
+            weight = token_mask if key[0] == "token" else None
+            probs = torch.stack([d.probs for d in group])  # (R, N, E)
+            return cgjs_losses(probs, weight, *args).sum()
+
+        def pooled(key: tuple, group: list[GateDist]) -> Tensor:
+            probs = torch.cat([d.probs.float() for d in group]).unsqueeze(0)  # (1, sum N, E)
+            weight = torch.cat([row_weights(d.probs.shape[0], d.level, token_mask, d.probs.device) for d in group])
+            return cgjs_losses(probs, weight, *args)[0]
+
+        if self.reduce == "pooled":
+            total = sum_over_groups(dists, lambda d: (d.probs.shape[-1], d.probs.device), pooled)
+        else:
+            total = sum_over_groups(dists, lambda d: (d.level, tuple(d.probs.shape), d.probs.device), term)
+            total = reduce_over_routers(total, len(dists), self.reduce)
+        if total is None:
+            return torch.zeros(())
+        self.report_once(len(dists))
+        return total

@@ -1,11 +1,23 @@
 """Auxiliary routing losses: pure functions of router statistics, plus the weighted terms the config builds.
 
-The total objective is ``L = L_lm + sum_terms weight * sum_routers L_term(router)`` — summed over routers
-as HMoRA eq. 13 does (SPEC §3). Padding tokens are excluded from every statistic.
+The total objective is ``L = L_lm + sum_terms weight * reduce_routers L_term(router)``. Padding tokens are
+excluded from every statistic. How each term aggregates over a model's routers is its ``reduce`` key:
+
+* ``sum`` (default; HMoRA eq. 13 and its released code): ``sum_r L(r)``; the term grows with the number
+  of routers R (e.g. R = 210 on SmolLM2-135M with 7 routed Linears per layer);
+* ``mean``: ``(1/R) sum_r L(r)``; the weight is then per model, whatever R;
+* ``pooled`` (DynMoLE's released code, Mixtral/MixLoRA's form): one statistic over the rows of every router
+  together (routers with the same number of choices), as if they were one router.
+
+Each term logs once, at its first call, its effective weight per router and in all, so a run's log shows
+when the auxiliary terms can outweigh the language-modelling loss (the balance loss is 1 per router at
+uniform routing: with ``sum`` over 210 routers and weight 0.01 the term is 2.1).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TypeVar
@@ -17,6 +29,58 @@ from mole.routers.base import BalanceStats, RouterOutput
 from mole.utils.errors import MoleConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+REDUCES = ("sum", "mean", "pooled")
+LOADS = ("slots", "mass")
+
+
+def check_reduce(reduce: object, key: str) -> None:
+    if reduce not in REDUCES:
+        raise MoleConfigError(f"{key} must be one of {list(REDUCES)}, got {reduce!r}")
+
+
+def check_weight(weight: object, key: str) -> None:
+    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+    if not ok or weight < 0:
+        raise MoleConfigError(f"{key} must be a non-negative number, got {weight!r}")
+
+
+def row_weights(rows: int, level: str, token_mask: Tensor | None, device) -> Tensor:
+    """``(rows,)`` fp32 weights of a statistic's rows: the token mask for token rows, 1 for sequence rows."""
+    if level == "token" and token_mask is not None:
+        return token_mask.to(device=device, dtype=torch.float32)
+    return torch.ones(rows, device=device)
+
+
+def reduce_over_routers(total: Tensor | None, count: int, reduce: str) -> Tensor | None:
+    """``total`` (a sum over ``count`` routers) as the ``reduce`` rule asks: unchanged for ``sum``, divided by
+    ``count`` for ``mean``. (``pooled`` terms are computed pooled, not reduced here.)"""
+    if total is None or reduce != "mean":
+        return total
+    return total / max(count, 1)
+
+
+class AuxTerm:
+    """What every auxiliary term shares: its weight, its ``reduce`` rule and the one-time log line."""
+
+    name = "aux"
+    weight: float
+    reduce: str
+
+    def report_once(self, routers: int) -> None:
+        """Log, once per term, its effective weight per router and in all (no host read: values stay on the
+        device; the step log prints the terms' values)."""
+        if getattr(self, "_reported", False) or routers == 0:
+            return
+        self._reported = True
+        per_router = self.weight if self.reduce == "sum" else self.weight / routers
+        total = self.weight * routers if self.reduce == "sum" else self.weight
+        log.info(
+            "loss.%s: weight %g, reduce=%s over %d routers: effective weight %.3g per router (%.3g in all, the "
+            "factor on a per-router loss of 1 against the LM loss)",
+            self.name, self.weight, self.reduce, routers, per_router, total,
+        )
 
 
 def sum_over_groups(items: Iterable[T], key: Callable[[T], Hashable], term: Callable[[Hashable, list[T]], Tensor]) -> Tensor | None:
@@ -49,14 +113,20 @@ def balance_loss(stats: BalanceStats, token_mask: Tensor | None = None) -> Tenso
     return balance_losses(stats.probs, stats.selected, stats.k, weight)
 
 
-def balance_losses(probs: Tensor, selected: Tensor, k: int | None, row_weight: Tensor | None = None) -> Tensor:
+def balance_losses(
+    probs: Tensor, selected: Tensor, k: int | None, row_weight: Tensor | None = None, load: str = "slots"
+) -> Tensor:
     """:func:`balance_loss` of one routing decision ``(N, M)``, or of R decisions over the same rows at once.
+
+    ``load="mass"`` replaces eq. 18's slot fraction ``F_i`` by the mean over rows of the kept probability
+    ``p_i 1[i chosen]`` (DynMoLE's released code, whose gates are the unrenormalised kept probabilities).
 
     Args:
         probs: ``(N, M)`` or ``(R, N, M)`` router probabilities.
         selected: the chosen sets, the shape of ``probs``.
         k: routing slots per token, or ``None`` (counted from ``selected``).
         row_weight: ``(N,)`` 1 for real rows, 0 for padding; ``None`` counts every row.
+        load: ``"slots"`` (eq. 18) or ``"mass"``.
 
     Returns:
         A scalar, or ``(R,)`` losses.
@@ -70,6 +140,11 @@ def balance_losses(probs: Tensor, selected: Tensor, k: int | None, row_weight: T
     else:
         w, n = None, probs.new_tensor(float(n_rows))
     sel = selected.to(probs.dtype)
+    if load == "mass":
+        kept = probs * sel  # (..., N, M) the kept probabilities
+        frac = (kept if w is None else kept * w).sum(dim=-2) / n.clamp_min(1.0)  # (..., M)
+        mean_prob = (probs if w is None else probs * w).sum(dim=-2) / n.clamp_min(1.0)  # (..., M) P_i
+        return m * (frac * mean_prob).sum(dim=-1)
     counts = (sel if w is None else sel * w).sum(dim=-2)  # (..., M) slots per choice
     if k is None:
         # a variable number of slots per token: F_i is the fraction of all slots taken (0 if none were)
@@ -80,44 +155,66 @@ def balance_losses(probs: Tensor, selected: Tensor, k: int | None, row_weight: T
     return m * (frac * mean_prob).sum(dim=-1)
 
 
-class BalanceLoss:
-    """The ``loss.balance`` term: ``weight * sum`` of :func:`balance_loss` over every routing decision.
+class BalanceLoss(AuxTerm):
+    """The ``loss.balance`` term: ``weight *`` :func:`balance_loss` over every routing decision, reduced over
+    routers by ``reduce``.
 
     Routers expose what should be balanced (top-k expert choices, the MoR main router's choice of
     sub-routers); soft routing exposes nothing, and the term is then 0 (with a warning).
 
     Args:
         weight: the coefficient (0.01 by default; HMoRA Sec. 4.1).
+        reduce: ``sum`` | ``mean`` | ``pooled`` over routers (module notes). ``pooled`` puts the rows of every
+            decision with the same number of choices together (DynMoLE's and Mixtral's form).
+        load: ``slots`` (eq. 18: the fraction of routing slots) or ``mass`` (the mean kept probability;
+            DynMoLE's released code).
     """
 
     name = "balance"
 
-    def __init__(self, weight: float = 0.01):
-        if not isinstance(weight, (int, float)) or weight < 0:
-            raise MoleConfigError(f"loss.balance.weight must be a non-negative number, got {weight!r}")
-        self.weight = float(weight)
+    def __init__(self, weight: float = 0.01, reduce: str = "sum", load: str = "slots"):
+        check_weight(weight, "loss.balance.weight")
+        check_reduce(reduce, "loss.balance.reduce")
+        if load not in LOADS:
+            raise MoleConfigError(f"loss.balance.load must be one of {list(LOADS)}, got {load!r}")
+        self.weight, self.reduce, self.load = float(weight), reduce, load
         self._warned = False
 
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+        decisions = [st for out in outputs for st in out.balance]
+        if self.reduce == "pooled":
+            total = self._pooled(decisions, token_mask)
+        else:
+            total = reduce_over_routers(self._summed(decisions, token_mask), len(decisions), self.reduce)
+        if total is None:
+            if not self._warned and outputs:
+                warnings.warn("loss.balance: the routers expose no sparse choice to balance (soft routing); term is 0", stacklevel=2)
+                self._warned = True
+            return torch.zeros(())
+        self.report_once(len(decisions))
+        return total
+
+    def _summed(self, decisions: list[BalanceStats], token_mask: Tensor | None) -> Tensor | None:
         # decisions of the same shape, level and k (a model's routers of equal expert count) go through
         # balance_losses together: one set of operations instead of one per router
         def term(key: tuple, stats: list[BalanceStats]) -> Tensor:
             level, k = key[0], key[2]
             weight = token_mask if level == "token" else None
             if len(stats) == 1:
-                return balance_losses(stats[0].probs, stats[0].selected, k, weight)
+                return balance_losses(stats[0].probs, stats[0].selected, k, weight, self.load)
             probs = torch.stack([st.probs.float() for st in stats])  # (R, N, M)
             selected = torch.stack([st.selected for st in stats])  # (R, N, M)
-            return balance_losses(probs, selected, k, weight).sum()
+            return balance_losses(probs, selected, k, weight, self.load).sum()
 
-        total = sum_over_groups(
-            (st for out in outputs for st in out.balance),
-            lambda st: (st.level, tuple(st.probs.shape), st.k, st.probs.device),
-            term,
-        )
-        if total is None:
-            if not self._warned and outputs:
-                warnings.warn("loss.balance: the routers expose no sparse choice to balance (soft routing); term is 0", stacklevel=2)
-                self._warned = True
-            return torch.zeros(())
-        return total
+        return sum_over_groups(decisions, lambda st: (st.level, tuple(st.probs.shape), st.k, st.probs.device), term)
+
+    def _pooled(self, decisions: list[BalanceStats], token_mask: Tensor | None) -> Tensor | None:
+        # one statistic over the rows of all decisions with M choices; slots counted from `selected` (with a
+        # fixed k that is k per real row, the same F_i)
+        def term(key: tuple, stats: list[BalanceStats]) -> Tensor:
+            probs = torch.cat([st.probs.float() for st in stats])  # (sum N, M)
+            selected = torch.cat([st.selected for st in stats])  # (sum N, M)
+            weight = torch.cat([row_weights(st.probs.shape[0], st.level, token_mask, st.probs.device) for st in stats])
+            return balance_losses(probs, selected, None, weight, self.load)
+
+        return sum_over_groups(decisions, lambda st: (st.probs.shape[-1], st.probs.device), term)

@@ -5,16 +5,21 @@ routing: above ``threshold`` the router is uncertain and the token goes to every
 gates = p); otherwise top-p routing, but never fewer than ``keep_top_k`` experts, renormalised. Defaults
 are the paper's (Table 3 / Fig. 4): q = 1.1, threshold 0.9, top_p 0.75, keep_top_k 2.
 
-Raw or normalised entropy (``normalized_entropy``): eq. 17 compares ``S(x) = S_q(R(x))`` itself with
-``H_threshold``, and eq. 9 has no normalisation; the paper only speaks of "normalized entropy" for the
-word-embedding plots of its appendix A.6. So the default (``normalized_entropy=False``) is the raw
-entropy, as in the equations. The two readings differ a lot: with E = 6 and q = 1.1, the paper's setting,
-the largest entropy is about 1.64, so a raw threshold of 0.9 sends a token to all experts once its mass
-is spread over more than about 2.6 equally likely experts (S is 0.67 for two equal experts and 1.04 for
-three), while a normalised 0.9 (raw 1.48) sends only nearly uniform tokens. With fewer experts the raw
-threshold can exceed the maximum (0.67 at E = 2, 1.29 at E = 4): such layers never route softly, which is
-harmless at E <= keep_top_k (top-p then keeps every expert anyway). ``normalized_entropy=True`` divides by
-``(1 - E^(1-q)) / (q - 1)`` so one threshold means the same in layers with different numbers of experts.
+Raw or normalised entropy (``normalized_entropy``): eq. 17 compares ``S(x) = S_q(R(x))`` with
+``H_threshold`` and eq. 9 has no normalisation, but the authors' released code divides the entropy by its
+maximum ``(1 - E^(1-q)) / (q - 1)`` (and skips soft routing unless ``threshold < 1``), and the paper's
+threshold grid (Fig. 4c, 0.7 to 0.95) only makes sense on that scale: with E = 6 and q = 1.1 the largest
+raw entropy is about 1.64, so a raw threshold of 0.9 sends a token to all experts once its mass is spread
+over more than about 2.6 equally likely experts, and at q = 2 (max 0.83) no token ever passes a raw 0.9.
+So the default is the normalised entropy (``normalized_entropy=True``); ``False`` is eq. 17 read
+literally. NOTE(deviation): the released code adds 1e-5 to every probability before taking the entropy;
+mole does not (the difference is measured in docs/reference-differences.md).
+
+Top-p branch (``top_p_keep_crossing``, ``renormalize``): the paper's top-p (eq. 7, after Huang et al.
+2024) keeps the expert that carries the sum across p; the paper does not say whether the kept
+probabilities are renormalised, and mole renormalises them as its top-p router does. The released code
+drops that expert (``cumsum <= top_p``) and uses the kept probabilities as they are. Defaults: mole's
+reading of the paper (keep, renormalise).
 
 The number of experts varies per token; the balance loss counts the slots from the chosen set, a soft
 token taking one slot on every expert (``BalanceStats.k = None``).
@@ -26,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mole.routers.base import BalanceStats, LinearGate, RouterOutput
-from mole.routers.select import check_keep_top_k, check_q, check_threshold, check_top_p, dynamic_select
+from mole.routers.select import check_flag, check_keep_top_k, check_q, check_threshold, check_top_p, dynamic_select
 
 
 class DynamicRouter(LinearGate):
@@ -40,6 +45,8 @@ class DynamicRouter(LinearGate):
         top_p: top-p target for the other tokens, in (0, 1].
         keep_top_k: the least number of experts a top-p token uses.
         normalized_entropy: compare the entropy divided by its maximum (in [0, 1]) with ``threshold``.
+        top_p_keep_crossing: keep the expert that carries the top-p sum across ``top_p``.
+        renormalize: divide the top-p branch's kept probabilities by their sum.
         dropout: dropout on the router's input.
     """
 
@@ -51,7 +58,9 @@ class DynamicRouter(LinearGate):
         threshold: float = 0.9,
         top_p: float = 0.75,
         keep_top_k: int = 2,
-        normalized_entropy: bool = False,
+        normalized_entropy: bool = True,
+        top_p_keep_crossing: bool = True,
+        renormalize: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__(in_features, num_experts, dropout)
@@ -59,12 +68,16 @@ class DynamicRouter(LinearGate):
         check_threshold(threshold)
         check_top_p(top_p)
         check_keep_top_k(keep_top_k, num_experts)
+        check_flag(top_p_keep_crossing, "router.top_p_keep_crossing")
+        check_flag(renormalize, "router.renormalize")
+        self.keep_crossing, self.renormalize = top_p_keep_crossing, renormalize
         self.q, self.threshold, self.top_p = float(q), float(threshold), float(top_p)
         self.keep_top_k, self.normalized_entropy = keep_top_k, bool(normalized_entropy)
 
     def forward(self, x: Tensor) -> RouterOutput:
         probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
         gates, selected = dynamic_select(
-            probs, self.q, self.threshold, self.top_p, self.keep_top_k, self.normalized_entropy
+            probs, self.q, self.threshold, self.top_p, self.keep_top_k, self.normalized_entropy,
+            keep_crossing=self.keep_crossing, renormalize=self.renormalize,
         )  # (N, E), (N, E)
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=[BalanceStats(probs, selected, None)])

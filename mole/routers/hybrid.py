@@ -22,11 +22,24 @@ Decisions, marked NOTE(deviation) where the paper is silent or we differ:
   reading (0-based with ``L = num_layers`` or 1-based give other router counts).
 * Top-k placement: each router is an ``f_R`` of Appendix A, so top-k with the second softmax (eq. 15)
   is applied to each router's distribution *before* mixing (eq. 7 mixes the routers' gate values);
-  a layer with both routers may therefore activate up to ``2k`` experts per token.
+  a layer with both routers may therefore activate up to ``2k`` experts per token. The authors' released
+  code mixes the two dense distributions first and keeps the top k of the mixture (every token uses
+  exactly k experts): ``topk_after_mix=True``.
+* Reference-code options (defaults: the paper's): ``learn_a_l`` makes ``a_l``'s logit a trainable
+  parameter initialised at eq. 8's value (released code; only where both routers exist), ``bias`` gives
+  both routers a bias (released code: ``nn.Linear``'s default), ``task_encoder.positional: right_aligned``
+  adds a sinusoidal positional encoding to the prompt tokens (below).
 * The entropy losses (CGJS) see each router's dense softmax distribution (before top-k), exposed as
   ``GateDist(token probs, "token", "token")`` and ``GateDist(task probs, "task", "sequence")``.
-* The task encoder has no positional encoding (a plain ``TransformerEncoderLayer``, as the paper's
-  "as implemented in PyTorch"): its output at ``e_task`` depends on the set of prompt tokens.
+* The task encoder has no positional encoding by default (a plain ``TransformerEncoderLayer``, as the
+  paper's "as implemented in PyTorch"): its output at ``e_task`` depends on the set of prompt tokens.
+  ``positional: right_aligned`` adds the Transformer's sinusoidal encoding (Vaswani et al. 2017, Sec. 3.5)
+  to the prompt embeddings with positions counted back from the end of a table of
+  ``MAX_POSITIONS`` = 5000: a sequence's last prompt token has position 4999, the one before 4998, ...;
+  ``e_task`` gets none. This is the released code's encoding for left-padded input; NOTE(deviation): the
+  released code aligns to the end of the padded batch, so under right padding its positions also shift
+  with the padding; mole aligns each sequence on its own, so a sequence's representation does not depend
+  on the batch it is in.
 * Prompt tokens come from the model's :class:`~mole.model.context.RoutingContext`: the training loop
   sets the prompt mask (tokens whose label is ignored). NOTE(deviation): without it (lm-eval's
   log-likelihood requests, where context and continuation arrive as one sequence) every real token
@@ -45,19 +58,50 @@ from torch import Tensor, nn
 
 from mole.model.context import RoutingContext, install_context
 from mole.routers.base import BalanceStats, GateDist, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.routers.select import check_flag
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 TASK_ENCODER_ATTR = "mole_task_encoder"
+POSITIONALS = ("none", "right_aligned")
+MAX_POSITIONS = 5000  # the released code's positional table length; right-aligned positions end at 4999
 
 
-def layer_alpha(layer_idx: int, num_layers: int, eps: float, mu: float) -> float:
-    """``a_l = sigmoid(-eps + 2 eps l / L + mu)`` (HMoRA eq. 8), ``l`` in ``0 .. L = num_layers - 1``.
+def right_aligned_positions(mask: Tensor, max_len: int = MAX_POSITIONS) -> Tensor:
+    """``(B, T)`` positions of the True entries of ``mask`` counted back from ``max_len - 1``.
+
+    Every entry gets ``max_len - 1`` minus the number of True entries after it: the last True entry of a row
+    gets ``max_len - 1``, the previous one ``max_len - 2``, and so on (False entries are never attended).
+    """
+    m = mask.long()
+    after = m.flip(-1).cumsum(-1).flip(-1) - m  # (B, T) True entries strictly after each column
+    return max_len - 1 - after
+
+
+def sinusoidal_encoding(positions: Tensor, width: int) -> Tensor:
+    """``(..., width)`` sinusoidal encoding of integer ``positions`` (Vaswani et al. 2017, Sec. 3.5), fp32.
+
+    ``PE[pos, 2i] = sin(pos / 10000^(2i/d))``, ``PE[pos, 2i+1] = cos(pos / 10000^(2i/d))``, computed in
+    fp32 in the same order of operations as the usual table (``exp(2i * -ln(10000) / d)``).
+    """
+    div = torch.exp(torch.arange(0, width, 2, device=positions.device).float() * (-math.log(10000.0) / width))
+    angle = positions.float().unsqueeze(-1) * div  # (..., ceil(d/2))
+    pe = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # (..., 2 ceil(d/2)) interleaved
+    return pe[..., :width]
+
+
+def layer_logit(layer_idx: int, num_layers: int, eps: float, mu: float) -> float:
+    """``-eps + 2 eps l / L + mu``, the argument of eq. 8's sigmoid; ``l`` in ``0 .. L = num_layers - 1``.
 
     A one-layer model (``L = 0``) takes ``l / L = 0``.
     """
     frac = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
-    return 1.0 / (1.0 + math.exp(-(-eps + 2.0 * eps * frac + mu)))
+    return -eps + 2.0 * eps * frac + mu
+
+
+def layer_alpha(layer_idx: int, num_layers: int, eps: float, mu: float) -> float:
+    """``a_l = sigmoid(-eps + 2 eps l / L + mu)`` (HMoRA eq. 8), ``l`` in ``0 .. L = num_layers - 1``."""
+    return 1.0 / (1.0 + math.exp(-layer_logit(layer_idx, num_layers, eps, mu)))
 
 
 class TaskEncoder(nn.Module):
@@ -70,10 +114,11 @@ class TaskEncoder(nn.Module):
         ffn_mult: FFN width as a multiple of the model width (2 in HMoRA).
         dropout: dropout inside the encoder layer (PyTorch's default, 0.1, as the paper's setting).
         init_token_id: the token whose embedding initialises ``e_task`` ("?" in HMoRA).
+        positional: ``"none"`` (the paper) or ``"right_aligned"`` (the released code; see the module notes).
     """
 
     def __init__(self, embedding: nn.Embedding, context: RoutingContext, *, heads: int = 16,
-                 ffn_mult: float = 2, dropout: float = 0.1, init_token_id: int = 0):
+                 ffn_mult: float = 2, dropout: float = 0.1, init_token_id: int = 0, positional: str = "none"):
         super().__init__()
         width = int(embedding.weight.shape[1])
         if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or width % heads:
@@ -86,6 +131,9 @@ class TaskEncoder(nn.Module):
             raise MoleConfigError(f"router.task_encoder.ffn_mult must be a positive number, got {ffn_mult!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise MoleConfigError(f"router.task_encoder.dropout must be in [0, 1), got {dropout!r}")
+        if positional not in POSITIONALS:
+            raise MoleConfigError(f"router.task_encoder.positional must be one of {list(POSITIONALS)}, got {positional!r}")
+        self.positional = positional
         vocab = int(embedding.weight.shape[0])
         if not (0 <= init_token_id < vocab):
             raise MoleConfigError(f"router.task_encoder.init_token: token id {init_token_id} is outside the vocabulary ({vocab})")
@@ -114,6 +162,9 @@ class TaskEncoder(nn.Module):
         """
         prompt = prompt.bool()
         emb = self._embedding(input_ids).to(self.e_task.dtype)  # (B, T, d), frozen
+        if self.positional == "right_aligned":
+            pe = sinusoidal_encoding(right_aligned_positions(prompt), self.width)  # (B, T, d) fp32
+            emb = emb + pe.to(emb.dtype)
         b = input_ids.shape[0]
         seq = torch.cat([emb, self.e_task.expand(b, 1, -1)], dim=1)  # (B, T+1, d): Embed(T^in) : e_task
         ignore = torch.cat([~prompt, prompt.new_zeros(b, 1)], dim=1)  # (B, T+1), True = not attended
@@ -236,12 +287,12 @@ def attach_task_encoder(model: nn.Module, node, tokenizer=None, dtype: torch.dty
 
     Args:
         model: the base model (its input embedding gives the width and ``e_task``'s initialisation).
-        node: ``{heads, ffn_mult, dropout, init_token}``.
+        node: ``{heads, ffn_mult, dropout, init_token, positional}``.
         tokenizer: looks up ``init_token``'s id; ``None`` (meta-device counting) uses id 0.
         dtype: the encoder's dtype (``model.adapter_dtype``); ``None``: the embedding's.
     """
     node = dict(node or {})
-    known = {"heads", "ffn_mult", "dropout", "init_token"}
+    known = {"heads", "ffn_mult", "dropout", "init_token", "positional"}
     unknown = sorted(set(node) - known)
     if unknown:
         raise MoleConfigError(f"router.task_encoder: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -280,6 +331,11 @@ class HybridRouter(nn.Module):
         top_k: experts kept per router (``None``: soft routing, eq. 14); top-2 in HMoRA Sec. 4.2.
         renorm: renormalisation of the kept probabilities, ``"softmax"`` (eq. 15) or ``"sum"``.
         dropout: dropout on both routers' inputs (HMoRA Appendix E.3).
+        topk_after_mix: where both routers exist, mix their dense distributions first and keep the top k of
+            the mixture (released code) instead of mixing each router's top-k gates (eq. 7 with eq. 15).
+        learn_a_l: where both routers exist, ``a_l = sigmoid(theta_l)`` with ``theta_l`` a trainable
+            parameter initialised at eq. 8's ``-eps + 2 eps l / L + mu`` (released code).
+        bias: give both routers' Linears a bias (released code).
     """
 
     def __init__(
@@ -297,8 +353,13 @@ class HybridRouter(nn.Module):
         top_k: int | None = 2,
         renorm: str = "softmax",
         dropout: float = 0.0,
+        topk_after_mix: bool = False,
+        learn_a_l: bool = False,
+        bias: bool = False,
     ):
         super().__init__()
+        for key, value in (("topk_after_mix", topk_after_mix), ("learn_a_l", learn_a_l), ("bias", bias)):
+            check_flag(value, f"router.{key}")
         for key, value in (("eps", eps), ("mu", mu), ("beta_low", beta_low), ("beta_high", beta_high)):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise MoleConfigError(f"router.{key} must be a number, got {value!r}")
@@ -307,14 +368,18 @@ class HybridRouter(nn.Module):
         check_top_k(top_k, num_experts)
         check_renorm(renorm)
         self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
-        self.layer_idx = layer_idx
+        self.layer_idx, self.topk_after_mix = layer_idx, topk_after_mix
         self.alpha = layer_alpha(layer_idx, num_layers, eps, mu)
         # a_l and 1 - a_l as tensors for the forward: a Python float would make torch.compile specialise each
         # layer's graph on its value (one graph per layer instead of one for all)
         self.register_buffer("mix", torch.tensor([self.alpha, 1.0 - self.alpha], dtype=torch.float32), persistent=False)
         self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         use_token, use_task = self.alpha <= beta_high, self.alpha >= beta_low
-        self.token_gate = nn.Linear(in_features, num_experts, bias=False) if use_token else None
+        # a_l's logit, trained where both routers exist (the released code's nn.Parameter); None: fixed a_l
+        self.a_logit = None
+        if learn_a_l and use_token and use_task:
+            self.a_logit = nn.Parameter(torch.tensor(layer_logit(layer_idx, num_layers, eps, mu), dtype=torch.float32))
+        self.token_gate = nn.Linear(in_features, num_experts, bias=bias) if use_token else None
         self.task_gate = None
         if use_task:
             if task_encoder is None:
@@ -322,7 +387,7 @@ class HybridRouter(nn.Module):
                     "router=hybrid: a layer with a task router needs the model's task encoder "
                     "(build the model with mole.pipeline, which creates model.mole_task_encoder)"
                 )
-            self.task_gate = nn.Linear(task_encoder.width, num_experts, bias=False)
+            self.task_gate = nn.Linear(task_encoder.width, num_experts, bias=bias)
             task_encoder.users += 1
         object.__setattr__(self, "_task_encoder", task_encoder)
         object.__setattr__(self, "_context", context)
@@ -333,8 +398,19 @@ class HybridRouter(nn.Module):
         return [k for k, m in (("token", self.token_gate), ("task", self.task_gate)) if m is not None]
 
     def layer_info(self) -> dict:
-        """For ``mole-params``: the layer's mixing weight and routers."""
-        return {"a_l": round(self.alpha, 4), "router_kinds": self.kinds}
+        """For ``mole-params``: the layer's mixing weight (its current value when trained; eq. 8's on the meta
+        device, where a parameter has no value) and routers."""
+        learned = self.a_logit is not None and not self.a_logit.is_meta
+        a = float(torch.sigmoid(self.a_logit.detach().float())) if learned else self.alpha
+        return {"a_l": round(a, 4), "router_kinds": self.kinds}
+
+    def _mix_weights(self) -> tuple[Tensor, Tensor]:
+        """``(a_l, 1 - a_l)`` as fp32 scalars (trainable through ``a_logit`` when ``learn_a_l``)."""
+        if self.a_logit is not None:
+            a = torch.sigmoid(self.a_logit.float())
+            return a, 1.0 - a
+        a, b = self.mix.float().unbind()
+        return a, b
 
     def _select(self, probs: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.top_k is None:
@@ -355,9 +431,10 @@ class HybridRouter(nn.Module):
         gates = probs = selected = None
         balance: list[BalanceStats] = []
         dists: list[GateDist] = []
+        mixed_topk = self.topk_after_mix and self.top_k is not None and self.token_gate is not None and self.task_gate is not None
         if self.token_gate is not None:
             p_tok = torch.softmax(self.token_gate(self.dropout(x)).float(), dim=-1)  # (N, E), eq. 14
-            g_tok, s_tok = self._select(p_tok)  # (N, E)
+            g_tok, s_tok = (p_tok, None) if mixed_topk else self._select(p_tok)  # (N, E)
             dists.append(GateDist(p_tok, "token", "token"))
             if s_tok is not None:
                 balance.append(BalanceStats(p_tok, s_tok, self.top_k, "token"))
@@ -365,7 +442,7 @@ class HybridRouter(nn.Module):
         if self.task_gate is not None:
             h = self._task_encoder.representation().to(device=x.device, dtype=self.task_gate.weight.dtype)  # (B, d)
             p_task = torch.softmax(self.task_gate(self.dropout(h)).float(), dim=-1)  # (B, E)
-            g_task, s_task = self._select(p_task)  # (B, E)
+            g_task, s_task = (p_task, None) if mixed_topk else self._select(p_task)  # (B, E)
             dists.append(GateDist(p_task, "task", "sequence"))
             if s_task is not None:
                 balance.append(BalanceStats(p_task, s_task, self.top_k, "sequence"))
@@ -375,11 +452,17 @@ class HybridRouter(nn.Module):
             if gates is None:  # a_l > beta_high: task routing only
                 gates, probs, selected = g_task, p_task_n, s_task
             else:  # eq. 7
-                a, b = self.mix.float().unbind()  # a_l, 1 - a_l
+                a, b = self._mix_weights()  # a_l, 1 - a_l
                 gates = a * g_task + b * gates
                 probs = a * p_task_n + b * probs
                 selected = None if selected is None else selected | s_task
+        if mixed_topk:
+            # released code: top-k of the mixed distribution, kept values renormalised (softmax or sum); its
+            # balance loss counts the mixture's choices against the token router's probabilities
+            gates, selected = keep_top_k(probs, self.top_k, self.renorm)  # (N, E), (N, E)
+            balance.append(BalanceStats(p_tok, selected, self.top_k, "token"))
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=balance, dists=dists)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_idx}, a_l={self.alpha:.4f}, routers={self.kinds}, top_k={self.top_k}"
+        extra = ", topk_after_mix" * self.topk_after_mix + ", learned a_l" * (self.a_logit is not None)
+        return f"layer={self.layer_idx}, a_l={self.alpha:.4f}, routers={self.kinds}, top_k={self.top_k}{extra}"

@@ -95,7 +95,7 @@ class MoRRouter(nn.Module):
         keep_top_k: int | None = None,
         q: float = 1.1,
         threshold: float = 0.9,
-        normalized_entropy: bool = False,
+        normalized_entropy: bool = True,
     ):
         super().__init__()
         if not isinstance(n_routers, int) or n_routers < 1:
@@ -185,7 +185,7 @@ def CRWRouter(  # noqa: N802 - a constructor, named like the class it builds for
     keep_top_k: int | None = None,
     q: float = 1.1,
     threshold: float = 0.9,
-    normalized_entropy: bool = False,
+    normalized_entropy: bool = True,
 ) -> MoRRouter:
     """Consistent Routing Weighting (MoR eq. 7): a :class:`MoRRouter` whose sub-routers weigh equally.
 

@@ -31,6 +31,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_flag(value: object, key: str) -> None:
+    """Reject a switch that is not ``true`` or ``false``."""
+    if not isinstance(value, bool):
+        raise MoleConfigError(f"{key} must be true or false, got {value!r}")
+
+
 def check_top_p(top_p: float, key: str = "router.top_p") -> None:
     """Reject a top-p outside ``(0, 1]``."""
     if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
@@ -56,13 +62,19 @@ def check_keep_top_k(keep_top_k: int, num_experts: int, key: str = "router.keep_
     check_top_k(keep_top_k, num_experts, key=key)
 
 
-def keep_top_p(probs: Tensor, p: float, min_k: int = 1) -> tuple[Tensor, Tensor]:
+def keep_top_p(
+    probs: Tensor, p: float, min_k: int = 1, keep_crossing: bool = True, renormalize: bool = True
+) -> tuple[Tensor, Tensor]:
     """Top-p routing: keep the smallest prefix of the sorted probabilities whose sum reaches ``p``.
 
     Huang et al. 2024 ("Harder Tasks Need More Experts"); DynMoLE eq. 7. The probabilities are sorted in
     descending order; the expert at rank r is kept iff the sum of the ranks before it is still below ``p``
     (so the expert whose probability carries the sum across ``p`` is kept), or ``r < min_k``. The kept
     probabilities are renormalised by their sum.
+
+    ``keep_crossing=False`` keeps rank r iff the sum *up to and including* it is at most ``p``, so the
+    expert that carries the sum across ``p`` is dropped (DynMoLE's released code: ``cumsum <= top_p``).
+    ``renormalize=False`` leaves the kept probabilities as they are (also the released code's rule).
 
     Rules where the definition is silent:
 
@@ -76,9 +88,11 @@ def keep_top_p(probs: Tensor, p: float, min_k: int = 1) -> tuple[Tensor, Tensor]
         probs: ``(N, M)`` probabilities (rows sum to 1).
         p: cumulative-probability target in ``(0, 1]``.
         min_k: never keep fewer than this many (DynMoLE's Keep-Top-k, eq. 18).
+        keep_crossing: keep the expert whose probability carries the sum across ``p``.
+        renormalize: divide the kept probabilities by their sum.
 
     Returns:
-        ``(weights, selected)``: ``(N, M)`` renormalised weights, exactly 0 outside the kept set, and the
+        ``(weights, selected)``: ``(N, M)`` weights, exactly 0 outside the kept set, and the
         ``(N, M)`` bool mask of kept entries.
     """
     m = probs.shape[-1]
@@ -86,12 +100,18 @@ def keep_top_p(probs: Tensor, p: float, min_k: int = 1) -> tuple[Tensor, Tensor]
         selected = torch.ones_like(probs, dtype=torch.bool)  # (N, M)
     else:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # (N, M), (N, M)
-        before = F.pad(sorted_p.cumsum(dim=-1)[..., :-1], (1, 0))  # (N, M) exclusive prefix sums
+        upto = sorted_p.cumsum(dim=-1)  # (N, M) inclusive prefix sums
         rank = torch.arange(m, device=probs.device)  # (M,)
-        keep_sorted = (before < p - TOP_P_TOLERANCE) | (rank < min_k)  # (N, M) in sorted order
+        if keep_crossing:
+            before = F.pad(upto[..., :-1], (1, 0))  # (N, M) exclusive prefix sums
+            in_prefix = before < p - TOP_P_TOLERANCE
+        else:
+            in_prefix = upto <= p + TOP_P_TOLERANCE
+        keep_sorted = in_prefix | (rank < min_k)  # (N, M) in sorted order
         selected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # (N, M) in expert order
-    kept = torch.where(selected, probs, torch.zeros_like(probs))  # (N, M)
-    weights = kept / kept.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+    weights = torch.where(selected, probs, torch.zeros_like(probs))  # (N, M)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(_TINY)
     return weights, selected
 
 
@@ -142,6 +162,8 @@ def dynamic_select(
     top_p: float,
     keep_top_k: int,
     normalized: bool = False,
+    keep_crossing: bool = True,
+    renormalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """DynMoLE hybrid routing (eq. 17-18), token by token.
 
@@ -161,6 +183,7 @@ def dynamic_select(
         top_p: the top-p target.
         keep_top_k: the least number of experts in the top-p branch.
         normalized: compare ``S_q / max S_q`` (in [0, 1]) with the threshold instead of ``S_q``.
+        keep_crossing, renormalize: the top-p branch's rules (:func:`keep_top_p`).
 
     Returns:
         ``(gates, selected)``: ``(N, M)`` gates (exactly 0 outside the chosen set) and bool mask (a soft
@@ -171,7 +194,9 @@ def dynamic_select(
         top = max_tsallis_entropy(probs.shape[-1], q)
         entropy = entropy / top if top > 0 else torch.zeros_like(entropy)
     soft = (entropy > threshold).unsqueeze(-1)  # (N, 1)
-    sparse_gates, sparse_selected = keep_top_p(probs, top_p, min_k=keep_top_k)  # (N, M), (N, M)
+    sparse_gates, sparse_selected = keep_top_p(
+        probs, top_p, min_k=keep_top_k, keep_crossing=keep_crossing, renormalize=renormalize
+    )  # (N, M), (N, M)
     gates = torch.where(soft, probs, sparse_gates)  # (N, M)
     return gates, sparse_selected | soft
 

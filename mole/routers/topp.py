@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mole.routers.base import BalanceStats, LinearGate, RouterOutput
-from mole.routers.select import check_keep_top_k, check_top_p, keep_top_p
+from mole.routers.select import check_flag, check_keep_top_k, check_top_p, keep_top_p
 
 
 class TopPRouter(LinearGate):
@@ -24,6 +24,10 @@ class TopPRouter(LinearGate):
         top_p: cumulative-probability target in (0, 1]. Default 0.75, the best value of DynMoLE's top-p
             sweep for MoLE fine-tuning (DynMoLE Fig. 4d; its "DynMoLE (Top-p)" baseline).
         keep_top_k: never fewer experts than this (1: plain top-p, DynMoLE's top-p baseline).
+        top_p_keep_crossing: keep the expert whose probability carries the sum across ``top_p`` (Huang et
+            al. 2024's definition); ``False`` drops it (DynMoLE's released code, ``cumsum <= top_p``).
+        renormalize: divide the kept probabilities by their sum; ``False`` uses them as they are
+            (DynMoLE's released code).
         dropout: dropout on the router's input.
     """
 
@@ -33,14 +37,21 @@ class TopPRouter(LinearGate):
         num_experts: int,
         top_p: float = 0.75,
         keep_top_k: int = 1,
+        top_p_keep_crossing: bool = True,
+        renormalize: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__(in_features, num_experts, dropout)
         check_top_p(top_p)
         check_keep_top_k(keep_top_k, num_experts)
+        check_flag(top_p_keep_crossing, "router.top_p_keep_crossing")
+        check_flag(renormalize, "router.renormalize")
         self.top_p, self.keep_top_k = float(top_p), keep_top_k
+        self.keep_crossing, self.renormalize = top_p_keep_crossing, renormalize
 
     def forward(self, x: Tensor) -> RouterOutput:
         probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
-        gates, selected = keep_top_p(probs, self.top_p, min_k=self.keep_top_k)  # (N, E), (N, E)
+        gates, selected = keep_top_p(
+            probs, self.top_p, min_k=self.keep_top_k, keep_crossing=self.keep_crossing, renormalize=self.renormalize
+        )  # (N, E), (N, E)
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=[BalanceStats(probs, selected, None)])
