@@ -21,7 +21,7 @@ from mole.pipeline import build_mole_model, run_train
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("router.level=instance",))]
 PROMPTS = ["Hello there, how", "Question: which is a planet? Answer:"]  # different lengths: left padding
-NEW_TOKENS = 6
+NEW_TOKENS = 4
 
 
 def _perturbed_model(method: str, extra: tuple[str, ...]):
