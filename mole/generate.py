@@ -15,8 +15,6 @@ per-sequence routing state, so it is not offered.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +25,6 @@ import torch
 from omegaconf import DictConfig
 
 from mole.utils.errors import MoleConfigError
-
-log = logging.getLogger(__name__)
 
 RAW_TEMPLATE = "none"  # template=none: the prompt text as given, no template around it
 
@@ -172,22 +168,15 @@ def render(instruction: str, input: str = "", template: str = "alpaca") -> str: 
 def read_prompt_records(path: str | Path, key: str = "input") -> list[dict[str, Any]]:
     """Records of a ``.json`` list or ``.jsonl`` file: LLM-Adapters ones (``instruction``, optional
     ``input``) or ``{"prompt": ...}`` (used as given, no template). Other fields are kept for the output."""
+    from mole.data.sources import load_json_list
+
     path = Path(path).expanduser()
     where = f"{key}: {path}"
     if not path.is_file():
         raise MoleConfigError(f"{where} " + ("is not a file" if path.exists() else "does not exist"))
     if path.suffix not in (".json", ".jsonl"):
         raise MoleConfigError(f"{where}: expected a .json (a list of records) or .jsonl file (one record a line)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise MoleConfigError(f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    if not isinstance(records, list):
-        raise MoleConfigError(f"{where} holds a JSON {type(records).__name__}, expected a list of records")
+    records = load_json_list(path, where)
     if not records:
         raise MoleConfigError(f"{where}: no records")
     for i, rec in enumerate(records):
