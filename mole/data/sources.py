@@ -81,6 +81,11 @@ def read_records(path: str | Path, key: str = "data.path", hint: str = "") -> li
         raise MoleConfigError(f"{where} does not exist" + (f"; {hint}" if hint else ""))
     if not path.is_file():
         raise MoleConfigError(f"{where} is not a file")
+    return _check_records(load_json_list(path, where), where)
+
+
+def load_json_list(path: Path, where: str) -> list[Any]:
+    """The list in a ``.json`` file, or the objects of a ``.jsonl`` file (one a line); errors name ``where``."""
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise MoleConfigError(f"{where} is empty")
@@ -93,7 +98,7 @@ def read_records(path: str | Path, key: str = "data.path", hint: str = "") -> li
         raise MoleConfigError(f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
     if not isinstance(records, list):
         raise MoleConfigError(f"{where} holds a JSON {type(records).__name__}, expected a list of records")
-    return _check_records(records, where)
+    return records
 
 
 def load_hf_records(

@@ -76,8 +76,7 @@ def install_context(model: nn.Module) -> RoutingContext:
         input_ids = _first_tensor(args, kwargs, "input_ids", 0)
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
-        ctx.incremental = past is not None and _cache_length(past) > 0
+        ctx.incremental = is_incremental(kwargs)
         ctx.input_ids = input_ids
         if isinstance(mask, Tensor) and mask.dim() == 2:
             # with a cache, the mask covers past + new tokens; the routers see the new ones only
@@ -93,6 +92,17 @@ def install_context(model: nn.Module) -> RoutingContext:
     model.register_forward_pre_hook(before, with_kwargs=True)
     object.__setattr__(model, CONTEXT_ATTR, ctx)
     return ctx
+
+
+def is_incremental(kwargs: dict) -> bool:
+    """Whether a forward's keyword arguments extend a cached prefix (a generation step after the first).
+
+    The KV cache arrives as ``cache`` (transformers >= 5.x) or ``past_key_values`` (the older name).
+    """
+    past = kwargs.get("cache")
+    if past is None:
+        past = kwargs.get("past_key_values")
+    return past is not None and _cache_length(past) > 0
 
 
 def _cache_length(past: Any) -> int:

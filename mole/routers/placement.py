@@ -8,7 +8,7 @@
   :class:`LayerRouter` reads the layer's normalised input (the output of ``input_layernorm``, what
   q/k/v read) and each adapted module takes its columns of the gates through a :class:`GateSlice`.
 * ``router.level: instance`` (MoA Table 5 baseline): one decision per sequence from the mean-pooled
-  features over its real tokens (:class:`InstanceRouter`), broadcast to every token.
+  features over its prompt's real tokens (:class:`InstanceRouter`), broadcast to every token.
 
 Routers stay plain ``(N, d_in) -> RouterOutput`` modules; these wrappers add the sharing and the
 placement. They publish each RouterOutput to ``routing_sink`` once (see :mod:`mole.model.routing`).
@@ -31,8 +31,14 @@ LEVELS = ("token", "instance")
 class InstanceRouter(nn.Module):
     """One routing decision per sequence (MoA Table 5 "instance-level").
 
-    The wrapped router reads the mean of the sequence's features over its real tokens; its gates are
+    The wrapped router reads the mean of the sequence's features over its prompt's real tokens (every
+    real token when no prompt mask is set, as for lm-eval's log-likelihood requests); its gates are
     repeated for every token. The statistics it exposes have one row per sequence (``level="sequence"``).
+
+    NOTE(deviation): MoA pools "the hidden states" of the sequence; mole pools the prompt's (what
+    HMoRA's task router reads, eq. 6), so that the decision does not see the response it is trained to
+    produce and is known before generation starts. A cached generation step (``context.incremental``)
+    reuses the prompt's pooled features of the last full forward: cached and uncached decoding agree.
 
     Args:
         router: any token router ``(N, d_in) -> RouterOutput``.
@@ -44,15 +50,23 @@ class InstanceRouter(nn.Module):
         self.router = router
         self.num_experts = router.num_experts
         object.__setattr__(self, "_context", context)
+        self._last: Tensor | None = None  # (B, d_in) detached, the last full forward's pooled prompt (generation)
 
     def forward(self, x: Tensor) -> RouterOutput:
-        shape = self._context.batch_shape
+        ctx = self._context
+        shape = ctx.batch_shape
         if shape is None or shape[0] * shape[1] != x.shape[0]:
             raise RuntimeError("instance-level routing needs the batch's attention mask (model context not set)")
         b, t = shape
-        mask = self._context.token_mask().to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-        seq = x.view(b, t, -1)
-        pooled = (seq * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, d_in)
+        if ctx.incremental:  # a cached generation step: the prompt's decision stands for the new tokens
+            if self._last is None or self._last.shape[0] != b:
+                raise RuntimeError("instance-level routing: a cached generation step without the prompt's features")
+            pooled = self._last
+        else:
+            mask = ctx.prompt_tokens().to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+            seq = x.view(b, t, -1)
+            pooled = (seq * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # (B, d_in)
+            self._last = pooled.detach()
         out = self.router(pooled)  # per sequence: (B, E)
         expand = lambda m: None if m is None else m.repeat_interleave(t, dim=0)  # noqa: E731 - (B, E) -> (B*T, E)
         return RouterOutput(
