@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mole
 from mole.experts.layout import expand_layout
-from mole.model.base import adapter_dtype, build_model, build_skeleton
+from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, load_adapter, save_adapter
 from mole.utils.errors import MoleConfigError
@@ -172,6 +172,7 @@ def build_mole_model(cfg: DictConfig, *, meta: bool = False):
     Returns:
         ``(model, tokenizer or None, InjectionReport)``.
     """
+    check_quantized_adapter(cfg)
     if meta:
         model, tokenizer = build_skeleton(cfg.model), None
         with torch.device("meta"):
