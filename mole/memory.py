@@ -365,9 +365,11 @@ def padded_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def measure_config(cfg: DictConfig, batch_size: int, seq_len: int) -> dict[str, int]:
+def measure_config(cfg: DictConfig, batch_size: int, seq_len: int,
+                   on_ready: Callable[[], None] | None = None) -> dict[str, int]:
     """Build ``cfg``'s model with weights on the CPU and take the memory account of one real training step
-    (:func:`measure_step`) with mole's optimizer, auxiliary losses and ``trainer.mixed_precision`` autocast."""
+    (:func:`measure_step`) with mole's optimizer, auxiliary losses and ``trainer.mixed_precision`` autocast.
+    ``on_ready`` is called when everything is built, just before the step."""
     from mole.pipeline import build_aux_losses, build_mole_model
     from mole.training.args import TrainArgs
     from mole.training.loop import loss_step
@@ -385,4 +387,7 @@ def measure_config(cfg: DictConfig, batch_size: int, seq_len: int) -> dict[str, 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             return loss_step(model, batch, aux)[0]
 
-    return measure_step(model, forward_loss, build_optimizer(model, targs))
+    optimizer = build_optimizer(model, targs)
+    if on_ready is not None:
+        on_ready()
+    return measure_step(model, forward_loss, optimizer)
