@@ -351,7 +351,7 @@ def measure_step(model: nn.Module, forward_loss: Callable[[], torch.Tensor],
 
 def padded_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A training batch of random tokens: the first third of each row is prompt (label -100), row ``i``
-    ends in ``i * seq_len / 16`` padding tokens (as ``scripts/bench.py`` builds its batch)."""
+    ends in ``i * seq_len / 16`` padding tokens (also the batch ``scripts/bench.py`` times)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, min(vocab, 250), (batch_size, seq_len), generator=g)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long)

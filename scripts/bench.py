@@ -69,7 +69,7 @@ from mole.adapters.lora import (  # noqa: E402
     reference_forward,
 )
 from mole.config import compose_config  # noqa: E402
-from mole.memory import SavedTensorAccount, tensor_bytes  # noqa: E402
+from mole.memory import SavedTensorAccount, padded_batch, tensor_bytes  # noqa: E402
 
 BASELINE = "peft_lora_r8"
 E8 = ["experts=uniform_8"]
@@ -213,18 +213,7 @@ def compose(setup: Setup, overrides: list[str]):
 
 def make_batch(setup: Setup, vocab: int, seed: int = 0) -> dict:
     """A fixed batch: random tokens, the first third of each row prompt (label -100), a little padding."""
-    g = torch.Generator().manual_seed(seed)
-    b, t = setup.batch, setup.seq
-    ids = torch.randint(3, min(vocab, 250), (b, t), generator=g)
-    mask = torch.ones(b, t, dtype=torch.long)
-    for i in range(b):  # right padding: row i loses i * t/16 tokens
-        pad = i * t // 16
-        if pad:
-            mask[i, t - pad:] = 0
-    labels = ids.clone()
-    labels[:, : t // 3] = -100
-    labels[mask == 0] = -100
-    return {k: v.to(setup.device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+    return {k: v.to(setup.device) for k, v in padded_batch(setup.batch, setup.seq, vocab, seed).items()}
 
 
 def swap_in_loops(model: nn.Module, fn: Callable) -> int:
