@@ -365,11 +365,30 @@ def padded_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def measure_config(cfg: DictConfig, batch_size: int, seq_len: int,
-                   on_ready: Callable[[], None] | None = None) -> dict[str, int]:
+def allocator_peak(fn: Callable[[], object]) -> int:
+    """The most tensor bytes ``fn()`` holds at once beyond what was allocated before it, from the CPU
+    allocator's events in torch's profiler (``profile_memory``): every allocation and free, short-lived
+    tensors included, in time order (on the CPU what ``torch.cuda.max_memory_allocated`` gives on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def measure_config(cfg: DictConfig, batch_size: int, seq_len: int, profile: bool = False) -> dict[str, int]:
     """Build ``cfg``'s model with weights on the CPU and take the memory account of one real training step
     (:func:`measure_step`) with mole's optimizer, auxiliary losses and ``trainer.mixed_precision`` autocast.
-    ``on_ready`` is called when everything is built, just before the step."""
+
+    ``profile``: then run a second step (gradients cleared, AdamW states kept) under the profiler and add
+    ``allocator_peak``: the parameters, buffers and AdamW states plus :func:`allocator_peak` of that step.
+    """
     from mole.pipeline import build_aux_losses, build_mole_model
     from mole.training.args import TrainArgs
     from mole.training.loop import loss_step
@@ -388,6 +407,14 @@ def measure_config(cfg: DictConfig, batch_size: int, seq_len: int,
             return loss_step(model, batch, aux)[0]
 
     optimizer = build_optimizer(model, targs)
-    if on_ready is not None:
-        on_ready()
-    return measure_step(model, forward_loss, optimizer)
+    out = measure_step(model, forward_loss, optimizer)
+    if profile:
+        optimizer.zero_grad(set_to_none=True)
+
+        def step() -> None:
+            forward_loss().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        out["allocator_peak"] = out["weights"] + out["optimizer"] + allocator_peak(step)
+    return out

@@ -4,12 +4,12 @@
     python scripts/memory_table.py                                  # SmolLM2-135M, batch 4 x 128 tokens
     python scripts/memory_table.py --batch 2 --seq 64 -- model=tiny_llama
 
-Each preset runs in a fresh process (so that the resident-memory figure starts from a clean heap) and
-reports three numbers in MiB: the estimate of ``mole-params estimate_memory=true``; the memory account of
-a real CPU step (:func:`mole.memory.measure_config`: parameters and buffers, the gradients and AdamW
-states that exist after the step, the tensors autograd saved in the forward); and how much the process's
-peak resident memory (Linux ``VmHWM``, reset just before the step) grew over that first step, beside the
-estimate's share of what the step creates (activations + gradients + AdamW states). Prints a Markdown table.
+Each preset runs in a fresh process and reports three numbers in MiB: the estimate of ``mole-params
+estimate_memory=true``; the memory account of a real CPU step (:func:`mole.memory.measure_config`:
+parameters and buffers, the gradients and AdamW states that exist after the step, the tensors autograd
+saved in the forward); and the allocator peak of a second step (parameters, buffers and AdamW states +
+the most tensor bytes the step held at once, short-lived ones included, from the profiler's allocation
+events: :func:`mole.memory.allocator_peak`). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,30 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def one(preset: str, batch: int, seq: int, overrides: list[str]) -> dict:
     from mole.config import compose_config
     from mole.memory import estimate_memory, measure_config
 
     cfg = compose_config([*overrides, f"method={preset}", "eval=none"])
     est = estimate_memory(cfg, batch, seq)
-    rss: dict[str, int] = {}
-
-    def ready() -> None:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size (VmHWM)
-        rss["before"] = _status_kib("VmRSS")
-
-    meas = measure_config(cfg, batch, seq, on_ready=ready)
-    growth = (_status_kib("VmHWM") - rss["before"]) * 1024
-    per = est["per_process"]
-    return {"preset": preset, "estimate": est["peak"], "measured": meas["peak"],
-            "created_estimate": per["activations"] + per["gradients"] + per["optimizer"], "rss_growth": growth}
+    meas = measure_config(cfg, batch, seq, profile=True)
+    return {"preset": preset, "estimate": est["peak"], "measured": meas["peak"], "allocator": meas["allocator_peak"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     presets = sorted(f.stem for f in (ROOT / "conf" / "method").glob("*.yaml"))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print(f"Batch {args.batch} x {args.seq} tokens, {' '.join(args.overrides)}; MiB.\n")
-    print("| preset | estimate | measured account | estimate / measured | step creates (estimate) | peak RSS growth over the step |")
+    print("| preset | estimate | measured account | estimate / account | allocator peak | estimate / allocator peak |")
     print("|---|---:|---:|---:|---:|---:|")
     for preset in presets:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", preset, "--batch", str(args.batch),
@@ -72,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"| {preset} | {r['estimate'] / MIB:.1f} | {r['measured'] / MIB:.1f} | {r['estimate'] / r['measured']:.3f} "
-              f"| {r['created_estimate'] / MIB:.1f} | {r['rss_growth'] / MIB:.1f} |", flush=True)
+              f"| {r['allocator'] / MIB:.1f} | {r['estimate'] / r['allocator']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
