@@ -220,7 +220,11 @@ def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[st
 def _numel(p: torch.Tensor) -> int:
     """A parameter's full size. Under DeepSpeed ZeRO-3 the base model is built partitioned (transformers
     builds it inside ``deepspeed.zero.Init``): each process holds an empty placeholder, the real size is
-    ``ds_numel``."""
+    ``ds_numel``. A 4-bit quantized weight (bitsandbytes) packs two values per element; its quantization
+    state keeps the real shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(torch.Size(shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))
 
 

@@ -202,11 +202,14 @@ def test_adapter_dtype_null_means_the_model_dtype_with_a_quantized_base():
         adapter_dtype(compose_config(["model=tiny_llama", "model.quantization=4bit", "model.adapter_dtype=null"]).model)
 
 
-def test_params_counts_a_quantized_base_like_the_plain_one():
-    """``mole-params`` counts parameters, not bytes: the quantized base has as many."""
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantized_base_counts_as_many_parameters_as_the_plain_one(kind):
+    """The run's parameter report (and so its ``percent``) counts the quantized weights' real sizes."""
+    _bnb()
     from mole.cli.params import run
+    from mole.pipeline import build_mole_model, parameter_report
 
-    a = run(["model=tiny_llama", "method=lora"])
-    b = run(["model=tiny_llama", "method=lora", "model.quantization=nf4"])
-    assert (a["trainable"], a["base"]) == (b["trainable"], b["base"])
-    assert json.dumps(a["layers"]) == json.dumps(b["layers"])
+    meta = run(["model=tiny_llama", "method=lora"])
+    model, _, report = build_mole_model(compose_config(["model=tiny_llama", "method=lora", f"model.quantization={kind}"]))
+    real = parameter_report(model, report)
+    assert (real["trainable"], real["base"], real["percent"]) == (meta["trainable"], meta["base"], meta["percent"])
