@@ -6,7 +6,6 @@ that train are skipped and a request is one error line.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
