@@ -310,6 +310,13 @@ def estimate_memory(cfg: DictConfig, batch_size: int | None = None, seq_len: int
                "optimizer": (optimizer + master) // n if stage >= 1 else optimizer + master}
     per["activations"] = activations
     peak = sum(per.values())
+    # the allocator's view: with gradients cleared between steps (set_to_none), G grows while A is freed
+    # in backward, and backward starts with two fp32 tensors of the logits' size (the gradients of the
+    # log-probabilities and of the logits)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    transient = 2 * b * t * vocab * 4
+    held = per["weights"] + per["optimizer"] + per.get("ddp_buckets", 0)
+    peak_allocated = held + max(activations + transient, per["gradients"])
     return {
         "batch_size": b,
         "seq_len": t,
@@ -325,6 +332,9 @@ def estimate_memory(cfg: DictConfig, batch_size: int | None = None, seq_len: int
         "logits_and_loss": logits,
         "peak": peak,
         "peak_gib": round(peak / GIB, 3),
+        "backward_transient": transient,
+        "peak_allocated": peak_allocated,
+        "peak_allocated_gib": round(peak_allocated / GIB, 3),
     }
 
 

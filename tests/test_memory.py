@@ -1,6 +1,8 @@
-"""``mole-params estimate_memory=true``: the estimated peak memory of a training step against the memory
-account of a real step on the CPU (:func:`mole.memory.measure_step`: parameters and buffers, gradients
-and AdamW states after the step, tensors saved for backward), within 15% for every method preset."""
+"""``mole-params estimate_memory=true``: the estimated peak memory of a training step against real steps on
+the CPU, within 15% for every method preset: ``peak`` against the memory account of a step
+(:func:`mole.memory.measure_step`: parameters and buffers, gradients and AdamW states after the step,
+tensors saved for backward), and ``peak_allocated`` against the allocator's peak of a step
+(:func:`mole.memory.allocator_peak`: every allocation and free, from torch's profiler)."""
 
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ TOLERANCE = 0.15
 
 def _compare(*overrides: str) -> tuple[dict, dict]:
     cfg = compose_config([*SHAPE, *overrides])
-    return estimate_memory(cfg, B, T), measure_config(cfg, B, T)
+    return estimate_memory(cfg, B, T), measure_config(cfg, B, T, profile=True)
 
 
 def _check(est: dict, meas: dict) -> None:
     assert abs(est["peak"] / meas["peak"] - 1) <= TOLERANCE, (est["per_process"], meas)
     assert abs(est["per_process"]["activations"] / meas["activations"] - 1) <= TOLERANCE, (est["per_process"], meas)
+    assert abs(est["peak_allocated"] / meas["allocator_peak"] - 1) <= TOLERANCE, (est["peak_allocated"], meas)
 
 
 def test_the_default_preset_estimate_matches_a_measured_step():
