@@ -69,6 +69,7 @@ def test_processes_share_what_ddp_and_zero_partition():
     assert z3["weights"] == base["weights"] // 4
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_keeps_each_layer_input_and_one_layer():
     plain = estimate_memory(compose_config([*SHAPE, "method=lora"]), B, T)
     ckpt = estimate_memory(compose_config([*SHAPE, "method=lora", "trainer.gradient_checkpointing=true"]), B, T)
@@ -78,6 +79,7 @@ def test_gradient_checkpointing_keeps_each_layer_input_and_one_layer():
     assert ckpt["peak"] < plain["peak"]
 
 
+@pytest.mark.slow
 def test_a_quantized_base_counts_its_linears_at_their_quantized_size():
     from mole.memory import QUANT_BYTES
 

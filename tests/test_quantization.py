@@ -1,7 +1,7 @@
 """A quantized frozen base (``model.quantization``: bitsandbytes NF4 / LLM.int8) on the CPU.
 
 bitsandbytes (the ``quant`` extra) runs both 4-bit and 8-bit layers on the CPU; without it the tests
-that train are skipped and a request is one error line.
+that need it are skipped and a request is one error line. Training runs are in the slow tier.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def test_the_base_is_quantized_and_frozen_the_adapters_are_not(kind, layer, boun
     assert 0 < rel < bound, rel
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_on_a_quantized_base():
     _bnb()
     from mole.model.base import enable_gradient_checkpointing
@@ -95,6 +96,7 @@ def qlora_run(tmp_path_factory):
     return run_dir, run_train(compose_config([*QLORA, "trainer.max_steps=24"]), run_dir)
 
 
+@pytest.mark.slow
 def test_a_qlora_run_trains_and_its_loss_falls(qlora_run):
     run_dir, metrics = qlora_run
     losses = [float(x["lm_loss"]) for x in metrics["train_loss"]]
@@ -104,6 +106,7 @@ def test_a_qlora_run_trains_and_its_loss_falls(qlora_run):
     assert metrics["val_loss"][-1]["loss"] < metrics["val_loss"][0]["loss"]
 
 
+@pytest.mark.slow
 def test_a_qlora_adapter_round_trips_through_the_run_directory(qlora_run):
     """The adapter file holds only the adapters (float32, no quantized base weight), and the model rebuilt
     from the run directory (what ``mole-eval`` does) gives the validation loss the run recorded."""
