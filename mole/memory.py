@@ -11,6 +11,11 @@ states exist (``docs/memory.md``)::
     O = AdamW's exp_avg and exp_avg_sq (torch keeps them in the parameter's dtype)  = 2 G
     A = every tensor autograd saves for backward in one forward + loss, unique storages, parameters excluded
 
+``peak`` is that account (the benchmark's). ``peak_allocated = W + O + max(A + X, G)`` follows the step in
+time: gradients are cleared between steps and grow while backward frees ``A``, and backward starts with
+``X = 2 B T V x 4`` bytes (fp32 gradients of the log-probabilities and of the logits); it is checked
+against the allocator's peak (:func:`allocator_peak`).
+
 ``A`` is not a closed formula per method: it is counted by running the forward and the loss once on
 *fake* tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and devices, no memory, no data)
 built from the model skeleton on the meta device, with the same saved-tensor hook that measures a real
