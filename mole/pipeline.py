@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mole
 from mole.experts.layout import expand_layout
-from mole.model.base import adapter_dtype, build_model, build_skeleton
+from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, adapter_metadata, load_adapter, save_adapter
 from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_config: re-exported for callers
@@ -182,6 +182,7 @@ def build_mole_model(cfg: DictConfig, *, meta: bool = False):
     Returns:
         ``(model, tokenizer or None, InjectionReport)``.
     """
+    check_quantized_adapter(cfg)
     if meta:
         model, tokenizer = build_skeleton(cfg.model), None
         with torch.device("meta"):
@@ -231,7 +232,11 @@ def parameter_report(model: torch.nn.Module, report: InjectionReport) -> dict[st
 def _numel(p: torch.Tensor) -> int:
     """A parameter's full size. Under DeepSpeed ZeRO-3 the base model is built partitioned (transformers
     builds it inside ``deepspeed.zero.Init``): each process holds an empty placeholder, the real size is
-    ``ds_numel``."""
+    ``ds_numel``. A 4-bit quantized weight (bitsandbytes) packs two values per element; its quantization
+    state keeps the real shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(torch.Size(shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))
 
 

@@ -71,6 +71,7 @@ from mole.adapters.lora import (  # noqa: E402
     reference_forward,
 )
 from mole.config import compose_config  # noqa: E402
+from mole.memory import SavedTensorAccount, padded_batch, tensor_bytes  # noqa: E402
 
 BASELINE = "peft_lora_r8"
 E8 = ["experts=uniform_8"]
@@ -214,18 +215,7 @@ def compose(setup: Setup, overrides: list[str]):
 
 def make_batch(setup: Setup, vocab: int, seed: int = 0) -> dict:
     """A fixed batch: random tokens, the first third of each row prompt (label -100), a little padding."""
-    g = torch.Generator().manual_seed(seed)
-    b, t = setup.batch, setup.seq
-    ids = torch.randint(3, min(vocab, 250), (b, t), generator=g)
-    mask = torch.ones(b, t, dtype=torch.long)
-    for i in range(b):  # right padding: row i loses i * t/16 tokens
-        pad = i * t // 16
-        if pad:
-            mask[i, t - pad:] = 0
-    labels = ids.clone()
-    labels[:, : t // 3] = -100
-    labels[mask == 0] = -100
-    return {k: v.to(setup.device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+    return {k: v.to(setup.device) for k, v in padded_batch(setup.batch, setup.seq, vocab, seed).items()}
 
 
 def swap_in_loops(model: nn.Module, fn: Callable) -> int:
@@ -403,37 +393,18 @@ def peak_memory_mb(v: Variant, batch: dict, setup: Setup) -> float:
         v.step(batch)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before + _model_bytes(v)) / 2**20
-    param_ptrs = {p.untyped_storage().data_ptr() for p in v.model.parameters()}
-    saved: dict[int, int] = {}
-
-    @torch.compiler.disable  # measurement, not model code: traced, it would recompile for every tensor it sees
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # sparse or meta tensors: nothing to count
-            return t
-        ptr = storage.data_ptr()
-        if ptr not in param_ptrs:
-            saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    account = SavedTensorAccount.for_model(v.model)
+    with account():
         with torch.autocast(setup.device.type, dtype=setup.amp or torch.bfloat16, enabled=setup.amp is not None):
             loss = v.forward_loss(batch)
     loss.backward()
     v.optimizer.zero_grad(set_to_none=True)
     trainable_bytes = sum(p.numel() * p.element_size() for p in v.model.parameters() if p.requires_grad)
-    return (_model_bytes(v) + 3 * trainable_bytes + sum(saved.values())) / 2**20
+    return (_model_bytes(v) + 3 * trainable_bytes + account.total) / 2**20
 
 
 def _model_bytes(v: Variant) -> int:
-    seen, total = set(), 0
-    for t in [*v.model.parameters(), *v.model.buffers()]:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
+    return tensor_bytes([*v.model.parameters(), *v.model.buffers()])
 
 
 # aten ops that only make a new view or handle of existing data (or allocate without initialising): on a GPU

@@ -151,7 +151,9 @@ class PromptExperts(BlockExperts):
         """Prompt keys and values through the frozen projections, repeated to every query head: ``(E, L, H, hd)``."""
         e, L = self.num_experts, self.length
         # the prompts (model.adapter_dtype, fp32 by default) through the frozen projections in the base's dtype
-        flat = self.prompt.reshape(e * L, -1).to(self._k_proj.weight.dtype)  # (E*L, d)
+        # (a quantized base stores integer codes: its Linears take the prompts in their own dtype)
+        dtype = self._k_proj.weight.dtype if self._k_proj.weight.is_floating_point() else self.prompt.dtype
+        flat = self.prompt.reshape(e * L, -1).to(dtype)  # (E*L, d)
         k = self._k_proj(flat).view(e, L, self.num_kv_heads, self.head_dim)
         v = self._v_proj(flat).view(e, L, self.num_kv_heads, self.head_dim)
         rep = self.num_heads // self.num_kv_heads

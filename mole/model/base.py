@@ -11,6 +11,12 @@ Three sources (``model.source``):
   A repository's own Python code runs only with ``model.trust_remote_code=true`` (default false).
 
 :func:`build_skeleton` builds any of them on the meta device: shapes only, no weights, no download.
+
+``model.quantization`` (``none`` | ``nf4`` | ``int8``) stores the frozen base's decoder-layer Linears
+quantized through bitsandbytes (the optional extra ``mole[quant]``): QLoRA's 4-bit NormalFloat
+(Dettmers et al. 2023, arXiv:2305.14314, Sec. 3) or LLM.int8 (Dettmers et al. 2022, arXiv:2208.07339).
+The embeddings, norms and LM head stay in ``model.dtype``; experts and routers are built afterwards in
+``model.adapter_dtype`` (``null`` means ``model.dtype`` here). See ``docs/memory.md``.
 """
 
 from __future__ import annotations
@@ -35,11 +41,53 @@ def _dtype(model_cfg: DictConfig) -> torch.dtype:
     return DTYPES[name]
 
 
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def quantization(model_cfg: DictConfig) -> str:
+    """``model.quantization``, checked (default ``none``)."""
+    name = model_cfg.get("quantization", "none")
+    if name not in QUANTIZATIONS:
+        raise MoleConfigError(f"model.quantization must be one of {list(QUANTIZATIONS)}, got {name!r}")
+    return name
+
+
+# adapters that read or train the base Linears' weights, which a quantized base stores as integer codes
+READS_BASE_WEIGHTS = {"DoRAExpert": "adapter=dora", "FFNLoRAExperts": "adapter=ffn_expert",
+                      "FullFineTune": "adapter=full_finetune"}
+
+
+def check_quantized_adapter(cfg: DictConfig) -> None:
+    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point."""
+    quant = quantization(cfg.model)
+    if quant == "none":
+        return
+    targets = [str(v) for k, v in _walk(OmegaConf.to_container(cfg.get("adapter") or {}, resolve=False)) if k == "_target_"]
+    for target in targets:
+        name = target.rsplit(".", 1)[-1]
+        if name in READS_BASE_WEIGHTS:
+            raise MoleConfigError(
+                f"model.quantization={quant} cannot be used with {READS_BASE_WEIGHTS[name]} ({name} reads or trains "
+                "the base weights, which are stored quantized); use model.quantization=none"
+            )
+
+
+def _walk(node: Any):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
 def adapter_dtype(model_cfg: DictConfig) -> torch.dtype | None:
-    """``model.adapter_dtype``: the experts' and routers' dtype (default float32); ``null``: the base's dtype."""
+    """``model.adapter_dtype``: the experts' and routers' dtype (default float32); ``null``: the base's dtype
+    (``model.dtype`` with a quantized base, whose Linear weights are stored as integers)."""
     name = model_cfg.get("adapter_dtype", "float32")
     if name is None:
-        return None
+        return _dtype(model_cfg) if quantization(model_cfg) != "none" else None
     if name not in DTYPES:
         raise MoleConfigError(f"model.adapter_dtype must be null or one of {list(DTYPES)}, got {name!r}")
     return DTYPES[name]
@@ -93,11 +141,12 @@ def hf_config(model_cfg: DictConfig) -> PretrainedConfig:
 
 
 def build_skeleton(model_cfg: DictConfig) -> torch.nn.Module:
-    """The model on the meta device: every parameter's shape, no memory, no weights."""
-    _dtype(model_cfg)  # the same keys are valid here as for a real build
+    """The model on the meta device in ``model.dtype``: every parameter's shape, no memory, no weights."""
+    dtype = _dtype(model_cfg)
+    quantization(model_cfg)  # the same keys are valid here as for a real build
     config = hf_config(model_cfg)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
 def _warn_remote_code(hf_id: str) -> None:
@@ -153,5 +202,62 @@ def build_model(model_cfg: DictConfig, seed: int | None = None):
             ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    quant = quantization(model_cfg)
+    if quant != "none":
+        quantize_linears(model, quant, compute_dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def _bitsandbytes(kind: str):
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise MoleConfigError(
+            f"model.quantization={kind} needs bitsandbytes (pip install 'mole[quant]'); "
+            "use model.quantization=none without it"
+        ) from None
+    return bitsandbytes
+
+
+def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` of the decoder layers by its bitsandbytes form, in place, frozen.
+
+    ``nf4``: ``Linear4bit`` (NF4 codes, blocks of 64 with an fp32 absmax, computed in ``compute_dtype``);
+    ``int8``: ``Linear8bitLt`` (LLM.int8, outlier threshold 6.0, inference weights only). The LM head stays
+    in full precision, as in QLoRA. The weights are quantized on the device the model is on (moving a
+    quantized model to another device moves its codes and scales). Returns the number replaced.
+    """
+    bnb = _bitsandbytes(kind)
+    import warnings
+
+    from mole.model.inject import decoder_layers
+
+    # LLM.int8 computes in fp16 and says so at every call; that is the method, not a problem of the run
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+    count = 0
+    for layer in decoder_layers(model):
+        found = [(name, m) for name, m in layer.named_modules() if type(m) is torch.nn.Linear]
+        for name, lin in found:
+            device = lin.weight.device
+            weight = lin.weight.data
+            if kind == "nf4":
+                new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                        compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                # bitsandbytes repacks the weight for a bf16 CPU inference kernel at the first eval-mode
+                # forward and keeps it so; training after a validation pass would then compute differently
+                # from training without one (resume would not be exact). One format, always.
+                new.support_avx512bf16_for_cpu = False
+            else:
+                new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                          has_fp16_weights=False, threshold=6.0, device="meta")
+                new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if lin.bias is not None:
+                new.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+            new = new.to(device)  # quantizes the weight
+            parent_name, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, new)
+            count += 1
+    return count
