@@ -28,6 +28,7 @@ benchmark, and a stub module through which the YAMLs reach :mod:`mole.eval.metri
 
 from __future__ import annotations
 
+import glob
 import json
 import random
 from collections.abc import Sequence
@@ -332,7 +333,11 @@ def _q(text: str) -> str:
 
 
 def task_yaml(bench: Benchmark, data_file: Path, max_gen_toks: int) -> str:
-    """The lm-eval task YAML of one benchmark over ``data_file`` (records as :func:`render_benchmarks` writes)."""
+    """The lm-eval task YAML of one benchmark over ``data_file`` (records as :func:`render_benchmarks` writes).
+
+    ``datasets`` reads ``data_files`` as glob patterns, so the path is glob-escaped: a run directory named
+    after list overrides (``eval.benchmarks=[boolq]``) holds ``[...]``, which would match no file.
+    """
     lines = [
         f"# {bench.title}: written by mole (mole.eval.benchmarks) for this evaluation; kind {bench.kind}, "
         f"metric {bench.metric}.",
@@ -340,7 +345,7 @@ def task_yaml(bench: Benchmark, data_file: Path, max_gen_toks: int) -> str:
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
-        f"    test: {_q(data_file.as_posix())}",
+        f"    test: {_q(glob.escape(data_file.as_posix()))}",
         "test_split: test",
         f"doc_to_text: {_q(_PROMPT_JINJA)}",
     ]
