@@ -143,3 +143,15 @@ def test_training_and_evaluation_prompts_are_identical(tmp_path, template):
             # and the scored choices are the response the model was trained on
             gold = task.doc_to_choice(doc)[task.doc_to_target(doc)]
             assert rec["output"].lower() == gold
+
+
+def test_chat_run_trains_and_evaluates_with_its_template(tiny_cfg, tmp_path):
+    from mole.pipeline import run_train
+
+    metrics = run_train(tiny_cfg("data=chat", "eval=fixtures", "eval.tasks=[mole_yesno]", "eval.limit=2",
+                                 "trainer.max_steps=2"), tmp_path)
+    assert metrics["finished"] and metrics["steps"] == 2
+    assert 0.0 <= metrics["eval"]["mole_yesno"]["acc,none"] <= 1.0
+    docs = json.loads((tmp_path / "eval" / "lm_eval_tasks" / "data" / "yesno_test.json").read_text())
+    tok = byte_tokenizer()
+    assert docs[0]["prompt"] == record_prompt(docs[0], "chat", tok) and docs[0]["prompt"].startswith("<|bos|>user\n")

@@ -52,7 +52,7 @@ def _cli(cmd: str, *args: str) -> None:
 
 def _train(run_dir: Path, method: str, steps: int) -> Path:
     _cli("train", f"method={method}", "data=boolq", f"data.root={DATA}", f"data.max_records={N_TRAIN + 4}",
-         "data.val_size=4", "data.template=plain", f"trainer.max_steps={steps}", "trainer.batch_size=8",
+         "data.val_size=4", f"trainer.max_steps={steps}", "trainer.batch_size=8",
          "trainer.lr=1e-3", "trainer.eval_every=0", "trainer.warmup_steps=0", "eval=none", "seed=0",
          f"hydra.run.dir={run_dir}")
     return run_dir
