@@ -12,8 +12,8 @@ would not be learned), answer scoring that ignores the adapter, an adapter that 
 Margin. Accuracy on ``N_TEST`` = 200 questions has a binomial standard error of at most
 sqrt(0.25 / 200) = 0.035; two scores on the same questions differ by chance with a standard error of at
 most sqrt(2) * 0.035 = 0.05 (less, as they are paired). The trained model must beat the untrained one
-by ``MARGIN`` = 0.08, and what is learned is far more (docs/chat-and-quality.md gives the measured
-accuracies). The untrained checkpoint must score *exactly* what plain lm-eval gives the bare base model
+by ``MARGIN`` = 0.08; the measured gains are 0.13 (LoRA) and 0.125 (MoLA) over an untrained 0.51
+(docs/chat-and-quality.md). The untrained checkpoint must score *exactly* what plain lm-eval gives the bare base model
 on the same rendered task: with LoRA B = 0 every adapter adds an exact zero.
 
 The data are read from ``$MOLE_LLM_ADAPTERS_DIR`` or ``../shared/data/llm-adapters`` beside the
