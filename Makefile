@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-sweeps test-all test-gpu test-install lint params bench clean
+.PHONY: help setup train test test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test: setup ## the fast CPU test suite
 
 test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+test-quality: setup ## real-data quality tier: SmolLM2 on the LLM-Adapters BoolQ files (MOLE_LLM_ADAPTERS_DIR or ../shared/data/llm-adapters)
+	$(BIN)/python -m pytest -q -s -m quality $(ARGS)
 
 test-sweeps: setup ## every paper table's sweep end to end with debug=smoke (tiny_llama, 2 steps a job), then mole-report
 	$(BIN)/python -m pytest -q -m sweeps $(ARGS)

@@ -487,7 +487,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     if eval_cfg.get("at_end") and has_eval(eval_cfg) and sharded:
         log.warning("ZeRO-3 shards the base model over the processes: no lm-eval pass here; run mole-eval checkpoint=%s", run_dir)
     elif eval_cfg.get("at_end") and has_eval(eval_cfg):
-        results = evaluate(model, tokenizer, eval_cfg, run_dir / "eval")
+        results = evaluate(model, tokenizer, eval_cfg, run_dir / "eval", cfg.data.get("template", "alpaca"))
         metrics["eval"] = results.get("results", {})
     metrics["peak_memory_mb"] = round(_peak_memory_mb(), 1)
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 3)
@@ -521,7 +521,7 @@ def _build_selector(cfg: DictConfig, args, tokenizer, run_dir: Path, accelerator
 
     def score(model) -> dict[str, float]:
         unwrapped = accelerator.unwrap_model(model)
-        results = evaluate(unwrapped, tokenizer, val_cfg, run_dir / "val_eval").get("results", {})
+        results = evaluate(unwrapped, tokenizer, val_cfg, run_dir / "val_eval", cfg.data.get("template", "alpaca")).get("results", {})
         out = {t: headline(results.get(t)) for t in names}
         missing = [t for t, v in out.items() if v is None]
         if missing:
@@ -595,8 +595,23 @@ def has_eval(eval_cfg) -> bool:
     return bool(eval_cfg.get("tasks") or eval_cfg.get("benchmarks"))
 
 
-def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
+def eval_prompt(tokenizer, template: str = "alpaca"):
+    """The prompt renderer of the run's ``data.template`` for evaluation, or ``None`` for Alpaca (the tasks' Jinja)."""
+    from mole.data.prompts import TEMPLATES, check_chat_template, record_prompt
+
+    if template == "alpaca":
+        return None
+    if template not in TEMPLATES:
+        raise MoleConfigError(f"data.template must be one of {list(TEMPLATES)}, got {template!r}")
+    if template == "chat":
+        check_chat_template(tokenizer)
+    return lambda rec: record_prompt(rec, template, tokenizer)
+
+
+def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path, template: str = "alpaca") -> dict:
     """lm-eval-harness over the in-memory model; writes ``output_dir/results.json``.
+
+    Prompts use ``template``, the run's ``data.template``, so the model is scored on what it was trained on.
 
     ``eval.benchmarks`` are rendered into task YAMLs over their records (:mod:`mole.eval.benchmarks`) and
     run next to ``eval.tasks``; their results are under the benchmark's name.
@@ -605,10 +620,11 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
     from mole.eval.harness import _as_path_list, evaluate_model
 
     checked = check_eval_config(eval_cfg)
+    prompt = eval_prompt(tokenizer, template)
     output_dir.mkdir(parents=True, exist_ok=True)
     include_path = [str(p) for p in _as_path_list(checked["include_path"])]
     if checked["benchmarks"]:
-        rendered = render_benchmarks(checked["benchmarks"], checked["settings"], output_dir / RENDERED_SUBDIR)
+        rendered = render_benchmarks(checked["benchmarks"], checked["settings"], output_dir / RENDERED_SUBDIR, prompt)
         include_path = [str(rendered), *include_path]  # the user's own task YAMLs still win
     results = evaluate_model(
         model,
@@ -619,6 +635,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
         batch_size=checked["batch_size"],
         limit=checked["limit"],
         num_fewshot=checked["num_fewshot"],
+        prompt=prompt,
     )
     return results  # the harness logs the results table
 
@@ -660,5 +677,5 @@ def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = 
     eval_cfg = OmegaConf.merge(cfg.get("eval") or {}, eval_overrides or {})
     model, tokenizer, _ = build_mole_model(cfg)
     load_adapter(model, run_dir / ADAPTER_FILE)
-    return evaluate(model, tokenizer, eval_cfg, run_dir / "eval")
+    return evaluate(model, tokenizer, eval_cfg, run_dir / "eval", cfg.data.get("template", "alpaca"))
 

@@ -23,6 +23,7 @@ from mole.config import compose_config
 
 TRAIN_BASE = ["model=tiny_llama", "trainer.max_steps=1", "trainer.batch_size=2", "data.max_records=12"]
 SUB = True
+CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,17 @@ CASES = [
          setup=_write("obj.json", '{"instruction": "a", "output": "b"}')),
     Case("record-missing-a-field", "train", ("data.path={tmp}/nofield.jsonl",), ("nofield.jsonl", "record 1", "'output'"),
          setup=_write("nofield.jsonl", json.dumps(GOOD) + "\n" + json.dumps({"instruction": "a", "answer": "b"}) + "\n")),
+    Case("chat-unknown-role", "train", ("data=chat", "data.path={tmp}/roles.jsonl"), ("roles.jsonl", "record 1", "'bot'"),
+         SUB, setup=_write("roles.jsonl", json.dumps(CHAT) + "\n" + json.dumps({"messages": [
+             {"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}) + "\n")),
+    Case("chat-no-assistant-turn", "train", ("data=chat", "data.path={tmp}/noanswer.json"),
+         ("noanswer.json", "record 0", "no assistant turn"),
+         setup=_write("noanswer.json", json.dumps([{"messages": [{"role": "user", "content": "q"}]}]))),
+    Case("chat-empty-content", "train", ("data=chat", "data.path={tmp}/empty.json"), ("empty.json", "record 0", "message 1"),
+         setup=_write("empty.json", json.dumps([{"messages": [{"role": "user", "content": "q"},
+                                                              {"role": "assistant", "content": " "}]}]))),
+    Case("chat-messages-without-chat-template", "train", ("data=chat", "data.template=alpaca"),
+         ("data.format=messages", "data.template=chat")),
     Case("answer-not-an-option", "train", ("data.path={tmp}/answers.json",),
          ("data.path", "answers.json", "record 1", "'answer5'", "Answer format"), SUB,
          setup=_write("answers.json", BAD_ANSWER)),

@@ -4,7 +4,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mole.data.collate import IGNORE_INDEX, Collator, encode_records
 from mole.data.prompts import format_prompt
-from mole.data.sources import fixture_path, load_hf_records, read_records, split_validation
+from mole.data.sources import (
+    fixture_path,
+    load_hf_messages,
+    load_hf_records,
+    read_message_records,
+    read_records,
+    split_validation,
+)
 from mole.utils.errors import MoleConfigError
 
 __all__ = [
@@ -14,6 +21,7 @@ __all__ = [
     "fixture_path",
     "format_prompt",
     "load_datasets",
+    "read_message_records",
     "read_records",
     "split_validation",
 ]
@@ -29,6 +37,18 @@ def _paths(value) -> list[str]:
 
 
 SOURCES = (None, "local", "hf")
+FORMATS = ("llm_adapters", "messages")
+
+
+def _data_format(data_cfg: DictConfig) -> str:
+    """``data.format``: LLM-Adapters records, or ``messages`` chats (which need ``data.template=chat``)."""
+    fmt = data_cfg.get("format") or "llm_adapters"
+    if fmt not in FORMATS:
+        raise MoleConfigError(f"data.format must be one of {list(FORMATS)}, got {fmt!r}")
+    if fmt == "messages" and data_cfg.get("template", "alpaca") != "chat":
+        raise MoleConfigError(f"data.format=messages needs data.template=chat (the tokenizer's chat template), "
+                              f"got data.template={data_cfg.get('template')}")
+    return fmt
 
 
 def _missing_hint(data_cfg: DictConfig) -> str:
@@ -58,9 +78,14 @@ def load_datasets(data_cfg: DictConfig, seed: int):
         raise MoleConfigError("set either data.path (local files) or data.hf_name (Hugging Face dataset), not both "
                               "(or choose one with data.source=local|hf)")
     use_local = bool(paths) and source != "hf"
+    messages = _data_format(data_cfg) == "messages"
+    read = read_message_records if messages else read_records
     if use_local:
         hint = _missing_hint(data_cfg)
-        records = [r for p in paths for r in read_records(p, "data.path", hint)]
+        records = [r for p in paths for r in read(p, "data.path", hint)]
+    elif hf_name and source != "local" and messages:
+        kwargs = OmegaConf.to_container(data_cfg.hf_kwargs, resolve=True) if data_cfg.get("hf_kwargs") else {}
+        records = load_hf_messages(hf_name, data_cfg.get("hf_config"), data_cfg.get("hf_split", "train"), kwargs)
     elif hf_name and source != "local":
         fields = OmegaConf.to_container(data_cfg.fields) if data_cfg.get("fields") else None
         kwargs = OmegaConf.to_container(data_cfg.hf_kwargs, resolve=True) if data_cfg.get("hf_kwargs") else {}
@@ -75,6 +100,6 @@ def load_datasets(data_cfg: DictConfig, seed: int):
     if limit:
         records = records[: int(limit)]
     if val_paths:
-        return records, [r for p in val_paths for r in read_records(p, "data.val_path")]
+        return records, [r for p in val_paths for r in read(p, "data.val_path")]
     split_seed = data_cfg.get("split_seed")
     return split_validation(records, data_cfg.get("val_size", 0.1), seed if split_seed is None else split_seed)

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mole.data.prompts import format_prompt
+from mole.data.prompts import chat_prompt, check_chat_template, format_prompt, record_messages
+from mole.utils.errors import MoleConfigError
 
 IGNORE_INDEX = -100
 
@@ -27,9 +28,63 @@ def encode_record(record: dict[str, str], tokenizer, cutoff_len: int, template: 
     return {"input_ids": ids, "labels": labels}
 
 
+def assistant_segments(messages: Sequence[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
+    """The chat template's rendering of ``messages`` cut into ``(text, learned)`` segments.
+
+    Each assistant turn's span is what the template adds for it: the text between the rendering of the
+    turns before it with the generation prompt and the rendering up to and including it, its trailing
+    whitespace excepted (that belongs to the next prompt). Everything else (system, user turns, the
+    template's own markup and the assistant cue) is prompt. Turns after the last assistant turn teach
+    nothing and are left out. A template that does not render earlier turns as a prefix of later ones
+    (e.g. one that drops past reasoning) cannot be masked this way and is refused.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for k, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = chat_prompt(tokenizer, list(messages[:k]))
+        full = tokenizer.apply_chat_template(list(messages[: k + 1]), tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise MoleConfigError(f"data.template=chat: the chat template does not render turn {k} as a continuation of "
+                                  "the turns before it, so the assistant turns cannot be masked exactly")
+        answer = full[len(prompt):].rstrip()
+        segments += [(prompt[len(done):], False), (answer, True)]
+        done = prompt + answer
+    return segments
+
+
+def encode_messages(messages: Sequence[dict[str, str]], tokenizer) -> dict[str, list[int]]:
+    """Token ids of a chat rendered by the tokenizer's chat template, labels ``-100`` except on assistant turns.
+
+    Not truncated (the caller cuts at ``data.cutoff_len``). Segments are tokenised separately, without
+    added special tokens (the template writes its own), so the mask boundaries are exact.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, learned in assistant_segments(messages, tokenizer):
+        seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += seg
+        labels += seg if learned else [IGNORE_INDEX] * len(seg)
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_example(record: dict, tokenizer, cutoff_len: int, template: str = "alpaca") -> dict[str, list[int]]:
+    """One record of either format (LLM-Adapters or ``messages``) under ``template``, cut at ``cutoff_len``."""
+    if template != "chat":
+        if "messages" in record:
+            raise MoleConfigError(f"data.format=messages needs data.template=chat, got data.template={template}")
+        return encode_record(record, tokenizer, cutoff_len, template)
+    messages = record["messages"] if "messages" in record else record_messages(record)
+    enc = encode_messages(messages, tokenizer)
+    return {"input_ids": enc["input_ids"][:cutoff_len], "labels": enc["labels"][:cutoff_len]}
+
+
 def encode_records(records: Sequence[dict[str, str]], tokenizer, cutoff_len: int, template: str = "alpaca") -> list[dict[str, list[int]]]:
     """Encode all records, dropping those whose response is cut off entirely (nothing to learn)."""
-    encoded = [encode_record(r, tokenizer, cutoff_len, template) for r in records]
+    if template == "chat":
+        check_chat_template(tokenizer)
+    encoded = [encode_example(r, tokenizer, cutoff_len, template) for r in records]
     return [e for e in encoded if any(lab != IGNORE_INDEX for lab in e["labels"])]
 
 

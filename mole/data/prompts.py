@@ -4,6 +4,11 @@
 (fields ``instruction``, ``input``, ``output``, ``answer``) are the format mole reads. The shipped
 lm-eval tasks (``mole/eval/tasks/``) use the same text, so the model is evaluated on the prompt it was
 trained on.
+
+``chat`` is the tokenizer's own chat template (``tokenizer.apply_chat_template``): a record becomes one
+user turn (instruction, then the input after a blank line) answered by one assistant turn; ``messages``
+records (:func:`mole.data.sources.read_message_records`) are rendered as they are. Evaluation renders the
+same user turn with the generation prompt, so the model is scored on the prompt it was trained on.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ ALPACA_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
     "### Input:\n{input}\n\n### Response:\n"
 )
-TEMPLATES = ("alpaca", "plain")
+TEMPLATES = ("alpaca", "plain", "chat")
 
 
 def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:  # noqa: A002
@@ -30,4 +35,31 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -
         return ALPACA_NO_INPUT.format(instruction=instruction)
     if template == "plain":
         return f"{instruction}\n{input}\n" if input else f"{instruction}\n"
+    if template == "chat":
+        raise MoleConfigError("data.template=chat renders with the model's tokenizer (record_prompt), not format_prompt")
     raise MoleConfigError(f"data.template must be one of {list(TEMPLATES)}, got {template!r}")
+
+
+def record_messages(record: dict[str, str]) -> list[dict[str, str]]:
+    """An LLM-Adapters record as a chat: one user turn (instruction, input) and one assistant turn (output)."""
+    user = f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
+
+
+def check_chat_template(tokenizer, key: str = "data.template") -> None:
+    """``template=chat`` needs a tokenizer with a chat template: one line naming ``key`` otherwise."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MoleConfigError(f"{key}=chat: the model's tokenizer has no chat template; use alpaca or plain")
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat template's rendering of ``messages`` followed by the generation prompt (the assistant's cue)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def record_prompt(record: dict[str, str], template: str = "alpaca", tokenizer=None) -> str:
+    """The prompt of an LLM-Adapters record under ``template``, as training conditions on it."""
+    if template == "chat":
+        check_chat_template(tokenizer)
+        return chat_prompt(tokenizer, record_messages(record)[:1])
+    return format_prompt(record["instruction"], record.get("input", ""), template)

@@ -23,6 +23,8 @@ from typing import Any
 from mole.utils.errors import MoleConfigError
 
 REQUIRED = ("instruction", "output")
+#: Roles of a ``messages`` record (``data.format=messages``), OpenAI style.
+ROLES = ("system", "user", "assistant")
 #: Optional fields kept when a record has them (``subject``: the group of MMLU-style macro accuracy).
 EXTRA_FIELDS = ("subject",)
 _ANSWER_FORMAT = re.compile(r"Answer format:[ \t]*(\S[^\n]*)", re.IGNORECASE)
@@ -75,13 +77,19 @@ def read_records(path: str | Path, key: str = "data.path", hint: str = "") -> li
 
     ``hint`` is appended to the error for a missing file (where to put it, or how to go online).
     """
+    records, where = _read_json_records(path, key, hint)
+    return _check_records(records, where)
+
+
+def _read_json_records(path: str | Path, key: str, hint: str) -> tuple[list[Any], str]:
+    """The raw records of a JSON list or JSON-lines file, and the ``key: path`` that errors name."""
     path = Path(path).expanduser()
     where = f"{key}: {path}"
     if not path.exists():
         raise MoleConfigError(f"{where} does not exist" + (f"; {hint}" if hint else ""))
     if not path.is_file():
         raise MoleConfigError(f"{where} is not a file")
-    return _check_records(load_json_list(path, where), where)
+    return load_json_list(path, where), where
 
 
 def load_json_list(path: Path, where: str) -> list[Any]:
@@ -101,6 +109,59 @@ def load_json_list(path: Path, where: str) -> list[Any]:
     return records
 
 
+def check_messages(record: Any, where: str, i: int) -> dict[str, list[dict[str, str]]]:
+    """One ``messages`` record: ``{"messages": [{"role", "content"}, ...]}`` or the bare list of messages.
+
+    Every role is one of :data:`ROLES`, every content a non-empty string, and at least one turn is the
+    assistant's (the turns that are learned); a problem is one line naming ``where`` and record ``i``.
+    """
+    messages = record.get("messages") if isinstance(record, dict) else record
+    if not isinstance(messages, list) or not messages:
+        raise MoleConfigError(f"{where}: record {i} has no 'messages' list (expected "
+                              '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]})')
+    out = []
+    for j, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise MoleConfigError(f"{where}: record {i}, message {j} is a {type(msg).__name__}, expected an object "
+                                  "with 'role' and 'content'")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise MoleConfigError(f"{where}: record {i}, message {j} has role {role!r}; expected one of {list(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise MoleConfigError(f"{where}: record {i}, message {j} ({role}) has empty or non-text content")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise MoleConfigError(f"{where}: record {i} has no assistant turn (nothing to learn)")
+    return {"messages": out}
+
+
+def read_message_records(path: str | Path, key: str = "data.path", hint: str = "") -> list[dict[str, Any]]:
+    """Read a local ``messages`` file (``data.format=messages``): a JSON list or JSON lines of chats."""
+    records, where = _read_json_records(path, key, hint)
+    return [check_messages(r, where, i) for i, r in enumerate(records)]
+
+
+def load_hf_messages(name: str, config: str | None, split: str, kwargs: dict | None = None, column: str = "messages",
+                     key: str = "data.hf_name") -> list[dict[str, Any]]:
+    """``messages`` records from the ``column`` column of a Hugging Face dataset (``data.format=messages``)."""
+    ds = _load_hf(name, config, split, kwargs, key)
+    if column not in ds.column_names:
+        raise MoleConfigError(f"{key}={name!r} has no {column!r} column (columns: {ds.column_names})")
+    return [check_messages(row[column], f"{key}: {name}", i) for i, row in enumerate(ds)]
+
+
+def _load_hf(name: str, config: str | None, split: str, kwargs: dict | None, key: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split, **(kwargs or {}))
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; report one line
+        raise MoleConfigError(
+            f"{key}={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "offline, use a local file in the LLM-Adapters format instead (see docs/datasets.md)"
+        ) from None
+
+
 def load_hf_records(
     name: str, config: str | None, split: str, fields: dict[str, str] | None, kwargs: dict | None = None,
     fmt: str | None = None, key: str = "data.hf_name",
@@ -116,15 +177,7 @@ def load_hf_records(
 
     convert = converter(fmt, key.rsplit(".", 1)[0] + ".hf_format") if fmt else None
     fields = fields or {k: k for k in ("instruction", "input", "output", "answer")}
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, config, split=split, **(kwargs or {}))
-    except Exception as err:  # noqa: BLE001 - datasets raises many types; report one line
-        raise MoleConfigError(
-            f"{key}={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "offline, use a local file in the LLM-Adapters format instead (see docs/datasets.md)"
-        ) from None
+    ds = _load_hf(name, config, split, kwargs, key)
     if convert is not None:
         mapped = [rec for rec in map(convert, ds) if rec is not None]
     else:

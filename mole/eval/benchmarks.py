@@ -28,9 +28,10 @@ benchmark, and a stub module through which the YAMLs reach :mod:`mole.eval.metri
 
 from __future__ import annotations
 
+import glob
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,8 +332,14 @@ def _q(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def task_yaml(bench: Benchmark, data_file: Path, max_gen_toks: int) -> str:
-    """The lm-eval task YAML of one benchmark over ``data_file`` (records as :func:`render_benchmarks` writes)."""
+def task_yaml(bench: Benchmark, data_file: Path, max_gen_toks: int, rendered_prompt: bool = False) -> str:
+    """The lm-eval task YAML of one benchmark over ``data_file`` (records as :func:`render_benchmarks` writes).
+
+    ``datasets`` reads ``data_files`` as glob patterns, so the path is glob-escaped: a run directory named
+    after list overrides (``eval.benchmarks=[boolq]``) holds ``[...]``, which would match no file.
+    ``rendered_prompt``: each record carries its prompt, rendered in Python with the run's template
+    (``prompt``), instead of the Alpaca template written out in Jinja.
+    """
     lines = [
         f"# {bench.title}: written by mole (mole.eval.benchmarks) for this evaluation; kind {bench.kind}, "
         f"metric {bench.metric}.",
@@ -340,9 +347,9 @@ def task_yaml(bench: Benchmark, data_file: Path, max_gen_toks: int) -> str:
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
-        f"    test: {_q(data_file.as_posix())}",
+        f"    test: {_q(glob.escape(data_file.as_posix()))}",
         "test_split: test",
-        f"doc_to_text: {_q(_PROMPT_JINJA)}",
+        f"doc_to_text: {_q('{{prompt}}' if rendered_prompt else _PROMPT_JINJA)}",
     ]
     if bench.kind == "mc":
         process = {"acc": "process_mc", "mcc": "process_mc_mcc", "macro_acc": "process_mc_macro"}[bench.metric]
@@ -379,8 +386,13 @@ def task_yaml(bench: Benchmark, data_file: Path, max_gen_toks: int) -> str:
     return "\n".join(lines)
 
 
-def render_benchmarks(names: Sequence[str], settings: EvalSettings, dest_dir: Path) -> Path:
-    """Write the records, task YAMLs and hooks module of ``names`` into ``dest_dir`` (an lm-eval include path)."""
+def render_benchmarks(names: Sequence[str], settings: EvalSettings, dest_dir: Path,
+                      prompt: Callable[[dict[str, str]], str] | None = None) -> Path:
+    """Write the records, task YAMLs and hooks module of ``names`` into ``dest_dir`` (an lm-eval include path).
+
+    ``prompt`` renders a record's prompt with the template the run was trained with
+    (:func:`mole.data.prompts.record_prompt`); ``None`` is the Alpaca template.
+    """
     dest = Path(dest_dir).expanduser().resolve()
     data_dir = dest / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -394,7 +406,9 @@ def render_benchmarks(names: Sequence[str], settings: EvalSettings, dest_dir: Pa
             docs = [_mc_doc(r, f"eval.benchmarks: {name}", i) for i, r in enumerate(records)]
         else:
             docs = [dict(r) for r in records]
+        if prompt is not None:
+            docs = [{**d, "prompt": prompt(d)} for d in docs]
         data_file = data_dir / f"{name}.json"
         data_file.write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
-        (dest / f"{name}.yaml").write_text(task_yaml(bench, data_file, settings.max_gen_toks), encoding="utf-8")
+        (dest / f"{name}.yaml").write_text(task_yaml(bench, data_file, settings.max_gen_toks, prompt is not None), encoding="utf-8")
     return dest

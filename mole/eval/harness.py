@@ -42,11 +42,12 @@ run in the middle of training: ``HFLM.__init__`` calls ``model.eval()`` (every m
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,8 @@ def default_fixtures_dir() -> Path:
     return Path(mole.__file__).resolve().parent / "data" / "fixtures"
 
 
-def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None) -> Path:
+def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
+                         prompt: Callable[[dict[str, str]], str] | None = None) -> Path:
     """Write the shipped task YAMLs into ``dest_dir`` with the fixtures path filled in.
 
     Args:
@@ -84,6 +86,11 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None) -> Pa
         fixtures_dir: Directory holding ``mc_test.json``, ``yesno_test.json`` (and the
             ``*_train.json`` files used for few-shot examples). Defaults to
             ``mole/data/fixtures``.
+
+        prompt: Renders a record's prompt with the template the run was trained with
+            (:func:`mole.data.prompts.record_prompt`). ``None``: the templates' own Alpaca Jinja.
+            Otherwise the data files are copied into ``dest_dir/data`` with a ``prompt`` field
+            and the tasks read it (``doc_to_text: "{{prompt}}"``).
 
     Returns:
         ``dest_dir``, ready to be passed to ``lm_eval.tasks.TaskManager(include_path=...)``.
@@ -101,9 +108,11 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None) -> Pa
     if not templates:
         raise FileNotFoundError(f"no task templates found in {TASK_TEMPLATES_DIR}")
 
+    data_dir = fixtures if prompt is None else dest / "data"
     # The placeholder sits inside YAML double-quoted scalars; a JSON string body is a valid
-    # YAML double-quoted body, so quotes/backslashes/non-ASCII in the path stay intact.
-    escaped = json.dumps(fixtures.as_posix(), ensure_ascii=False)[1:-1]
+    # YAML double-quoted body, so quotes/backslashes/non-ASCII in the path stay intact. datasets
+    # reads data_files as glob patterns, hence glob.escape (a directory named "x=[a]" exists).
+    escaped = json.dumps(glob.escape(data_dir.as_posix()), ensure_ascii=False)[1:-1]
 
     missing: list[str] = []
     rendered: dict[str, str] = {}
@@ -114,12 +123,20 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None) -> Pa
             for name in _PLACEHOLDER_FILE_RE.findall(text)
             if not (fixtures / name).is_file()
         ]
+        if prompt is not None:
+            text = re.sub(r"^doc_to_text: .*$", 'doc_to_text: "{{prompt}}"', text, count=1, flags=re.MULTILINE)
         rendered[template.name] = text.replace(FIXTURES_PLACEHOLDER, escaped)
     if missing:
         missing_list = ", ".join(sorted(set(missing)))
         raise FileNotFoundError(f"data missing for the shipped lm-eval tasks: {missing_list}")
 
     dest.mkdir(parents=True, exist_ok=True)
+    if prompt is not None:
+        data_dir.mkdir(exist_ok=True)
+        for name in sorted({n for t in templates for n in _PLACEHOLDER_FILE_RE.findall(t.read_text(encoding="utf-8"))}):
+            records = json.loads((fixtures / name).read_text(encoding="utf-8"))
+            docs = [{**r, "prompt": prompt(r)} for r in records]
+            (data_dir / name).write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
     for name, text in rendered.items():
         (dest / name).write_text(text, encoding="utf-8")
     return dest
@@ -244,6 +261,7 @@ def evaluate_model(
     max_length: int | None = None,
     fixtures_dir: str | Path | None = None,
     include_defaults: bool | None = None,
+    prompt: Callable[[dict[str, str]], str] | None = None,
 ) -> dict:
     """Run lm-eval tasks on an in-memory HF causal LM, offline; write ``results.json``.
 
@@ -269,6 +287,8 @@ def evaluate_model(
         include_defaults: Index lm-eval's built-in tasks too: ``None`` (default) only when a
             requested task is not local; ``True`` always; ``False`` never. Built-in tasks fetch
             Hub datasets, so they need the Hub or a filled ``datasets`` cache.
+        prompt: The training template's prompt of a record, for the shipped tasks
+            (:func:`render_shipped_tasks`); ``None``: Alpaca.
 
     Returns:
         The lm-eval results dict, made JSON-serialisable the way lm-eval writes its own
@@ -297,7 +317,7 @@ def evaluate_model(
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     user_paths = _as_path_list(include_path)
-    rendered = render_shipped_tasks(output_dir / RENDERED_TASKS_SUBDIR, fixtures_dir)
+    rendered = render_shipped_tasks(output_dir / RENDERED_TASKS_SUBDIR, fixtures_dir, prompt)
     # Later include paths override earlier ones in lm-eval 0.4.x, so user tasks win.
     paths = [str(rendered), *map(str, user_paths)]
     task_manager = TaskManager(include_path=paths, include_defaults=bool(include_defaults))

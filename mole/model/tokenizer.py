@@ -15,6 +15,11 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 VOCAB_SIZE = 1024
+#: A ChatML-style chat template over the special tokens, so that ``data.template=chat`` runs on the tiny models.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|bos|>' + m['role'] + '\\n' + m['content'] + '<|eos|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|bos|>assistant\\n' }}{% endif %}"
+)
 
 
 def _corpus() -> list[str]:
@@ -47,4 +52,5 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A fresh copy of the in-process byte-level BPE tokenizer (at most 1024 tokens)."""
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), **SPECIAL_TOKENS)
     tok.padding_side = "right"
+    tok.chat_template = CHAT_TEMPLATE
     return tok
