@@ -118,8 +118,17 @@ def main() -> None:
     # Hydra raises its own errors (unknown config option or key) instead of printing them over many lines,
     # so they end in one line like every other user error (HYDRA_FULL_ERROR=1 keeps Hydra's full report)
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from mole.training.signals import RunInterrupted
+
     try:
         _app()
+    except RunInterrupted as stop:  # checkpoint and metrics.json are written (mole.training.signals)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stop.line(PROG), file=sys.stderr)
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to keep
+        print(f"{PROG}: interrupted before training started", file=sys.stderr)
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException) as err:
         if user_full_error == "1":
             raise

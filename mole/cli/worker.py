@@ -38,12 +38,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from mole.pipeline import load_run_config, run_train
     from mole.training.launch import read_secrets
+    from mole.training.signals import RunInterrupted
 
     try:
         cfg = load_run_config(run_dir)
         for key, value in read_secrets().items():
             OmegaConf.update(cfg, key, value, force_add=True)
         run_train(cfg, run_dir)
+    except RunInterrupted:
+        sys.exit(0)  # an orderly stop: the launching mole-train reads metrics.json and reports it
     except MoleConfigError as err:
         if rank == 0:
             logging.getLogger(PROG).error("%s", err)

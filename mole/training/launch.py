@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -111,12 +112,77 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> None:
     # flush our own log file before the workers append to it
     for handler in logging.getLogger().handlers:
         handler.flush()
-    proc = subprocess.run(cmd, env=env, check=False)
-    if proc.returncode != 0:
+    started = time.time()
+    returncode = run_workers(cmd, env)
+    interrupted = _interrupted(run_dir, since=started)
+    if interrupted is not None:
+        raise interrupted
+    if returncode != 0:
         raise LaunchError(
-            f"the {dist.num_processes}-process run exited with status {proc.returncode} (its messages are above "
+            f"the {dist.num_processes}-process run exited with status {returncode} (its messages are above "
             f"and in {run_dir / 'train.log'})"
         )
+
+
+def run_workers(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``accelerate launch`` and wait; SIGTERM and SIGINT received meanwhile go to the workers.
+
+    The launcher runs in its own session, so a Ctrl-C in the terminal reaches only this process, which
+    passes it to the training processes themselves (not to torchrun's agent, which would end them after
+    30 s): each stops at its next step boundary with a checkpoint (:mod:`mole.training.signals`) and
+    exits 0. A second signal is passed on too (the workers then stop at once) and ends this process.
+    """
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        try:
+            targets = psutil.Process(proc.pid).children() or [psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            targets = []
+        for target in targets:
+            try:
+                target.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+        if len(received) > 1:
+            os._exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # a handler of the embedding program; keep waiting for the workers
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(run_dir: Path, since: float):
+    """The :class:`~mole.training.signals.RunInterrupted` the workers recorded in ``metrics.json``, if any."""
+    import signal
+
+    from mole.pipeline import METRICS_FILE
+    from mole.training.signals import RunInterrupted
+
+    path = run_dir / METRICS_FILE
+    try:
+        if path.stat().st_mtime < since - 1:  # an earlier attempt's record
+            return None
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not (isinstance(metrics, dict) and metrics.get("interrupted")):
+        return None
+    signum = getattr(signal, str(metrics.get("signal")), signal.SIGTERM)
+    return RunInterrupted(int(metrics.get("steps", 0)), int(signum))
 
 
 def read_secrets() -> dict:
