@@ -378,7 +378,11 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
     aux_losses = build_aux_losses(cfg)
     accelerator = build_accelerator(args, dist, run_dir)
     main = accelerator.is_main_process
+    from mole.training.distributed import check_same_config, check_shared_run_dir
     from mole.training.signals import requeued
+
+    check_same_config(accelerator, cfg)  # several machines: the same config, a run directory all of them see
+    check_shared_run_dir(accelerator, run_dir)
 
     # a requeued SLURM job (preemption, time limit) continues from its checkpoint
     resume_from = ckpt.prepare_run_dir(run_dir, resume=args.resume or requeued(), force=bool(cfg.get("force", False)),

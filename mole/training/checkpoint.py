@@ -56,7 +56,9 @@ _TMP_PREFIX = ".tmp-step-"
 
 #: Config keys that may differ between a checkpoint and the run resuming it (they do not change training).
 RESUME_IGNORED_KEYS = ("force", "trainer.resume", "trainer.save_every", "trainer.keep_checkpoints",
-                       "trainer.log_every", "eval.", "paths.")
+                       "trainer.log_every", "eval.", "paths.", "distributed.machine_rank",
+                       "distributed.main_process_ip", "distributed.main_process_port", "distributed.rdzv_backend",
+                       "distributed.num_machines", "distributed.num_processes")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,6 +306,7 @@ def save_checkpoint(
     _write_json(tmp / "trainer_state.json", {
         "format": FORMAT,
         "step": step,
+        "world_size": world_size(),
         "data": position,
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
@@ -324,8 +327,8 @@ def save_checkpoint(
     return final
 
 
-def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
-    """Dotted keys whose values differ, except those in :data:`RESUME_IGNORED_KEYS`."""
+def differing_keys(a: DictConfig, b: DictConfig) -> list[str]:
+    """Dotted keys whose resolved values differ between two configs, sorted."""
 
     def flat(node, prefix="") -> dict[str, Any]:
         if isinstance(node, dict):
@@ -335,10 +338,36 @@ def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
             return out
         return {prefix[:-1]: node}
 
-    a = flat(OmegaConf.to_container(saved, resolve=True))
-    b = flat(OmegaConf.to_container(current, resolve=True))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    fa = flat(OmegaConf.to_container(a, resolve=True))
+    fb = flat(OmegaConf.to_container(b, resolve=True))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, "<unset>") != fb.get(k, "<unset>"))
+
+
+def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
+    """Dotted keys whose values differ, except those in :data:`RESUME_IGNORED_KEYS`."""
+    keys = differing_keys(saved, current)
     return [k for k in keys if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in RESUME_IGNORED_KEYS)]
+
+
+def world_size() -> int:
+    """Processes of this run over all machines (1 outside a launched run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_world_size(path: Path, trainer_state: dict, saved_cfg: DictConfig) -> None:
+    """A checkpoint resumes exactly only with as many processes as wrote it (machines may differ: 2 x 1 and
+    1 x 2 shard every batch alike). With another count the per-process batches, their data shards and the
+    dropout masks drawn for them change, so the continuation would not be the run that was interrupted."""
+    saved = trainer_state.get("world_size")
+    if saved is None:  # written before the count was recorded: the config says it
+        dist = saved_cfg.get("distributed") or {}
+        saved = int(dist.get("num_processes", 1)) * int(dist.get("num_machines", 1))
+    if int(saved) != world_size():
+        raise MoleConfigError(
+            f"trainer.resume: {path} was written by {saved} process(es) in all and this run has {world_size()}: the "
+            "per-process batches, data shards and dropout masks would differ, so it would not continue exactly; "
+            f"resume with distributed.num_processes x distributed.num_machines = {saved}, or start over with force=true"
+        )
 
 
 def load_checkpoint(
@@ -361,6 +390,7 @@ def load_checkpoint(
         if trainer_state.get("format") != FORMAT:
             raise MoleConfigError(f"{path}: not a {FORMAT} checkpoint (format {trainer_state.get('format')!r})")
         saved_cfg = OmegaConf.load(path / "config.yaml")
+        _check_world_size(path, trainer_state, saved_cfg)
         differences = _config_differences(saved_cfg, config)
         if differences:
             raise MoleConfigError(
