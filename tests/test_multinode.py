@@ -254,3 +254,18 @@ def test_slurm_tasks_train_as_the_processes_of_one_run(tmp_path):
     assert (run_dir / "train.log").read_text().count("trainable params") == 1
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "adapter.safetensors", "config.yaml",
                                                          "metrics.json", "train.log"]
+
+
+def test_slurm_launcher_takes_several_nodes_and_requeues(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from mole import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=mole_slurm", "hydra.launcher.nodes=2",
+                                          "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert launcher.max_num_timeout >= 1 and launcher.signal_delay_s > 0  # requeue after a time-out, with a checkpoint
