@@ -269,3 +269,37 @@ def test_slurm_launcher_takes_several_nodes_and_requeues(tmp_path):
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert launcher.max_num_timeout >= 1 and launcher.signal_delay_s > 0  # requeue after a time-out, with a checkpoint
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_multi_process_run_reaches_its_workers(tmp_path):
+    """mole-train passes SIGTERM to its training processes: they stop after the same step with a checkpoint,
+    and mole-train prints the one line and exits 143; the resumed run finishes."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_SITE)
+    slow_env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), ENV.get("PYTHONPATH", "")])}
+    run_dir = tmp_path / "run"
+    args = [*COMMON, "trainer.max_steps=20", "trainer.batch_size=2", "distributed=ddp", "distributed.cpu=true",
+            f"hydra.run.dir={run_dir}"]
+    proc = _start(*args, cwd=tmp_path, env=slow_env)
+    deadline = time.monotonic() + 300
+    log = run_dir / "train.log"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and "step 0: val/loss" in log.read_text():
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finish(proc, 300)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [
+        f"mole-train: interrupted at step {metrics['steps']}; resume with trainer.resume=true"]
+    assert metrics["interrupted"] and metrics["num_processes"] == 2 and 1 <= metrics["steps"] < 20
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [metrics["steps"]]
+    resumed = _start(*args, "trainer.resume=true", cwd=tmp_path)
+    code, err = _finish(resumed)
+    assert code == 0, err[-3000:]
+    done = json.loads((run_dir / "metrics.json").read_text())
+    assert done["finished"] and len(done["train_loss"]) == 20
