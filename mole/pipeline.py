@@ -357,15 +357,18 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if main and (run_dir / METRICS_FILE).exists():  # an earlier attempt's record no longer describes the directory
             _write_json(run_dir / METRICS_FILE, with_status({"pid": os.getpid()}, RUNNING))
         metrics: dict[str, Any] = {}  # filled as the run goes, so a failure records what was measured
+        from mole.training.signals import StopRequest
+
         try:
-            return _train_run(cfg, run_dir, metrics)
+            with StopRequest() as stop:  # SIGTERM / SIGINT: stop at the next step boundary (RunInterrupted)
+                return _train_run(cfg, run_dir, metrics, stop)
         except (Exception, KeyboardInterrupt) as err:
             if main:
                 record_failure(run_dir, err, metrics)
             raise
 
 
-def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=None) -> dict[str, Any]:
     """The run itself. In one process of a multi-process run (started by ``accelerate launch``, see
     :mod:`mole.training.launch`) every process trains its shard; only the main one writes files."""
     from accelerate.utils import set_seed
@@ -394,7 +397,14 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     aux_losses = build_aux_losses(cfg)
     accelerator = build_accelerator(args, dist, run_dir)
     main = accelerator.is_main_process
-    resume_from = ckpt.prepare_run_dir(run_dir, resume=args.resume, force=bool(cfg.get("force", False)),
+    from mole.training.distributed import check_same_config, check_shared_run_dir
+    from mole.training.signals import requeued
+
+    check_same_config(accelerator, cfg)  # several machines: the same config, a run directory all of them see
+    check_shared_run_dir(accelerator, run_dir)
+
+    # a requeued SLURM job (preemption, time limit) continues from its checkpoint
+    resume_from = ckpt.prepare_run_dir(run_dir, resume=args.resume or requeued(), force=bool(cfg.get("force", False)),
                                        is_main_process=main)
     set_seed(int(cfg.seed))
     model, tokenizer, report = build_mole_model(cfg)
@@ -448,7 +458,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     selector = _build_selector(cfg, args, tokenizer, run_dir, accelerator, state)
     try:
         train(model, optimizer, scheduler, train_loader, val_loader, aux_losses, args, accelerator, num_steps,
-              state=state, batches=stream, on_step=checkpointer, monitor=monitor, selector=selector)
+              state=state, batches=stream, on_step=checkpointer, monitor=monitor, selector=selector, stop=stop)
     except NonFiniteLossError as err:
         kept = _keep_last_good_adapter(accelerator.unwrap_model(model), run_dir, state, metrics) if main else ""
         raise NonFiniteLossError(f"{err}; {kept}") from None
@@ -467,6 +477,10 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
         })
         if selector is not None:
             metrics.update({"val_acc": state.val_acc, "best_step": state.best_step, "stopped_early": state.stopped_early})
+    signum = state.interrupted or (stop.agreed(accelerator) if stop is not None else None)
+    if signum is not None:
+        _stop_on_signal(signum, accelerator, model, optimizer, scheduler, stream, state, run_dir, config_yaml,
+                        args, metrics, stop)
     sharded = is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
     # ZeRO-3 shards the parameters: gathering them is a collective every process joins
     full_state = accelerator.get_state_dict(model) if sharded else None
@@ -496,6 +510,30 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     clear_failure(run_dir)
     log.info("run finished: %s", run_dir)
     return metrics
+
+
+def _stop_on_signal(signum: int, accelerator, model, optimizer, scheduler, stream, state, run_dir: Path,
+                    config_yaml: str, args, metrics: dict[str, Any], stop) -> None:
+    """After a signal (:mod:`mole.training.signals`): a checkpoint of this step (whatever ``trainer.save_every``),
+    ``metrics.json`` with ``interrupted: true``, then :class:`~mole.training.signals.RunInterrupted`."""
+    from mole.training import checkpoint as ckpt
+    from mole.training.signals import RunInterrupted, signal_name
+
+    if accelerator.is_main_process:
+        latest = ckpt.list_checkpoints(run_dir)
+        if not latest or latest[-1][0] != state.step:  # trainer.save_every may have written this step already
+            path = ckpt.save_checkpoint(run_dir, state.step, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                                        scheduler=scheduler, state=state, stream=stream, config_yaml=config_yaml,
+                                        keep=args.keep_checkpoints)
+            log.info("step %d: checkpoint %s", state.step, path)
+        metrics.update({"finished": False, "interrupted": True, "signal": signal_name(signum), "steps": state.step})
+        _write_json(run_dir / METRICS_FILE, metrics)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    log.warning("interrupted by %s at step %d; resume with trainer.resume=true", signal_name(signum), state.step)
+    if stop is not None:
+        stop.chain()  # submitit: requeue the job now that its checkpoint is written
+    raise RunInterrupted(state.step, signum)
 
 
 def _build_selector(cfg: DictConfig, args, tokenizer, run_dir: Path, accelerator, state):

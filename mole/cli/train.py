@@ -82,9 +82,16 @@ def _train_one(cfg: DictConfig, run_dir: str) -> None:
     from mole.pipeline import run_train
     from mole.training.distributed import launched
     from mole.training.launch import launch, needs_launch
+    from mole.training.slurm import slurm_task
 
+    task = slurm_task()
+    if task is not None:  # one task of a multi-task SLURM job: one process of the run (mole.training.slurm)
+        task.export(cfg.get("distributed", {}).get("main_process_port"))
     if launched() and int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one rank of `accelerate launch -m mole.cli.train`: rank 0 logs
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)  # the run's train.log is rank 0's
     if needs_launch(cfg):
         launch(cfg, run_dir)
     else:
@@ -98,6 +105,8 @@ def _single_run(cfg: DictConfig, run_dir: str) -> None:
     try:
         _train_one(cfg, run_dir)
     except LaunchError as err:
+        if err.reported:  # a worker printed its one-line error (a user error)
+            sys.exit(2)
         print(f"{PROG}: error: {err}", file=sys.stderr)
         sys.exit(1)
 
@@ -132,6 +141,19 @@ def _app(cfg: DictConfig) -> None:
         _single_run(cfg, hydra_cfg.runtime.output_dir)
 
 
+def _not_machine_zero(argv: list[str]) -> bool:
+    """Whether this command is a machine other than machine 0 of a run over several machines
+    (``distributed.machine_rank=N``, or a SLURM task other than task 0): it writes nothing into the run
+    directory, so Hydra is told to keep its ``.hydra/`` files and its log file out of it."""
+    from mole.training.slurm import slurm_task
+
+    task = slurm_task()
+    if task is not None:
+        return task.rank != 0
+    ranks = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("distributed.machine_rank=")]
+    return bool(ranks) and ranks[-1].strip() not in ("0", "")
+
+
 def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -140,12 +162,23 @@ def main() -> None:
 
     sweep.start()
     launcher_error = None
+    if "-m" not in sys.argv[1:] and "--multirun" not in sys.argv[1:] and _not_machine_zero(sys.argv[1:]):
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
     # Hydra raises its own errors (unknown config option or key) instead of printing them over many lines,
     # so they end in one line like every other user error (HYDRA_FULL_ERROR=1 keeps Hydra's full report)
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from mole.training.signals import RunInterrupted
+
     try:
         _app()
+    except RunInterrupted as stop:  # checkpoint and metrics.json are written (mole.training.signals)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stop.line(PROG), file=sys.stderr)
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to keep
+        print(f"{PROG}: interrupted before training started", file=sys.stderr)
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException) as err:
         if user_full_error == "1":
             raise

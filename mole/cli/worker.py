@@ -1,6 +1,6 @@
 """One process of a multi-process ``mole-train`` run (started by :mod:`mole.training.launch`).
 
-    accelerate launch --num_processes N ... -m mole.cli.worker RUN_DIR
+    accelerate launch --num_processes N ... -m mole.cli.worker RUN_DIR [CONFIG_DIR]
 
 Reads ``RUN_DIR/config.yaml`` (written once by the launching ``mole-train``; only YAML is read) and
 trains its shard through :func:`mole.pipeline.run_train`. Rank 0 logs to the console and appends to
@@ -25,7 +25,7 @@ PROG = "mole-train"
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0] in ("-h", "--help"):
+    if len(args) not in (1, 2) or args[0] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
     run_dir = Path(args[0])
@@ -39,14 +39,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mole.pipeline import run_train
     from mole.run_dir import load_run_config
     from mole.training.launch import read_secrets
+    from mole.training.signals import RunInterrupted
 
     try:
-        cfg = load_run_config(run_dir, own_run=True)  # written by this run's own mole-train
+        # machines other than machine 0 read their own config (compared with machine 0's at start-up)
+        cfg = load_run_config(run_dir if len(args) == 1 else Path(args[1]), own_run=True)
         for key, value in read_secrets().items():
             OmegaConf.update(cfg, key, value, force_add=True)
         run_train(cfg, run_dir)
+    except RunInterrupted:
+        sys.exit(0)  # an orderly stop: the launching mole-train reads metrics.json and reports it
     except MoleConfigError as err:
-        if rank == 0:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line on every machine's console
             logging.getLogger(PROG).error("%s", err)
             print(f"{PROG}: error: {err}", file=sys.stderr)
         sys.exit(2)

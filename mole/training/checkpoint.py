@@ -59,7 +59,9 @@ _TMP_PREFIX = ".tmp-step-"
 
 #: Config keys that may differ between a checkpoint and the run resuming it (they do not change training).
 RESUME_IGNORED_KEYS = ("force", "trainer.resume", "trainer.save_every", "trainer.keep_checkpoints",
-                       "trainer.log_every", "eval.", "paths.")
+                       "trainer.log_every", "eval.", "paths.", "distributed.machine_rank",
+                       "distributed.main_process_ip", "distributed.main_process_port", "distributed.rdzv_backend",
+                       "distributed.num_machines", "distributed.num_processes")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,6 +321,7 @@ def save_checkpoint(
     _write_json(tmp / "trainer_state.json", {
         "format": FORMAT,
         "step": step,
+        "world_size": world_size(),
         "data": position,
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
@@ -351,6 +354,27 @@ def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     return config_differences(saved, current, RESUME_IGNORED_KEYS)
 
 
+def world_size() -> int:
+    """Processes of this run over all machines (1 outside a launched run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_world_size(path: Path, trainer_state: dict, saved_cfg: DictConfig) -> None:
+    """A checkpoint resumes exactly only with as many processes as wrote it (machines may differ: 2 x 1 and
+    1 x 2 shard every batch alike). With another count the per-process batches, their data shards and the
+    dropout masks drawn for them change, so the continuation would not be the run that was interrupted."""
+    saved = trainer_state.get("world_size")
+    if saved is None:  # written before the count was recorded: the config says it
+        dist = saved_cfg.get("distributed") or {}
+        saved = int(dist.get("num_processes", 1)) * int(dist.get("num_machines", 1))
+    if int(saved) != world_size():
+        raise MoleConfigError(
+            f"trainer.resume: {path} was written by {saved} process(es) in all and this run has {world_size()}: the "
+            "per-process batches, data shards and dropout masks would differ, so it would not continue exactly; "
+            f"resume with distributed.num_processes x distributed.num_machines = {saved}, or start over with force=true"
+        )
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -371,6 +395,7 @@ def load_checkpoint(
         if trainer_state.get("format") != FORMAT:
             raise MoleConfigError(f"{path}: not a {FORMAT} checkpoint (format {trainer_state.get('format')!r})")
         saved_cfg = OmegaConf.load(path / "config.yaml")
+        _check_world_size(path, trainer_state, saved_cfg)
         differences = _config_differences(saved_cfg, config)
         if differences:
             raise MoleConfigError(

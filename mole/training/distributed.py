@@ -61,6 +61,11 @@ class DistributedArgs:
     cpu: bool = False
     backend: str | None = None
     main_process_port: int | None = None
+    # several machines: each runs the same mole-train command with its own machine_rank (docs/distributed.md)
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None  # the address of machine 0, which every machine can reach
+    rdzv_backend: str = "static"  # torchrun's rendezvous: static (fixed ranks) or c10d
     # DDP: let parameters that got no gradient this step pass (threshold routers' thresholds, experts a
     # sparse router chose for no token); costs one graph traversal per step
     find_unused_parameters: bool = True
@@ -81,6 +86,17 @@ class DistributedArgs:
             raise bad("backend", "null, gloo, nccl or mpi")
         if self.main_process_port is not None and not (isinstance(self.main_process_port, int) and 0 < self.main_process_port < 65536):
             raise bad("main_process_port", "null or a port number")
+        if not (isinstance(self.num_machines, int) and not isinstance(self.num_machines, bool) and self.num_machines >= 1):
+            raise bad("num_machines", "a positive integer")
+        if not (isinstance(self.machine_rank, int) and not isinstance(self.machine_rank, bool)
+                and 0 <= self.machine_rank < self.num_machines):
+            raise bad("machine_rank", f"an integer in [0, {self.num_machines}) (distributed.num_machines={self.num_machines})")
+        if self.num_machines > 1 and not (isinstance(self.main_process_ip, str) and self.main_process_ip.strip()):
+            raise bad("main_process_ip", f"the address of machine 0 with distributed.num_machines={self.num_machines}")
+        if self.num_machines > 1 and self.main_process_port is None:
+            raise bad("main_process_port", f"a port number every machine uses with distributed.num_machines={self.num_machines}")
+        if self.rdzv_backend not in ("static", "c10d"):
+            raise bad("rdzv_backend", "static or c10d")
         if self.deepspeed is not None:
             if not isinstance(self.deepspeed, dict):
                 raise bad("deepspeed", "null or a mapping (see conf/distributed/deepspeed_zero2.yaml)")
@@ -113,8 +129,13 @@ class DistributedArgs:
 
     @property
     def multi_process(self) -> bool:
-        """Whether this run needs ``accelerate launch`` (several processes, or DeepSpeed)."""
-        return self.num_processes > 1 or self.deepspeed is not None
+        """Whether this run needs ``accelerate launch`` (several processes or machines, or DeepSpeed)."""
+        return self.num_processes > 1 or self.num_machines > 1 or self.deepspeed is not None
+
+    @property
+    def world_size(self) -> int:
+        """Processes over all machines."""
+        return self.num_processes * self.num_machines
 
 
 def launched() -> bool:
@@ -250,3 +271,95 @@ def reduce_mean(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, reduction="mean")
     return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# start-up checks of a run over several machines
+
+SHARED_MARKER = ".mole-shared-check-"
+
+
+def machine_count() -> int:
+    """Machines of a launched run: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` (1 outside one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return max(1, world // max(local, 1))
+
+
+def _gather_text(accelerator, text: str) -> list[str]:
+    """Every process's ``text``, gathered as bytes in a tensor (nothing is pickled)."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=accelerator.device)
+    lengths = accelerator.gather(torch.tensor([data.numel()], dtype=torch.int64, device=accelerator.device)).tolist()
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=accelerator.device)
+    padded[: data.numel()] = data
+    rows = accelerator.gather(padded.reshape(1, -1)).cpu()  # (P, max length)
+    return [bytes(rows[i, :n].tolist()).decode() for i, n in enumerate(lengths)]
+
+
+def check_same_config(accelerator, cfg: DictConfig) -> None:
+    """Every process must have the same resolved config (``distributed.machine_rank`` aside): each
+    machine composes its own from its command line, and a machine started with another setting would
+    train something else. One line naming the differing keys otherwise."""
+    if accelerator.num_processes == 1:
+        return
+    import hashlib
+
+    from mole.run_dir import config_differences
+
+    mine = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if "distributed" in mine:
+        mine.distributed.machine_rank = 0
+    text = OmegaConf.to_yaml(mine)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")  # fits an int64
+    digests = accelerator.gather(torch.tensor([digest], dtype=torch.int64, device=accelerator.device)).tolist()
+    if len(set(digests)) == 1:
+        return
+    texts = _gather_text(accelerator, text)  # only on a mismatch: which keys differ
+    reference = OmegaConf.create(texts[0])
+    per_machine = max(1, accelerator.num_processes // machine_count())
+    diffs = {}
+    for rank, other in enumerate(texts):
+        keys = config_differences(reference, OmegaConf.create(other))
+        if keys:
+            diffs.setdefault(rank // per_machine, keys)
+    machine, keys = next(iter(diffs.items()))
+    raise MoleConfigError(
+        f"distributed: the machines were started with different configs: machine {machine} differs from machine 0 "
+        f"at {', '.join(keys[:6])}; run the same mole-train command on every machine, changing only "
+        "distributed.machine_rank"
+    )
+
+
+def check_shared_run_dir(accelerator, run_dir: Path, timeout_s: float = 60.0) -> None:
+    """With several machines, the run directory must be one every machine sees: process 0 writes a marker
+    file there, and the first process of every other machine waits up to ``timeout_s`` for it."""
+    machines = machine_count()
+    if machines == 1 or accelerator.num_processes == 1:
+        return
+    import secrets
+    import time
+
+    import torch.distributed as tdist
+
+    token = torch.tensor([secrets.randbits(62) if accelerator.is_main_process else 0], dtype=torch.int64,
+                         device=accelerator.device)
+    tdist.broadcast(token, src=0)
+    marker = Path(run_dir) / f"{SHARED_MARKER}{int(token.item()):x}"
+    if accelerator.is_main_process:
+        marker.write_text(str(int(token.item())))
+    seen = True
+    if accelerator.is_local_main_process and not accelerator.is_main_process:
+        deadline = time.monotonic() + timeout_s
+        while not marker.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seen = marker.is_file()
+    flags = accelerator.gather(torch.tensor([int(seen)], dtype=torch.int64, device=accelerator.device)).tolist()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    if not all(flags):
+        per_machine = max(1, accelerator.num_processes // machines)
+        blind = sorted({rank // per_machine for rank, ok in enumerate(flags) if not ok})
+        raise MoleConfigError(
+            f"hydra.run.dir={str(run_dir)!r} is not on a filesystem every machine sees: machine(s) {blind} did not "
+            f"see machine 0's marker file within {timeout_s:g} s; put the run directory on a shared filesystem"
+        )

@@ -42,6 +42,7 @@ class TrainState:
     val_acc: list[dict] = field(default_factory=list)  # per accuracy evaluation: step, mean, per benchmark
     best_step: int | None = None  # the step with the best mean validation accuracy (trainer.val_acc_every)
     stopped_early: bool = False  # trainer.early_stop_patience ended the run before num_steps
+    interrupted: int | None = None  # the signal that stopped the run at a step boundary (mole.training.signals)
 
 
 def loss_step(
@@ -148,6 +149,7 @@ def train(
     on_step: Callable[[int, TrainState], None] | None = None,
     monitor=None,
     selector=None,
+    stop=None,
 ) -> TrainState:
     """Run optimizer steps up to ``num_steps``; evaluate validation loss at the start, every ``eval_every``
     steps and at the end.
@@ -162,7 +164,9 @@ def train(
     Scalars go to ``accelerator.log`` (a no-op without trackers). ``selector`` (a
     :class:`mole.training.selection.BestSelector`) measures validation accuracy every
     ``trainer.val_acc_every`` steps, remembers the best adapter and stops the run early after
-    ``trainer.early_stop_patience`` evaluations without improvement.
+    ``trainer.early_stop_patience`` evaluations without improvement. ``stop`` (a
+    :class:`mole.training.signals.StopRequest`) is read after every step: when a process received a
+    signal, the loop ends after that step with ``state.interrupted`` set.
     """
     state = state if state is not None else TrainState()
 
@@ -240,10 +244,15 @@ def train(
             # ---- once in a while: validation loss (and always after the last step) ----
             if step == num_steps or (args.eval_every and step % args.eval_every == 0):
                 evaluate(step)
-            stop = selector is not None and selector.due(step, num_steps) and selector.update(model, step, state)
+            stop_early = selector is not None and selector.due(step, num_steps) and selector.update(model, step, state)
             if on_step is not None:
                 on_step(step, state)
-            if stop:
+            signum = stop.agreed(accelerator) if stop is not None else None  # the same on every process
+            if signum is not None and step < num_steps:
+                state.interrupted = signum
+                log.info("step %d: stopping on a signal", step)
+                break
+            if stop_early:
                 state.stopped_early = True
                 log.info("step %d: no better validation accuracy in %d evaluations; stopping early",
                          step, args.early_stop_patience)

@@ -1,0 +1,162 @@
+"""Signals: SIGTERM / SIGINT stop mole-train at a step boundary with a checkpoint, one line and 143 / 130."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mole.training import checkpoint as ckpt
+from mole.training.signals import RunInterrupted, StopRequest, requeued
+
+# mole-train with every micro-batch slowed down, so that the signal lands in the middle of the run
+SLOW_DRIVER = (
+    "import time, mole.training.loop as L\n"
+    "real = L.loss_step\n"
+    "def slow(*a, **k):\n"
+    "    time.sleep(0.4)\n"
+    "    return real(*a, **k)\n"
+    "L.loss_step = slow\n"
+    "from mole.cli.train import main\n"
+    "main()\n"
+)
+RUN = ["model=tiny_llama", "eval=none", "trainer.batch_size=2", "adapter.dropout=0.1", "trainer.max_steps=6",
+       "data.max_records=12", "trainer.eval_every=3"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _start_slow(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, *RUN, *overrides, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_training(run_dir: Path, proc: subprocess.Popen) -> None:
+    """Until the first validation pass is logged (the loop has started), then a little more."""
+    deadline = time.monotonic() + 240
+    log = run_dir / "train.log"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and "step 0: val/loss" in log.read_text():
+            time.sleep(0.5)
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training did not start: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}")
+
+
+# ---- the handler itself (fast) ----
+
+
+def test_first_signal_sets_the_flag_and_the_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert signal.getsignal(signal.SIGTERM) != before
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM and stop.agreed(None) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    stopped = RunInterrupted(4, signal.SIGINT)
+    assert stopped.exit_status == 130 and stopped.line("mole-train") == (
+        "mole-train: interrupted at step 4; resume with trainer.resume=true")
+    assert not isinstance(stopped, Exception)  # passes `except Exception` failure records
+
+
+def test_sigusr2_is_taken_only_where_someone_handles_it_and_then_chained():
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert stop.signum == signal.SIGUSR2 and calls == []  # not passed on before the checkpoint
+            stop.chain()
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        with StopRequest():
+            assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_requeued_reads_slurm_restart_count(monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert not requeued()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert not requeued()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert requeued()
+
+
+# ---- the real command ----
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_a_checkpoint_and_resume_ends_with_the_uninterrupted_adapter(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = subprocess.Popen([sys.executable, "-m", "mole.cli.train", *RUN, f"hydra.run.dir={ref_dir}"], cwd=tmp_path,
+                           env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = _start_slow(run_dir)  # no trainer.save_every: the signal alone makes the checkpoint
+    _wait_for_training(run_dir, victim)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 143, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("mole-train:")]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    step = metrics["steps"]
+    assert lines == [f"mole-train: interrupted at step {step}; resume with trainer.resume=true"]
+    assert "Traceback" not in err
+    assert metrics["interrupted"] is True and metrics["finished"] is False and "failed" not in metrics
+    assert metrics["signal"] == "SIGTERM" and 1 <= step < 6 and len(metrics["train_loss"]) == step
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [step]
+    assert not (run_dir / "adapter.safetensors").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "mole.cli.train", *RUN, "trainer.resume=true",
+                              f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    a, b = load_file(ref_dir / "adapter.safetensors"), load_file(run_dir / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    done = json.loads((run_dir / "metrics.json").read_text())
+    assert done["finished"] and "interrupted" not in done
+    assert done["train_loss"] == json.loads((ref_dir / "metrics.json").read_text())["train_loss"]
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_without_a_traceback_and_a_second_signal_stops_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    victim = _start_slow(run_dir)
+    _wait_for_training(run_dir, victim)
+    victim.send_signal(signal.SIGINT)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["interrupted"] and metrics["signal"] == "SIGINT" and "failed" not in metrics
+    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [
+        f"mole-train: interrupted at step {metrics['steps']}; resume with trainer.resume=true"]
+
+    # two signals in a row: the second one ends the process before the step boundary, with no checkpoint
+    again = tmp_path / "again"
+    victim = _start_slow(again, "trainer.max_steps=40")
+    _wait_for_training(again, victim)
+    victim.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=60)
+    assert victim.returncode == 143 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [
+        "mole-train: SIGTERM again; stopping now without a checkpoint"]
+    assert not ckpt.list_checkpoints(again)
