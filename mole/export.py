@@ -2,10 +2,10 @@
 
 * ``peft`` — runs whose experts are one plain LoRA or DoRA per Linear (``lora``, ``dora``, any run with
   one expert and no router): a peft adapter directory (``adapter_config.json`` written by peft's own
-  ``LoraConfig``, ``adapter_model.safetensors``) for ``PeftModel.from_pretrained(base, DIR)``.
+  ``LoraConfig``, ``adapter_model.safetensors``) for ``PeftModel.from_pretrained`` (base, DIR).
 * ``merged`` — the same runs and ``full_ft``: a plain Transformers model directory, the adapters merged
   into the base weights (``W + s B A``; DoRA ``m (W + s B A) / ||W + s B A||_c``), tokenizer included,
-  for ``AutoModelForCausalLM.from_pretrained(DIR)``.
+  for ``AutoModelForCausalLM.from_pretrained`` on DIR.
 * ``mixlora`` — ``method=mixlora`` runs in the layout of the ``mixlora`` package (Li et al. 2024, its
   ``MixLoraConfig`` and ``inject_adapter_in_model``): ``adapter_config.json`` with ``peft_type: MIXLORA``
   and the weights under ``mixlora.layers.{l}.self_attn.{proj}.lora_{A,B}.weight``,
@@ -15,9 +15,9 @@
   ``mixlora.inject_adapter_in_model`` (docs/generate-export.md).
 * ``hf`` — any run: a Transformers model directory whose ``modeling_mole.py`` subclasses the base
   architecture and builds the mixture through mole in its constructor; the weights are the mole model's
-  own state dict (base and adapters). ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+  own state dict (base and adapters). ``AutoModelForCausalLM.from_pretrained`` on DIR with ``trust_remote_code`` turned on by the user
   loads it where mole is installed, and so does ``lm_eval --model hf --model_args
-  pretrained=DIR,trust_remote_code=True``. The export never loads remote code itself.
+  pretrained=DIR`` plus the user's ``trust_remote_code`` model argument. The export never loads remote code itself.
 
 Everything is written into a temporary directory beside ``out`` and renamed into place: an export that
 fails leaves nothing behind. safetensors only.
@@ -278,7 +278,7 @@ def write_mixlora(model: nn.Module, cfg: DictConfig, out: Path) -> None:
 MODELING = '''"""A mole run as a Transformers model: {base_class} with the run's mixture injected by mole.
 
 Written by mole-export (format=hf). Loading runs this file, so it needs
-``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` and mole installed
+``AutoModelForCausalLM.from_pretrained`` on DIR with ``trust_remote_code`` turned on by the user and mole installed
 (``pip install mole``): the mixture ({method}) is built by ``mole.export.inject_run`` from the
 ``{run_key}`` entry of config.json, then the weights (base and adapters) are loaded as usual.
 """
@@ -342,18 +342,18 @@ def write_hf(model: nn.Module, tokenizer, cfg: DictConfig, out: Path) -> None:
 # loading an export back, with the client of its format
 
 CLIENTS = {
-    "peft": "peft.PeftModel.from_pretrained(base, DIR)",
-    "merged": "AutoModelForCausalLM.from_pretrained(DIR)",
+    "peft": "peft.PeftModel.from_pretrained on (base, DIR)",
+    "merged": "AutoModelForCausalLM.from_pretrained on DIR",
     "mixlora": "mixlora.inject_adapter_in_model(base, MixLoraConfig, weights)",
-    "hf": "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
+    "hf": "AutoModelForCausalLM.from_pretrained, on DIR, with trust_remote_code turned on (it runs modeling_mole.py)",
 }
 
 
-def load_export(fmt: str, out: str | Path, cfg: DictConfig) -> nn.Module:
+def load_export(fmt: str, out: str | Path, cfg: DictConfig, trust_remote_code: bool = False) -> nn.Module:
     """The exported model as the client of ``fmt`` loads it (in eval mode); ``cfg`` is the run's config,
     for the base model that ``peft`` and ``mixlora`` adapters go on (built as mole builds it).
 
-    ``hf`` runs the directory's modeling file: call it only on a directory you exported.
+    ``hf`` runs the directory's modeling file, so it loads only with ``trust_remote_code`` (what the user typed).
     """
     from transformers import AutoModelForCausalLM
 
@@ -361,14 +361,15 @@ def load_export(fmt: str, out: str | Path, cfg: DictConfig) -> nn.Module:
 
     out = str(out)
     if fmt == "merged":
-        return AutoModelForCausalLM.from_pretrained(out).eval()
+        return AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     if fmt == "hf":
-        return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        trust = trust_remote_code
+        return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=trust).eval()
     base, _ = build_model(cfg.model, seed=cfg.get("seed"))
     if fmt == "peft":
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, out).eval()
+        return PeftModel.from_pretrained(base, out, local_files_only=True).eval()
     try:
         import mixlora
     except ImportError:
@@ -417,7 +418,8 @@ def check_out(out: str | Path) -> Path:
     return out
 
 
-def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = False) -> tuple[Path, float | None]:
+def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = False,
+               trust_remote_code: bool = False) -> tuple[Path, float | None]:
     """Export the run in ``checkpoint`` as ``fmt`` into the new directory ``out``.
 
     Returns ``(out, difference)``: with ``check``, the largest logit difference between the run and the
@@ -426,6 +428,9 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = 
     from mole.generate import load_run
     from mole.pipeline import load_run_config
 
+    if check and fmt == "hf" and not trust_remote_code:
+        raise MoleConfigError("check=true with format=hf loads the export's modeling_mole.py, which runs code: "
+                              "add trust_remote_code=true to allow it")
     out = check_out(out)
     if fmt not in FORMATS:
         raise MoleConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
@@ -455,4 +460,4 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = 
     if not check:
         return out, None
     model, tokenizer, _ = load_run(checkpoint, "cpu")  # again: peft and merged exports change the model
-    return out, logit_difference(model, load_export(fmt, out, cfg), tokenizer)
+    return out, logit_difference(model, load_export(fmt, out, cfg, trust_remote_code), tokenizer)

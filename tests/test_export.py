@@ -63,7 +63,7 @@ def check_export(run: Path, fmt: str, out: Path) -> float:
     run_files = sorted(p.name for p in run.iterdir())
     if fmt == "mixlora":
         pytest.importorskip("mixlora")
-    _, diff = export_run(run, fmt, out, check=True)
+    _, diff = export_run(run, fmt, out, check=True, trust_remote_code=fmt == "hf")
     assert sorted(p.name for p in run.iterdir()) == run_files  # nothing written into the run
     assert not list(out.parent.glob(".*.tmp"))
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())  # safetensors only

@@ -167,7 +167,7 @@ def test_remote_code_runs_only_when_the_config_says_so(monkeypatch):
     # (the SmolLM2 GGUF shipped in a PyPI package and its converted cache: no code in them)
     loads = re.findall(r"\.from_pretrained\([^)]*\)", text)  # calls, not docstrings
     assert loads and all("trust_remote_code=trust" in c or "local_files_only=True" in c for c in loads), loads
-    assert len([c for c in loads if "trust_remote_code=trust" in c]) == 2
+    assert len([c for c in loads if "trust_remote_code=trust" in c]) == 3
     for cfg_file in (ROOT / "conf" / "model").glob("*.yaml"):
         text = cfg_file.read_text()
         if "source: hub" in text:

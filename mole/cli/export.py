@@ -1,11 +1,11 @@
 """``mole-export``: a trained run in a format other tools load.
 
-    mole-export RUN_DIR format=peft out=DIR      # lora / dora: PeftModel.from_pretrained(base, DIR)
-    mole-export RUN_DIR format=merged out=DIR    # lora / dora / full_ft: AutoModelForCausalLM.from_pretrained(DIR)
+    mole-export RUN_DIR format=peft out=DIR      # lora / dora: load with PeftModel.from_pretrained on (base, DIR)
+    mole-export RUN_DIR format=merged out=DIR    # lora / dora / full_ft: load with AutoModelForCausalLM.from_pretrained on DIR
     mole-export RUN_DIR format=mixlora out=DIR   # method=mixlora: the mixlora package's layout
-    mole-export RUN_DIR format=hf out=DIR        # any run: from_pretrained(DIR, trust_remote_code=True), mole installed
+    mole-export RUN_DIR format=hf out=DIR        # any run: load with from_pretrained and trust_remote_code on, mole installed
 
-    mole-export RUN_DIR format=hf out=DIR check=true   # also load it back with its client and compare logits
+    mole-export RUN_DIR format=hf out=DIR check=true trust_remote_code=true   # also load it back with its client and compare logits
 
 RUN_DIR (or checkpoint=RUN_DIR) is a run directory written by mole-train. ``out`` must be a new (or
 empty) directory; it is written whole or not at all, and nothing else is written. A run that cannot take
@@ -48,8 +48,11 @@ def run(args: list[str]) -> Path:
     check = cfg.check
     if not isinstance(check, bool):
         raise MoleConfigError(f"check must be true or false, got {check!r}")
+    trust = cfg.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise MoleConfigError(f"trust_remote_code must be true or false, got {trust!r}")
     check_out(str(out))
-    done, diff = export_run(Path(checkpoint), fmt, str(out), check=check)
+    done, diff = export_run(Path(checkpoint), fmt, str(out), check=check, trust_remote_code=trust)
     print(f"{PROG}: {fmt} export written to {done}", file=sys.stderr)
     if diff is not None:
         print(f"{PROG}: largest logit difference to the run, loaded by {CLIENTS[fmt]}: {diff:.3g}")
