@@ -239,22 +239,15 @@ def _layer_info(layer: torch.nn.Module) -> dict[str, Any]:
 def build_loaders(cfg: DictConfig, tokenizer, args):
     from torch.utils.data import DataLoader
 
-    from mole.data import Collator, encode_records, load_datasets
+    from mole.data import Collator, encode_datasets, load_datasets
 
     train_records, val_records = load_datasets(cfg.data, seed=cfg.seed)
-    cutoff = cfg.data.get("cutoff_len", 256)
-    if not isinstance(cutoff, int) or isinstance(cutoff, bool) or cutoff < 1:
-        raise MoleConfigError(f"data.cutoff_len must be a positive integer (tokens per example), got {cutoff!r}")
-    template = cfg.data.get("template", "alpaca")
-    train_set = encode_records(train_records, tokenizer, cutoff, template)
-    if not train_set:
-        raise MoleConfigError(f"data: no training example keeps a response within data.cutoff_len={cutoff} tokens")
-    val_set = encode_records(val_records, tokenizer, cutoff, template)
+    train_set, val_set, data_info = encode_datasets(cfg.data, tokenizer, train_records, val_records)
     collate = Collator(tokenizer.pad_token_id)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen, collate_fn=collate)
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, collate_fn=collate) if val_set else None
-    return train_loader, val_loader, {"train_records": len(train_set), "val_records": len(val_set)}
+    return train_loader, val_loader, data_info
 
 
 def build_aux_losses(cfg: DictConfig) -> dict:

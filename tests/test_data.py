@@ -42,7 +42,7 @@ def test_prompt_tokens_are_masked_and_response_is_learned():
 def test_records_whose_response_is_cut_off_are_dropped():
     tok = byte_tokenizer()
     rec = {"instruction": "x " * 300, "input": "", "output": "y", "answer": ""}
-    assert encode_records([rec], tok, cutoff_len=32) == []
+    assert encode_records([rec], tok, cutoff_len=32, truncation="right") == []  # right truncation leaves no answer
 
 
 def test_collator_pads_right_and_masks_padding():
