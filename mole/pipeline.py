@@ -77,6 +77,11 @@ def _factory(node: DictConfig, group: str):
             return made(**kwargs)
         except TypeError as err:
             raise MoleConfigError(f"{group}: {err} (check the keys under `{group}`)") from None
+        except MoleConfigError as err:  # adapter classes name their keys `adapter.*`: say where this one sits
+            text = str(err)
+            if group != "adapter" and group.startswith("adapter.") and text.startswith("adapter."):
+                raise MoleConfigError(group + text[len("adapter"):]) from None
+            raise
 
     call.accepts = _keyword_names(made)  # type: ignore[attr-defined]
     return call
@@ -344,6 +349,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     :mod:`mole.training.launch`) every process trains its shard; only the main one writes files."""
     from accelerate.utils import set_seed
 
+    from mole.config_schema import validate_config
     from mole.model.base import enable_gradient_checkpointing
     from mole.training import TrainArgs, TrainState, train
     from mole.training import checkpoint as ckpt
@@ -358,6 +364,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     wall_start = time.perf_counter()
 
     # ---- validate and build (cheap checks first, then the model) ----
+    validate_config(cfg)
     args = TrainArgs.from_config(cfg.trainer)
     dist = DistributedArgs.from_config(cfg.get("distributed"))
     check_trackers(args.log_with)
@@ -610,6 +617,9 @@ def load_run_config(checkpoint: str | Path) -> DictConfig:
         raise MoleConfigError(f"checkpoint: {path} is not valid YAML ({err})") from None
     if not isinstance(cfg, DictConfig) or "model" not in cfg:
         raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
+    from mole.config_schema import check_run_config
+
+    check_run_config(cfg, path)
     return cfg
 
 

@@ -112,6 +112,9 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from mole.utils.errors import os_error_line
+    from mole.utils.secrets import redact_text, redacted_stderr
+
     _SWEEP["jobs"].clear()
     _SWEEP["failed"].clear()
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
@@ -119,11 +122,18 @@ def main() -> None:
     # so they end in one line like every other user error (HYDRA_FULL_ERROR=1 keeps Hydra's full report)
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        _app()
+        with redacted_stderr():  # Hydra prints a failed job's overrides, secrets and all
+            _app()
     except (HydraException, OmegaConfBaseException) as err:
         if user_full_error == "1":
             raise
         print(f"{PROG}: error: {hydra_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # Hydra creating the run directory: a name too long, no space, no permission
+        line = os_error_line(err)
+        if line is None or user_full_error == "1":
+            raise
+        print(f"{PROG}: error: {redact_text(line)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if user_full_error is None:

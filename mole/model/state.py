@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mole.model.inject import is_trainable_name
-from mole.utils.errors import MoleConfigError
+from mole.utils.errors import MoleConfigError, io_error
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -39,8 +39,12 @@ def save_adapter(model: nn.Module, path: str | Path, state: dict[str, torch.Tens
     source = trainable_state_dict(model) if state is None else {n: t for n, t in state.items() if is_trainable_name(n)}
     state = {n: t.detach().contiguous().cpu() for n, t in source.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "mole-adapter-v1"})
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={"format": "mole-adapter-v1"})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # disk full, no permission: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise io_error(path, err) from None
     return path
 
 
