@@ -170,7 +170,7 @@ def validate_config(cfg: DictConfig, rules: dict[str, Rule] | None = None) -> No
 
 
 #: The groups a run's ``config.yaml`` must hold for a command to rebuild its model.
-RUN_CONFIG_KEYS = ("model", "adapter", "experts", "router", "data", "trainer")
+RUN_CONFIG_KEYS = ("model", "adapter", "experts", "router", "data", "trainer", "eval")
 
 
 def check_run_config(cfg: Any, path: Any) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -289,8 +290,14 @@ def is_finished(run_dir: Path) -> bool:
 def _write_text(path: Path, text: str) -> None:
     """Write ``path`` atomically: a temp file renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:  # disk full, no permission: no half-written file left behind
+        from mole.utils.errors import io_error
+
+        tmp.unlink(missing_ok=True)
+        raise io_error(path, err) from None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -398,8 +405,6 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
     metrics.update(data_info)
     config_yaml = redacted_yaml(cfg)  # the resolved config, secrets redacted: config.yaml and checkpoints
-    if main:
-        _write_text(run_dir / CONFIG_FILE, config_yaml)
     start_trackers(accelerator, cfg, args, run_dir)
 
     optimizer = build_optimizer(model, args)
@@ -414,6 +419,8 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> dict[
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, config=cfg, model=accelerator.unwrap_model(model),
                                      optimizer=optimizer, scheduler=scheduler, stream=stream)
+    if main:  # after the checkpoint accepted this config: a refused resume leaves the run's config.yaml as it was
+        _write_text(run_dir / CONFIG_FILE, config_yaml)
     checkpointer = ckpt.Checkpointer(
         run_dir, args.save_every, args.keep_checkpoints, model=accelerator.unwrap_model(model), optimizer=optimizer,
         scheduler=scheduler, stream=stream, config_yaml=config_yaml, is_main_process=main,
@@ -607,12 +614,21 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path) -> dict:
 def load_run_config(checkpoint: str | Path) -> DictConfig:
     run_dir = Path(checkpoint)
     path = run_dir / CONFIG_FILE
+    try:
+        run_dir.stat()
+    except OSError as err:  # a name too long, no permission: say so rather than "not a directory"
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise MoleConfigError(f"checkpoint={str(run_dir)!r} cannot be opened: {os.strerror(err.errno)}") from None
     if not run_dir.is_dir():
         raise MoleConfigError(f"checkpoint={str(run_dir)!r} is not a directory (expected a mole-train run directory)")
     if not path.is_file():
         raise MoleConfigError(f"checkpoint: {path} not found (expected a run directory written by mole-train)")
     try:
         cfg = OmegaConf.load(path)
+    except OSError as err:
+        from mole.utils.errors import io_error
+
+        raise io_error(path, err, "read") from None
     except Exception as err:  # noqa: BLE001 - yaml errors come in many types
         raise MoleConfigError(f"checkpoint: {path} is not valid YAML ({err})") from None
     if not isinstance(cfg, DictConfig) or "model" not in cfg:

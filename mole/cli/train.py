@@ -108,6 +108,19 @@ def _app(cfg: DictConfig) -> None:
         _single_run(cfg, hydra_cfg.runtime.output_dir)
 
 
+def _check_options(argv: list[str]) -> None:
+    """An option Hydra does not know ends with one line (argparse would print its whole usage first)."""
+    from hydra._internal.utils import get_args_parser
+
+    unknown = [a for a in get_args_parser().parse_known_args(argv)[1] if a.startswith("-")]
+    if unknown:
+        from mole.utils.secrets import redact_text
+
+        print(f"{PROG}: error: unrecognized option {redact_text(' '.join(unknown))}; overrides are key=value "
+              f"(see {PROG} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -115,6 +128,7 @@ def main() -> None:
     from mole.utils.errors import os_error_line
     from mole.utils.secrets import redact_text, redacted_stderr
 
+    _check_options(sys.argv[1:])
     _SWEEP["jobs"].clear()
     _SWEEP["failed"].clear()
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")

@@ -26,8 +26,12 @@ def record_failure(run_dir: str | Path, err: BaseException, metrics: dict[str, A
     record = {**(metrics or {}), "finished": False, "failed": True, "error": error_line(err),
               "error_type": type(err).__name__}
     tmp = run_dir / (METRICS_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, run_dir / METRICS_FILE)
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, run_dir / METRICS_FILE)
+    except OSError:  # the disk that failed the run may fail the record too: leave no half-written file
+        tmp.unlink(missing_ok=True)
+        raise
     (run_dir / ERROR_FILE).write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
     return record
 

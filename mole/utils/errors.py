@@ -31,11 +31,12 @@ USER_ERRORS: tuple[type[Exception], ...] = (MoleConfigError, NonFiniteLossError,
 
 #: ``errno`` values that are the machine's state, not a bug: reported as one line naming the file.
 IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
-                       errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
+                       errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EEXIST})
 _HINTS = {errno.ENOSPC: "free some space and run again", errno.EDQUOT: "free some space and run again",
-          errno.ENAMETOOLONG: "a file or directory name may have at most 255 bytes; choose a shorter one "
-                              "(e.g. hydra.run.dir=DIR)",
-          errno.EACCES: "check the file's permissions", errno.EROFS: "choose a writable place"}
+          errno.ENAMETOOLONG: "a file or directory name may have at most 255 bytes; choose a shorter one",
+          errno.EACCES: "check the file's permissions", errno.EROFS: "choose a writable place",
+          errno.EEXIST: "a file stands where a directory is needed", errno.ENOTDIR: "a file stands where a directory "
+          "is needed"}
 # what the Rust writer of safetensors says for the same failures (it raises its own SafetensorError)
 _RUST_IO = (("No space left", errno.ENOSPC), ("StorageFull", errno.ENOSPC), ("Permission denied", errno.EACCES),
             ("QuotaExceeded", errno.EDQUOT), ("ReadOnlyFilesystem", errno.EROFS))
