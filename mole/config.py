@@ -5,24 +5,32 @@ Resolvers (registered when :mod:`mole` is imported):
 * ``${mole_fixture:NAME}`` — absolute path of a fixture shipped in ``mole/data/fixtures/``.
 * ``${mole_slug:TEXT}`` — a run-directory name from Hydra's override string: ``/`` becomes ``_``,
   secret-looking keys' values become ``redacted`` (:mod:`mole.utils.secrets`),
-  and an empty string (no overrides) becomes ``default``.
+  and an empty string (no overrides) becomes ``default``; a name over 255 bytes (what file systems allow)
+  keeps its first bytes and ends with a digest of the whole.
 * ``${mul:A,B}`` — A * B, for shapes derived from other keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from mole import CONF_DIR
 
+MAX_NAME_BYTES = 255
+
 
 def _slug(text: str | None) -> str:
     from mole.utils.secrets import redact_overrides
 
     text = redact_overrides((text or "").strip(), "redacted")  # a secret on the command line never names a directory
-    return text.replace("/", "_").replace(" ", "") or "default"
+    name = text.replace("/", "_").replace(" ", "") or "default"
+    if len(name.encode()) > MAX_NAME_BYTES:  # file systems refuse longer names: keep a prefix, add a digest of the rest
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = name.encode()[: MAX_NAME_BYTES - 17].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def _fixture(name: str) -> str:

@@ -87,6 +87,11 @@ def _factory(node: DictConfig, group: str):
             return made(**kwargs)
         except TypeError as err:
             raise MoleConfigError(f"{group}: {err} (check the keys under `{group}`)") from None
+        except MoleConfigError as err:  # adapter classes name their keys `adapter.*`: say where this one sits
+            text = str(err)
+            if group != "adapter" and group.startswith("adapter.") and text.startswith("adapter."):
+                raise MoleConfigError(group + text[len("adapter"):]) from None
+            raise
 
     call.accepts = _keyword_names(made)  # type: ignore[attr-defined]
     return call
@@ -256,18 +261,11 @@ def _layer_info(layer: torch.nn.Module) -> dict[str, Any]:
 def build_loaders(cfg: DictConfig, tokenizer, args):
     from torch.utils.data import DataLoader
 
-    from mole.data import Collator, encode_records, load_datasets
+    from mole.data import Collator, encode_datasets, load_datasets
     from mole.data.collate import length_grouped_sampler
 
     train_records, val_records = load_datasets(cfg.data, seed=cfg.seed)
-    cutoff = cfg.data.get("cutoff_len", 256)
-    if not isinstance(cutoff, int) or isinstance(cutoff, bool) or cutoff < 1:
-        raise MoleConfigError(f"data.cutoff_len must be a positive integer (tokens per example), got {cutoff!r}")
-    template = cfg.data.get("template", "alpaca")
-    train_set = encode_records(train_records, tokenizer, cutoff, template)
-    if not train_set:
-        raise MoleConfigError(f"data: no training example keeps a response within data.cutoff_len={cutoff} tokens")
-    val_set = encode_records(val_records, tokenizer, cutoff, template)
+    train_set, val_set, data_info = encode_datasets(cfg.data, tokenizer, train_records, val_records)
     group, multiple = _batching_options(cfg.data)
     collate = Collator(tokenizer.pad_token_id, multiple)
     gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -275,7 +273,7 @@ def build_loaders(cfg: DictConfig, tokenizer, args):
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                               generator=gen, collate_fn=collate)
     val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, collate_fn=collate) if val_set else None
-    return train_loader, val_loader, {"train_records": len(train_set), "val_records": len(val_set)}
+    return train_loader, val_loader, data_info
 
 
 def _batching_options(data: DictConfig) -> tuple[bool, int | None]:
@@ -373,6 +371,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
     :mod:`mole.training.launch`) every process trains its shard; only the main one writes files."""
     from accelerate.utils import set_seed
 
+    from mole.config_schema import validate_config
     from mole.model.base import enable_gradient_checkpointing
     from mole.training import TrainArgs, TrainState, train
     from mole.training import checkpoint as ckpt
@@ -387,6 +386,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
     wall_start = time.perf_counter()
 
     # ---- validate and build (cheap checks first, then the model) ----
+    validate_config(cfg)
     args = TrainArgs.from_config(cfg.trainer)
     dist = DistributedArgs.from_config(cfg.get("distributed"))
     check_trackers(args.log_with)
@@ -427,8 +427,6 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
     train_loader, val_loader, data_info = build_loaders(cfg, tokenizer, args)
     metrics.update(data_info)
     config_yaml = redacted_yaml(cfg)  # the resolved config, secrets redacted: config.yaml and checkpoints
-    if main:
-        _write_text(run_dir / CONFIG_FILE, config_yaml)
     start_trackers(accelerator, cfg, args, run_dir)
 
     optimizer = build_optimizer(model, args)
@@ -443,6 +441,8 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, config=cfg, model=accelerator.unwrap_model(model),
                                      optimizer=optimizer, scheduler=scheduler, stream=stream)
+    if main:  # after the checkpoint accepted this config: a refused resume leaves the run's config.yaml as it was
+        _write_text(run_dir / CONFIG_FILE, config_yaml)
     checkpointer = ckpt.Checkpointer(
         run_dir, args.save_every, args.keep_checkpoints, model=accelerator.unwrap_model(model), optimizer=optimizer,
         scheduler=scheduler, stream=stream, config_yaml=config_yaml, is_main_process=main,

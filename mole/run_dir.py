@@ -32,6 +32,7 @@ caller passes what its own command line said, and a stored config that asks for 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -73,6 +74,10 @@ def write_text(path: str | Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as err:  # disk full, no permission: one line, and no half-written file left behind
+        from mole.utils.errors import io_error
+
+        raise io_error(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -303,16 +308,28 @@ def load_run_config(checkpoint: str | Path, *, trust_remote_code: bool = False, 
     """
     run_dir = Path(checkpoint)
     path = run_dir / CONFIG_FILE
+    try:
+        run_dir.stat()
+    except OSError as err:  # a name too long, no permission: say so rather than "not a directory"
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise MoleConfigError(f"checkpoint={str(run_dir)!r} cannot be opened: {os.strerror(err.errno)}") from None
     if not run_dir.is_dir():
         raise MoleConfigError(f"checkpoint={str(run_dir)!r} is not a directory (expected a mole-train run directory)")
     if not path.is_file():
         raise MoleConfigError(f"checkpoint: {path} not found (expected a run directory written by mole-train)")
     try:
         cfg = OmegaConf.load(path)
+    except OSError as err:
+        from mole.utils.errors import io_error
+
+        raise io_error(path, err, "read") from None
     except Exception as err:  # noqa: BLE001 - yaml errors come in many types
         raise MoleConfigError(f"checkpoint: {path} is not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig):
         raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
+    from mole.config_schema import check_run_config
+
+    check_run_config(cfg, path)
     if own_run:
         return cfg
     stored = cfg.model.get("trust_remote_code", False)

@@ -31,7 +31,7 @@ def _learned_runs(enc: dict) -> list[list[int]]:
 
 
 def _check_mask_is_the_assistant_spans(tok, messages):
-    enc = encode_example({"messages": messages}, tok, 10_000, "chat")
+    enc = encode_example({"messages": messages}, tok, 10_000, "chat")[0]
     rendered = tok.apply_chat_template(messages, tokenize=False)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     # every token is the template's rendering (up to the end of the last assistant turn) ...
@@ -63,7 +63,7 @@ def test_mask_is_every_assistant_turn_with_smollm2s_own_template():
 def test_llm_adapters_record_under_chat_is_one_user_and_one_assistant_turn():
     tok = byte_tokenizer()
     rec = {"instruction": "Is it so?", "input": "context", "output": "the correct answer is true", "answer": "true"}
-    enc = encode_example(rec, tok, 10_000, "chat")
+    enc = encode_example(rec, tok, 10_000, "chat")[0]
     n_prompt = enc["labels"].index(next(lab for lab in enc["labels"] if lab != IGNORE_INDEX))
     assert tok.decode(enc["input_ids"][:n_prompt]) == record_prompt(rec, "chat", tok)
     assert record_prompt(rec, "chat", tok) == "<|bos|>user\nIs it so?\n\ncontext<|eos|>\n<|bos|>assistant\n"
@@ -78,10 +78,10 @@ def test_chat_needs_a_tokenizer_with_a_chat_template():
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}, "record 0, message 1 has role 'bot'"),
-    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "record 0 has no assistant turn"),
-    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}, "message 0 (user) has empty"),
-    ({"messages": []}, "record 0 has no 'messages' list"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}, "record 1, message 2 has role 'bot'"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "record 1 has no assistant turn"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}, "message 1 (user) has empty"),
+    ({"messages": []}, "record 1 has no 'messages' list"),
     ({"messages": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]}, "non-text content"),
 ])
 def test_bad_chat_records_are_one_line_naming_file_and_record(tmp_path, record, message):
@@ -135,7 +135,7 @@ def test_training_and_evaluation_prompts_are_identical(tmp_path, template):
         records = read_records(fixture_path(fixture))
         assert len(docs) == len(records)
         for doc, rec in zip(docs, records, strict=True):
-            enc = encode_example(rec, tok, 10_000, template)
+            enc = encode_example(rec, tok, 10_000, template)[0]
             n_prompt = sum(lab == IGNORE_INDEX for lab in enc["labels"][: enc["labels"].index(
                 next(lab for lab in enc["labels"] if lab != IGNORE_INDEX))])
             context = task.doc_to_text(doc)

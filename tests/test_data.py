@@ -42,7 +42,7 @@ def test_prompt_tokens_are_masked_and_response_is_learned():
 def test_records_whose_response_is_cut_off_are_dropped():
     tok = byte_tokenizer()
     rec = {"instruction": "x " * 300, "input": "", "output": "y", "answer": ""}
-    assert encode_records([rec], tok, cutoff_len=32) == []
+    assert encode_records([rec], tok, cutoff_len=32, truncation="right") == []  # right truncation leaves no answer
 
 
 def test_collator_pads_right_and_masks_padding():
@@ -80,8 +80,8 @@ def test_jsonl_files_are_read(tmp_path):
         ("[]", "no records"),
         ("[{\"instruction\": \"a\",}]", "is not valid JSON"),
         ('{"instruction": "a"}', "holds a JSON dict, expected a list"),
-        ('[{"instruction": "a", "input": ""}]', "record 0 lacks the text field 'output'"),
-        ('[{"instruction": "a", "output": "b"}, 3]', "record 1 is a int"),
+        ('[{"instruction": "a", "input": ""}]', "record 1 lacks the text field 'output'"),
+        ('[{"instruction": "a", "output": "b"}, 3]', "record 2 is a int"),
     ],
 )
 def test_bad_data_files_name_the_file_and_problem(tmp_path, content, message):
@@ -126,5 +126,5 @@ def test_answer_must_be_one_of_the_answer_format_options(tmp_path):
     path.write_text(json.dumps(ok))
     assert [r["answer"] for r in read_records(path)] == ["True", "36", ""]
     path.write_text(json.dumps([*ok, {**ok[0], "answer": "maybe"}]))
-    with pytest.raises(MoleConfigError, match=r"record 3 has answer 'maybe', which is not one of the options .*\['true', 'false'\]"):
+    with pytest.raises(MoleConfigError, match=r"record 4 has answer 'maybe', which is not one of the options .*\['true', 'false'\]"):
         read_records(path)

@@ -123,7 +123,9 @@ def analyze_run(
     model, tokenizer, _ = build_mole_model(cfg)
     load_adapter(model, adapter)
     model.to(device).eval()
-    encoded = [encode_record(r, tokenizer, cutoff, template) for r in records]
+    truncation = data_cfg.get("truncation", "right")  # a run config without the key was trained with right truncation
+    kept = [(enc, r) for r in records if (enc := encode_record(r, tokenizer, cutoff, template, truncation)) is not None]
+    encoded, records = [e for e, _ in kept], [r for _, r in kept]  # records longer than the cutoff are left out
     tasks = [r[TASK_KEY] for r in records]
     collate = Collator(tokenizer.pad_token_id)
     collector = RoutingCollector(max_points=max_points, seed=seed)

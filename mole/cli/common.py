@@ -8,12 +8,24 @@ from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 
-from mole.utils.errors import USER_ERRORS, MoleConfigError, error_line
+from mole.utils.errors import USER_ERRORS, MoleConfigError, error_line, os_error_line
+
+
+def fail(prog: str, line: str, status: int = 2):
+    """Print ``prog: error: <line>`` (secrets redacted) on one line, log it when a log is open, and exit."""
+    from mole.utils.secrets import redact_text
+
+    line = redact_text(" ".join(line.split("\n")))
+    if logging.getLogger().handlers:  # into the run's log too, when there is one
+        logging.getLogger(prog).error("%s", line)
+    print(f"{prog}: error: {line}", file=sys.stderr)
+    sys.exit(status)
 
 
 def report_user_errors(prog: str) -> Callable:
-    """Decorate a command body: a user error (:data:`mole.utils.errors.USER_ERRORS`) prints
-    ``prog: error: <message>`` on one line and exits 2."""
+    """Decorate a command body: a user error (:data:`mole.utils.errors.USER_ERRORS`), or an OSError of the
+    machine's making (disk full, permissions, a name too long), prints ``prog: error: <message>`` on one
+    line and exits 2."""
 
     def wrap(fn: Callable) -> Callable:
         @wraps(fn)
@@ -21,11 +33,12 @@ def report_user_errors(prog: str) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except USER_ERRORS as err:
-                line = error_line(err)
-                if logging.getLogger().handlers:  # into the run's log too, when there is one
-                    logging.getLogger(prog).error("%s", line)
-                print(f"{prog}: error: {line}", file=sys.stderr)
-                sys.exit(2)
+                fail(prog, error_line(err))
+            except OSError as err:
+                line = os_error_line(err)
+                if line is None:
+                    raise
+                fail(prog, line)
 
         return inner
 
@@ -41,6 +54,8 @@ def hydra_error_line(err: Exception) -> str:
     if not paragraphs:
         return type(err).__name__
     skip = ("full_key:", "object_type=", "reference_type=")
+    from mole.utils.secrets import redact_text
+
     line = " ".join(ln.strip() for ln in paragraphs[0].splitlines() if not ln.strip().startswith(skip))
     for para in paragraphs[1:]:
         head, *rest = para.splitlines()
@@ -51,7 +66,7 @@ def hydra_error_line(err: Exception) -> str:
                     break
                 options.append(ln.strip())
             line += f"; {head.rstrip(':').lower()}: {', '.join(options)}"
-    return line
+    return redact_text(line)
 
 
 def compose_from_argv(overrides: Sequence[str], config_name: str):
@@ -62,9 +77,14 @@ def compose_from_argv(overrides: Sequence[str], config_name: str):
     from mole.config import compose_config
 
     try:
-        return compose_config(list(overrides), config_name=config_name)
+        cfg = compose_config(list(overrides), config_name=config_name)
     except (HydraException, OmegaConfBaseException) as err:
         raise MoleConfigError(hydra_error_line(err)) from None
+    if config_name == "train":
+        from mole.config_schema import validate_config
+
+        validate_config(cfg)
+    return cfg
 
 
 def log_to(console: bool = True, file: Path | None = None) -> None:
@@ -73,6 +93,10 @@ def log_to(console: bool = True, file: Path | None = None) -> None:
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(file))
+    from mole.utils.secrets import RedactFilter
+
+    for handler in handlers:
+        handler.addFilter(RedactFilter())
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s",
                         handlers=handlers, force=True)
     for noisy in ("lm_eval", "httpx"):

@@ -154,12 +154,27 @@ def _not_machine_zero(argv: list[str]) -> bool:
     return bool(ranks) and ranks[-1].strip() not in ("0", "")
 
 
+def _check_options(argv: list[str]) -> None:
+    """An option Hydra does not know ends with one line (argparse would print its whole usage first)."""
+    from hydra._internal.utils import get_args_parser
+
+    unknown = [a for a in get_args_parser().parse_known_args(argv)[1] if a.startswith("-")]
+    if unknown:
+        from mole.utils.secrets import redact_text
+
+        print(f"{PROG}: error: unrecognized option {redact_text(' '.join(unknown))}; overrides are key=value "
+              f"(see {PROG} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from mole.utils.errors import error_line
+    from mole.utils.errors import error_line, os_error_line
+    from mole.utils.secrets import redact_text, redacted_stderr
 
+    _check_options(sys.argv[1:])
     sweep.start()
     launcher_error = None
     if "-m" not in sys.argv[1:] and "--multirun" not in sys.argv[1:] and _not_machine_zero(sys.argv[1:]):
@@ -171,7 +186,8 @@ def main() -> None:
     from mole.training.signals import RunInterrupted
 
     try:
-        _app()
+        with redacted_stderr():  # Hydra prints a failed job's overrides, secrets and all
+            _app()
     except RunInterrupted as stop:  # checkpoint and metrics.json are written (mole.training.signals)
         if int(os.environ.get("RANK", "0")) == 0:
             print(stop.line(PROG), file=sys.stderr)
@@ -185,6 +201,14 @@ def main() -> None:
         sweep.finish()
         print(f"{PROG}: error: {hydra_error_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # Hydra creating the run directory: a name too long, no space, no permission
+        line = os_error_line(err)
+        if user_full_error == "1" or (line is None and sweep.started() is None):
+            raise
+        if line is not None and sweep.started() is None:
+            print(f"{PROG}: error: {redact_text(line)}", file=sys.stderr)
+            sys.exit(2)
+        launcher_error = redact_text(line or error_line(err))
     except Exception as err:  # a launcher that gave up (a worker killed, a SLURM job lost): report the jobs
         if sweep.started() is None:
             raise

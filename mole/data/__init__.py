@@ -1,8 +1,10 @@
 """Training data: LLM-Adapters-format records, prompt templates, tokenisation with prompt masking."""
 
+import logging
+
 from omegaconf import DictConfig, OmegaConf
 
-from mole.data.collate import IGNORE_INDEX, Collator, encode_records
+from mole.data.collate import IGNORE_INDEX, Collator, encode_records, encode_split
 from mole.data.prompts import format_prompt
 from mole.data.sources import (
     fixture_path,
@@ -17,7 +19,9 @@ from mole.utils.errors import MoleConfigError
 __all__ = [
     "IGNORE_INDEX",
     "Collator",
+    "encode_datasets",
     "encode_records",
+    "encode_split",
     "fixture_path",
     "format_prompt",
     "load_datasets",
@@ -49,6 +53,9 @@ def _data_format(data_cfg: DictConfig) -> str:
         raise MoleConfigError(f"data.format=messages needs data.template=chat (the tokenizer's chat template), "
                               f"got data.template={data_cfg.get('template')}")
     return fmt
+
+
+log = logging.getLogger(__name__)
 
 
 def _missing_hint(data_cfg: DictConfig) -> str:
@@ -103,3 +110,59 @@ def load_datasets(data_cfg: DictConfig, seed: int):
         return records, [r for p in val_paths for r in read(p, "data.val_path")]
     split_seed = data_cfg.get("split_seed")
     return split_validation(records, data_cfg.get("val_size", 0.1), seed if split_seed is None else split_seed)
+
+
+def _training_source(data_cfg: DictConfig) -> str:
+    """The training data as the user named it, for messages (``data.path=...`` or ``data.hf_name=...``)."""
+    if data_cfg.get("smoke") and data_cfg.get("fixture"):
+        return f"data.fixture={_paths(data_cfg.fixture)}"
+    paths = _paths(data_cfg.get("path"))
+    if paths and data_cfg.get("source") != "hf":
+        return f"data.path={paths[0] if len(paths) == 1 else paths}"
+    return f"data.hf_name={data_cfg.get('hf_name')}"
+
+
+def encode_datasets(data_cfg: DictConfig, tokenizer, train_records, val_records):
+    """Tokenise both splits into ``data.cutoff_len`` tokens (``data.truncation``); report what was cut.
+
+    Returns ``(train examples, validation examples, info)``; ``info`` (for ``metrics.json``) holds the record
+    counts and, under ``truncation``, the counts of :class:`~mole.data.truncation.TruncationStats` per split.
+    A training split with nothing to learn, or a validation split that loses every record, is an error
+    naming the file and the cutoff.
+    """
+    from mole.data.truncation import check_truncation
+    from mole.utils.errors import MoleConfigError
+
+    cutoff = data_cfg.get("cutoff_len", 256)
+    if not isinstance(cutoff, int) or isinstance(cutoff, bool) or cutoff < 1:
+        raise MoleConfigError(f"data.cutoff_len must be a positive integer (tokens per example), got {cutoff!r}")
+    mode = check_truncation(data_cfg.get("truncation", "prompt_left"))
+    template = data_cfg.get("template", "alpaca")
+    train_set, train_stats = encode_split(train_records, tokenizer, cutoff, template, mode)
+    val_set, val_stats = encode_split(val_records, tokenizer, cutoff, template, mode)
+    source = _training_source(data_cfg)
+    if not train_set:
+        raise MoleConfigError(
+            f"{source}: none of the {train_stats.records} training records fits data.cutoff_len={cutoff} tokens with "
+            f"data.truncation={mode} (the response alone is longer); raise data.cutoff_len"
+        )
+    if train_stats.empty_output == train_stats.kept:
+        raise MoleConfigError(
+            f"{source}: every training record kept within data.cutoff_len={cutoff} has an empty output: nothing to "
+            "learn but the end-of-sequence token (the `output` field holds the answer to train on)"
+        )
+    if val_records and not val_set:
+        val_source = (f"data.val_path={_paths(data_cfg.val_path)}" if data_cfg.get("val_path")
+                      else f"the validation split of {source} (data.val_size={data_cfg.get('val_size')})")
+        raise MoleConfigError(
+            f"{val_source} is empty: all {val_stats.records} records are longer than data.cutoff_len={cutoff} tokens "
+            f"(data.truncation={mode}); raise data.cutoff_len"
+        )
+    lost = train_stats.truncated + train_stats.dropped + val_stats.truncated + val_stats.dropped
+    (log.warning if lost else log.info)(
+        "data.cutoff_len=%d, data.truncation=%s: train %s; validation %s", cutoff, mode, train_stats.summary(),
+        val_stats.summary() if val_records else "none")
+    info = {"train_records": len(train_set), "val_records": len(val_set),
+            "truncation": {"cutoff_len": cutoff, "mode": mode, "train": train_stats.as_dict(),
+                           "val": val_stats.as_dict()}}
+    return train_set, val_set, info

@@ -7,25 +7,34 @@ from collections.abc import Sequence
 import torch
 
 from mole.data.prompts import chat_prompt, check_chat_template, format_prompt, record_messages
+from mole.data.truncation import DROPPED, IGNORE_INDEX, TruncationStats, check_truncation, truncate
 from mole.utils.errors import MoleConfigError
 
-IGNORE_INDEX = -100
 
-
-def encode_record(record: dict[str, str], tokenizer, cutoff_len: int, template: str = "alpaca") -> dict[str, list[int]]:
-    """Token ids of ``prompt + output + eos`` with labels ``-100`` on the prompt.
+def encode_record(record: dict[str, str], tokenizer, cutoff_len: int, template: str = "alpaca",
+                  truncation: str = "prompt_left") -> dict[str, list[int]] | None:
+    """Token ids of ``prompt + output + eos`` with labels ``-100`` on the prompt, fitted into ``cutoff_len``.
 
     Prompt and response are tokenised separately and concatenated, so the mask boundary is exact
-    whatever the tokenizer merges. The sequence is truncated to ``cutoff_len`` tokens.
+    whatever the tokenizer merges. An over-long example is cut by :func:`mole.data.truncation.truncate`
+    (``data.truncation``); ``None`` when it is dropped.
     """
+    return _encode(record, tokenizer, cutoff_len, template, truncation)[0]
+
+
+def _encode(record: dict[str, str], tokenizer, cutoff_len: int, template: str, truncation: str):
     prompt = format_prompt(record["instruction"], record.get("input", ""), template)
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[:cutoff_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:cutoff_len]
-    return {"input_ids": ids, "labels": labels}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    keep = 1 if bos is not None and prompt_ids[:1] == [bos] else 0
+    ids, labels, status = truncate(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+                                   cutoff_len, truncation, keep=keep)
+    if labels is not None and all(lab == IGNORE_INDEX for lab in labels):
+        ids, labels, status = None, None, DROPPED  # nothing to learn
+    return ({"input_ids": ids, "labels": labels} if ids is not None else None), status
 
 
 def assistant_segments(messages: Sequence[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
@@ -69,23 +78,41 @@ def encode_messages(messages: Sequence[dict[str, str]], tokenizer) -> dict[str, 
     return {"input_ids": ids, "labels": labels}
 
 
-def encode_example(record: dict, tokenizer, cutoff_len: int, template: str = "alpaca") -> dict[str, list[int]]:
-    """One record of either format (LLM-Adapters or ``messages``) under ``template``, cut at ``cutoff_len``."""
+def encode_example(record: dict, tokenizer, cutoff_len: int, template: str = "alpaca",
+                   truncation: str = "prompt_left") -> tuple[dict[str, list[int]] | None, str]:
+    """One record of either format (LLM-Adapters or ``messages``) under ``template``, fitted into
+    ``cutoff_len`` by :func:`mole.data.truncation.truncate`: ``(example or None when dropped, status)``."""
     if template != "chat":
         if "messages" in record:
             raise MoleConfigError(f"data.format=messages needs data.template=chat, got data.template={template}")
-        return encode_record(record, tokenizer, cutoff_len, template)
+        return _encode(record, tokenizer, cutoff_len, template, truncation)
     messages = record["messages"] if "messages" in record else record_messages(record)
     enc = encode_messages(messages, tokenizer)
-    return {"input_ids": enc["input_ids"][:cutoff_len], "labels": enc["labels"][:cutoff_len]}
+    ids, labels, status = truncate(enc["input_ids"], enc["labels"], cutoff_len, truncation, keep=0)
+    if labels is not None and all(lab == IGNORE_INDEX for lab in labels):
+        ids, labels, status = None, None, DROPPED  # nothing to learn
+    return ({"input_ids": ids, "labels": labels} if ids is not None else None), status
 
 
-def encode_records(records: Sequence[dict[str, str]], tokenizer, cutoff_len: int, template: str = "alpaca") -> list[dict[str, list[int]]]:
-    """Encode all records, dropping those whose response is cut off entirely (nothing to learn)."""
+def encode_split(records: Sequence[dict], tokenizer, cutoff_len: int, template: str = "alpaca",
+                 truncation: str = "prompt_left") -> tuple[list[dict[str, list[int]]], TruncationStats]:
+    """Encode all records; the examples kept, and what truncation did (:class:`TruncationStats`)."""
+    check_truncation(truncation)
     if template == "chat":
         check_chat_template(tokenizer)
-    encoded = [encode_example(r, tokenizer, cutoff_len, template) for r in records]
-    return [e for e in encoded if any(lab != IGNORE_INDEX for lab in e["labels"])]
+    stats, out = TruncationStats(), []
+    for rec in records:
+        enc, status = encode_example(rec, tokenizer, cutoff_len, template, truncation)
+        stats.add(status, empty_output="output" in rec and not str(rec["output"]).strip())
+        if enc is not None:
+            out.append(enc)
+    return out, stats
+
+
+def encode_records(records: Sequence[dict], tokenizer, cutoff_len: int, template: str = "alpaca",
+                   truncation: str = "prompt_left") -> list[dict[str, list[int]]]:
+    """Encode all records, dropping those that do not fit (see :func:`encode_split` for the counts)."""
+    return encode_split(records, tokenizer, cutoff_len, template, truncation)[0]
 
 
 class Collator:

@@ -48,28 +48,75 @@ def answer_options(instruction: str) -> list[str] | None:
     return options if len(options) >= 2 else None
 
 
-def _check_records(records: list[Any], where: str) -> list[dict[str, str]]:
+def _check_records(records: list[Any], where: str, lines: Sequence[int] | None = None) -> list[dict[str, str]]:
+    """Records checked against the LLM-Adapters layout; ``lines``: each record's line (JSON lines files).
+
+    Messages count records from 1, as a user reading the file does.
+    """
     if not records:
         raise MoleConfigError(f"{where}: no records (expected a non-empty list of instruction/output records)")
     out = []
     for i, rec in enumerate(records):
+        at = f"record {i + 1}" + (f" (line {lines[i]})" if lines else "")
         if not isinstance(rec, dict):
-            raise MoleConfigError(f"{where}: record {i} is a {type(rec).__name__}, expected an object with fields {list(REQUIRED)}")
+            raise MoleConfigError(f"{where}: {at} is a {type(rec).__name__}, expected an object with fields {list(REQUIRED)}")
         for key in REQUIRED:
             if key not in rec or not isinstance(rec[key], str):
                 raise MoleConfigError(
-                    f"{where}: record {i} lacks the text field {key!r} (LLM-Adapters format: instruction, input, output, answer)"
+                    f"{where}: {at} lacks the text field {key!r} (LLM-Adapters format: instruction, input, output, answer)"
                 )
         clean = {k: ("" if rec.get(k) is None else str(rec.get(k))) for k in ("instruction", "input", "output", "answer")}
         clean.update({k: str(rec[k]) for k in EXTRA_FIELDS if rec.get(k) is not None})
         options = answer_options(clean["instruction"])
         if options and clean["answer"].strip() and clean["answer"].strip().lower() not in options:
             raise MoleConfigError(
-                f"{where}: record {i} has answer {clean['answer']!r}, which is not one of the options of its "
+                f"{where}: {at} has answer {clean['answer']!r}, which is not one of the options of its "
                 f"'Answer format:' line {options}"
             )
         out.append(clean)
     return out
+
+
+# leading bytes of compressed or archived files: (magic, what it is, how to unpack it)
+_PACKED = ((b"\x1f\x8b", "gzip-compressed", "gunzip"), (b"BZh", "bzip2-compressed", "bunzip2"),
+           (b"\xfd7zXZ\x00", "xz-compressed", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd-compressed", "unzstd"),
+           (b"PK\x03\x04", "a zip archive", "unzip"), (b"PAR1", "a Parquet file", "convert it to JSON lines"))
+
+
+def _read_text(path: Path, where: str) -> str:
+    """The file's text (UTF-8, a BOM allowed); one-line errors for unreadable, compressed or non-UTF-8 files."""
+    from mole.utils.errors import io_error
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise io_error(path, err, "read") from None
+    for magic, what, unpack in _PACKED:
+        if data.startswith(magic):
+            raise MoleConfigError(f"{where} is {what}, not JSON text; {unpack} it first and point {where.split(':')[0]} "
+                                  "at the result")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise MoleConfigError(
+            f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); re-encode it as UTF-8, "
+            "e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def _parse_json_lines(text: str, where: str) -> tuple[list[Any], list[int]]:
+    records, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise MoleConfigError(f"{where} is not valid JSON lines: line {number} (record {len(records) + 1}), "
+                                  f"column {err.colno}: {err.msg}") from None
+        lines.append(number)
+    return records, lines
 
 
 def read_records(path: str | Path, key: str = "data.path", hint: str = "") -> list[dict[str, str]]:
@@ -77,36 +124,44 @@ def read_records(path: str | Path, key: str = "data.path", hint: str = "") -> li
 
     ``hint`` is appended to the error for a missing file (where to put it, or how to go online).
     """
-    records, where = _read_json_records(path, key, hint)
-    return _check_records(records, where)
+    records, where, lines = _read_json_records(path, key, hint)
+    return _check_records(records, where, lines)
 
 
-def _read_json_records(path: str | Path, key: str, hint: str) -> tuple[list[Any], str]:
-    """The raw records of a JSON list or JSON-lines file, and the ``key: path`` that errors name."""
+def _read_json_records(path: str | Path, key: str, hint: str) -> tuple[list[Any], str, list[int] | None]:
+    """The raw records of a JSON list or JSON-lines file, the ``key: path`` that errors name, and each
+    record's line (JSON lines; ``None`` for a JSON list)."""
     path = Path(path).expanduser()
     where = f"{key}: {path}"
     if not path.exists():
         raise MoleConfigError(f"{where} does not exist" + (f"; {hint}" if hint else ""))
     if not path.is_file():
         raise MoleConfigError(f"{where} is not a file")
-    return load_json_list(path, where), where
+    records, lines = load_json_records(path, where)
+    return records, where, lines
 
 
 def load_json_list(path: Path, where: str) -> list[Any]:
     """The list in a ``.json`` file, or the objects of a ``.jsonl`` file (one a line); errors name ``where``."""
-    text = path.read_text(encoding="utf-8")
+    return load_json_records(path, where)[0]
+
+
+def load_json_records(path: Path, where: str) -> tuple[list[Any], list[int] | None]:
+    """The records of a ``.json`` list or ``.jsonl`` file, and (JSON lines) the line of each one."""
+    text = _read_text(path, where)
     if not text.strip():
         raise MoleConfigError(f"{where} is empty")
+    if path.suffix == ".jsonl":
+        return _parse_json_lines(text, where)
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
+        records = json.loads(text)
     except json.JSONDecodeError as err:
-        raise MoleConfigError(f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        hint = ("; it looks like JSON lines (one record per line): name it .jsonl"
+                if err.msg == "Extra data" and text.lstrip().startswith("{") else "")
+        raise MoleConfigError(f"{where} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}){hint}") from None
     if not isinstance(records, list):
         raise MoleConfigError(f"{where} holds a JSON {type(records).__name__}, expected a list of records")
-    return records
+    return records, None
 
 
 def check_messages(record: Any, where: str, i: int) -> dict[str, list[dict[str, str]]]:
@@ -120,7 +175,7 @@ def check_messages(record: Any, where: str, i: int) -> dict[str, list[dict[str, 
         raise MoleConfigError(f"{where}: record {i} has no 'messages' list (expected "
                               '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]})')
     out = []
-    for j, msg in enumerate(messages):
+    for j, msg in enumerate(messages, start=1):
         if not isinstance(msg, dict):
             raise MoleConfigError(f"{where}: record {i}, message {j} is a {type(msg).__name__}, expected an object "
                                   "with 'role' and 'content'")
@@ -137,8 +192,8 @@ def check_messages(record: Any, where: str, i: int) -> dict[str, list[dict[str, 
 
 def read_message_records(path: str | Path, key: str = "data.path", hint: str = "") -> list[dict[str, Any]]:
     """Read a local ``messages`` file (``data.format=messages``): a JSON list or JSON lines of chats."""
-    records, where = _read_json_records(path, key, hint)
-    return [check_messages(r, where, i) for i, r in enumerate(records)]
+    records, where, _ = _read_json_records(path, key, hint)
+    return [check_messages(r, where, i + 1) for i, r in enumerate(records)]
 
 
 def load_hf_messages(name: str, config: str | None, split: str, kwargs: dict | None = None, column: str = "messages",

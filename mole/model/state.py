@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mole.model.inject import is_trainable_name
-from mole.utils.errors import MoleConfigError
+from mole.utils.errors import MoleConfigError, io_error
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,12 @@ def save_adapter(model: nn.Module, path: str | Path, state: dict[str, torch.Tens
     state = {n: t.detach().contiguous().cpu() for n, t in source.items()}
     metadata = _metadata_of(model) or {"format": FORMAT}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # disk full, no permission: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise io_error(path, err) from None
     return path
 
 

@@ -164,12 +164,15 @@ class Router(Protocol):
 RENORMS = ("sum", "softmax")
 
 
-def check_top_k(top_k: int | None, num_experts: int, key: str = "router.top_k") -> None:
-    """Reject a top-k that is not a positive integer or exceeds the experts of a layer."""
+def check_top_k(top_k: int | None, num_experts: int, key: str = "router.top_k", of: str = "") -> None:
+    """Reject a top-k that is not a positive integer or exceeds the experts of a layer (or, with ``of``,
+    the config key of the count it chooses from, e.g. ``router.n_routers``)."""
     if top_k is None:
         return
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise MoleConfigError(f"{key} must be a positive integer or null, got {top_k!r}")
+    if top_k > num_experts and of:
+        raise MoleConfigError(f"{key}={top_k} exceeds {of}={num_experts}; choose {key} <= {of} (or null to keep all)")
     if top_k > num_experts:
         raise MoleConfigError(
             f"{key}={top_k} exceeds the number of experts ({num_experts}) in a layer; "

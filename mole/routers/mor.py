@@ -118,7 +118,7 @@ class MoRRouter(nn.Module):
         self.select, self.top_p, self.keep_top_k = select, top_p, keep_top_k
         self.q, self.threshold, self.normalized_entropy = q, threshold, bool(normalized_entropy)
         if main_top_k is not None and not equal_weights:
-            check_top_k(main_top_k, n_routers, key="router.main_top_k")
+            check_top_k(main_top_k, n_routers, key="router.main_top_k", of="router.n_routers")
         self.num_experts, self.n_routers = num_experts, n_routers
         self.top_k, self.renorm, self.main_top_k = top_k, renorm, main_top_k
         self.expert_balance, self.equal_weights = expert_balance, equal_weights
