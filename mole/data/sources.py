@@ -202,7 +202,7 @@ def load_hf_messages(name: str, config: str | None, split: str, kwargs: dict | N
     ds = _load_hf(name, config, split, kwargs, key)
     if column not in ds.column_names:
         raise MoleConfigError(f"{key}={name!r} has no {column!r} column (columns: {ds.column_names})")
-    return [check_messages(row[column], f"{key}: {name}", i) for i, row in enumerate(ds)]
+    return [check_messages(row[column], f"{key}: {name}", i + 1) for i, row in enumerate(ds)]
 
 
 def _load_hf(name: str, config: str | None, split: str, kwargs: dict | None, key: str):
