@@ -274,13 +274,13 @@ def _disk_full_safetensors(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
 
 
 def _disk_full_on(name: str) -> Callable[[pytest.MonkeyPatch, Path], None]:
-    """Writing the file called ``name`` (or its ``.tmp``) runs out of space half-way."""
+    """Writing the file called ``name`` (or its temporary ``name[.PID].tmp``) runs out of space half-way."""
 
     def patch(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
         real = Path.write_text
 
         def write_text(self, data, *args, **kwargs):
-            if self.name in (name, name + ".tmp"):
+            if self.name == name or (self.name.startswith(name + ".") and self.name.endswith(".tmp")):
                 real(self, data[: len(data) // 2], *args, **kwargs)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
             return real(self, data, *args, **kwargs)

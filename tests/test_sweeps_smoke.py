@@ -91,7 +91,7 @@ def test_a_rerun_skips_finished_jobs(tmp_path):
     before = [m.read_bytes() for m in metrics]
     second = _run(*args, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert (second.stdout + second.stderr).count("already holds a finished run; skipping") == 2
+    assert (second.stdout + second.stderr).count("already holds a finished run of this config; skipping") == 2
     assert [m.read_bytes() for m in metrics] == before
     report = _run("-m", "mole.cli.report", str(sweep_dir))
     assert report.returncode == 0, report.stderr
