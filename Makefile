@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mole-installed
+# test processes (pytest-xdist): the tests run one torch thread each, so one per core
+WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -32,11 +34,11 @@ $(STAMP): pyproject.toml
 train: setup ## fine-tune the default (SmolLM2-135M, MoLA + MoR) on the shipped fixtures; ARGS="key=value ..."
 	$(BIN)/mole-train $(ARGS)
 
-test: setup ## the fast CPU test suite
-	$(BIN)/python -m pytest -q $(ARGS)
+test: setup ## the fast CPU test suite (WORKERS=2 processes)
+	$(BIN)/python -m pytest -q -n $(WORKERS) $(ARGS)
 
 test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training)
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m slow $(ARGS)
 
 test-quality: setup ## real-data quality tier: SmolLM2 on the LLM-Adapters BoolQ files (MOLE_LLM_ADAPTERS_DIR or ../shared/data/llm-adapters)
 	$(BIN)/python -m pytest -q -s -m quality $(ARGS)
