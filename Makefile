@@ -38,7 +38,7 @@ test: setup ## the fast CPU test suite (WORKERS=2 processes)
 	$(BIN)/python -m pytest -q -n $(WORKERS) $(ARGS)
 
 test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training)
-	$(BIN)/python -m pytest -q -n $(WORKERS) -m slow $(ARGS)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 test-quality: setup ## real-data quality tier: SmolLM2 on the LLM-Adapters BoolQ files (MOLE_LLM_ADAPTERS_DIR or ../shared/data/llm-adapters)
 	$(BIN)/python -m pytest -q -s -m quality $(ARGS)

@@ -199,7 +199,7 @@ def test_two_machines_on_loopback_match_one_process_write_once_and_resume_after_
     # one writer: machine 0's launcher and rank 0 log into train.log; machine 1 left no Hydra files or markers
     log = (two_dir / "train.log").read_text()
     assert log.count("trainable params") == 1 and log.count("starting 1 processes") == 1
-    assert sorted(p.name for p in two_dir.iterdir()) == [".hydra", "adapter.safetensors", "config.yaml",
+    assert sorted(p.name for p in two_dir.iterdir()) == [".hydra", ".mole-lock", "adapter.safetensors", "config.yaml",
                                                          "metrics.json", "train.log"]
 
     # killed mid-run (both machines, every process), then resumed on both: the uninterrupted run's adapter
@@ -252,7 +252,7 @@ def test_slurm_tasks_train_as_the_processes_of_one_run(tmp_path):
     assert metrics["num_processes"] == 2 and metrics["global_batch_size"] == 4
     assert [r["loss"] for r in metrics["train_loss"]] == pytest.approx([r["loss"] for r in one["train_loss"]], rel=1e-5)
     assert (run_dir / "train.log").read_text().count("trainable params") == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "adapter.safetensors", "config.yaml",
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", ".mole-lock", "adapter.safetensors", "config.yaml",
                                                          "metrics.json", "train.log"]
 
 

@@ -49,7 +49,8 @@ class RunDirectoryLock(Callback):
         from mole.run_dir import lock_run
         from mole.utils.errors import MoleConfigError
 
-        self.lock = lock_run(config.hydra.run.dir)
+        # a machine other than machine 0 of a multi-machine run neither owns nor writes the directory
+        self.lock = None if _not_machine_zero(sys.argv[1:]) else lock_run(config.hydra.run.dir)
         if self.lock is None:
             return
         try:
