@@ -17,19 +17,9 @@ from safetensors.torch import load_file
 from mole.training import checkpoint as ckpt
 from mole.training.signals import RunInterrupted, StopRequest, requeued
 
-# mole-train with every micro-batch slowed down, so that the signal lands in the middle of the run
-SLOW_DRIVER = (
-    "import time, mole.training.loop as L\n"
-    "real = L.loss_step\n"
-    "def slow(*a, **k):\n"
-    "    time.sleep(0.4)\n"
-    "    return real(*a, **k)\n"
-    "L.loss_step = slow\n"
-    "from mole.cli.train import main\n"
-    "main()\n"
-)
-RUN = ["model=tiny_llama", "eval=none", "trainer.batch_size=2", "adapter.dropout=0.1", "trainer.max_steps=6",
-       "data.max_records=12", "trainer.eval_every=3"]
+# mole-train with every micro-batch slowed down (so that a signal lands mid-run), on the killed run's config
+from tests.test_checkpoint import _SLOW_DRIVER as SLOW_DRIVER  # noqa: E402
+from tests.test_checkpoint import KILL as RUN  # noqa: E402
 
 
 def _env() -> dict[str, str]:
