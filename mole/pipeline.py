@@ -265,7 +265,9 @@ def build_loaders(cfg: DictConfig, tokenizer, args):
     from mole.data.collate import length_grouped_sampler
 
     train_records, val_records = load_datasets(cfg.data, seed=cfg.seed)
-    train_set, val_set, data_info = encode_datasets(cfg.data, tokenizer, train_records, val_records)
+    encoder = cfg.router.get("task_encoder") or {}
+    question = encoder.get("input", "templated") == "raw"  # the task encoder reads the raw question
+    train_set, val_set, data_info = encode_datasets(cfg.data, tokenizer, train_records, val_records, question)
     group, multiple = _batching_options(cfg.data)
     collate = Collator(tokenizer.pad_token_id, multiple)
     gen = torch.Generator().manual_seed(int(cfg.seed))

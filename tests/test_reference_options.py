@@ -268,6 +268,124 @@ def test_positional_task_encoding_depends_on_order_but_not_on_padding():
     torch.testing.assert_close(plain_swapped, plain)  # ... and not without them (a set of tokens)
 
 
+# ---- HMoRA: the task encoder's input, the task-router loss once per optimizer step ----
+
+
+class _OneHotEncoder(TaskEncoder):
+    """A task encoder whose representation is the one-hot of each sequence's first read token (width 2), so
+    that the task router's distribution is known by hand."""
+
+    def __init__(self, **kw):
+        super().__init__(torch.nn.Embedding(4, 2), RoutingContext(), heads=1, dropout=0.0, **kw)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def encode(self, input_ids, prompt):
+        self.seen.append((input_ids, prompt))
+        first = torch.where(prompt.any(dim=1), input_ids.gather(1, prompt.long().argmax(dim=1, keepdim=True))[:, 0], 0)
+        return torch.nn.functional.one_hot(first.clamp(max=1), 2).float() + self.e_task * 0.0  # e_task: in the graph
+
+
+def _task_model(**encoder_kw):
+    """One task-only router (a_l = sigmoid(3) = 0.95 > beta_high) on a one-hot task encoder: a sequence whose
+    first question token is 0 gets [.8, .2], one whose first token is 1 gets [.2, .8]."""
+    enc = _OneHotEncoder(**encoder_kw)
+    router = HybridRouter(2, 2, context=enc._context, task_encoder=enc, eps=0.0, mu=3.0, top_k=None)
+    with torch.no_grad():
+        router.task_gate.weight.copy_(T([[math.log(4), 0.0], [0.0, math.log(4)]]))
+    return torch.nn.ModuleDict({"encoder": enc, "router": router}), enc, router
+
+
+H_82 = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))  # 0.50040
+
+
+def test_task_router_loss_once_per_optimizer_step_over_all_sequences():
+    model, enc, router = _task_model()
+    ones = T([[True, True]])
+    mb1 = (T([[0, 2], [0, 3]]), ones.expand(2, 2), None)  # both sequences [.8, .2]
+    mb2 = (T([[1, 2], [1, 3]]), ones.expand(2, 2), None)  # both [.2, .8]
+    # per micro-batch: balance H(.8, .2) = certainty H(.8, .2): CGJS 0, loss (1 - .4) ln2 / ln2 = 0.6 each;
+    # their mean is 0.6
+    per_micro = CGJSLoss()
+    assert per_micro.step_loss(model, [mb1, mb2]) is None  # the default: nothing per step
+    mean_of_micro = sum(cgjs_loss(torch.stack(router.task_probs(enc.encode(i, m)).unbind())).item()
+                        for i, m, _ in (mb1, mb2)) / 2
+    assert mean_of_micro == pytest.approx(0.6, abs=1e-6)
+    # over the 4 sequences together: mean [.5, .5], balance ln 2; certainty H(.8, .2) = 0.50040
+    # CGJS = ln2 - 0.50040 = 0.19275; loss = (0.6 ln2 - 0.19275) / ln2 = 0.32193
+    expected = (0.6 * LN2 - (LN2 - H_82)) / LN2
+    assert expected == pytest.approx(0.32193, abs=1e-5)
+    step = CGJSLoss(task_scope="optimizer_step")
+    value = step.step_loss(model, [mb1, mb2])
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+    # one fresh pass over all 4 sequences, right-padded to one width
+    (ids, mask), = enc.seen[-1:]
+    assert ids.tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]] and mask.all()
+    # its gradient reaches the task router and the task encoder
+    value.backward()
+    assert router.task_gate.weight.grad.abs().sum() > 0 and enc.e_task.grad is not None
+
+
+def test_task_scope_optimizer_step_leaves_task_routers_out_of_the_micro_batch_term():
+    tok = T([[0.8, 0.2], [0.8, 0.2]])  # one token router: loss 0.6 (as above)
+    task = T([[0.5, 0.5]])  # one task router: balance = certainty = ln 2: CGJS 0, loss 0.6
+    outs = [RouterOutput(gates=tok, probs=tok, dists=[GateDist(tok, "token", "token"), GateDist(task, "task", "sequence")])]
+    assert CGJSLoss()(outs).item() == pytest.approx(1.2, abs=1e-6)
+    assert CGJSLoss(task_scope="optimizer_step")(outs).item() == pytest.approx(0.6, abs=1e-6)
+    with pytest.raises(MoleConfigError, match=r"loss\.cgjs\.task_scope=optimizer_step needs loss\.cgjs\.reduce=sum"):
+        CGJSLoss(task_scope="optimizer_step", reduce="mean")
+
+
+def test_raw_input_reads_the_question_and_templated_the_prompt():
+    _, enc, router = _task_model(input="raw")
+    ctx = enc._context
+    ctx.input_ids = T([[3, 3, 0, 2]])  # template tokens 3 3, then the question 0 2
+    ctx.attention_mask = torch.ones(1, 4, dtype=torch.long)
+    ctx.prompt_mask = T([[True, True, True, True]])
+    ctx.task_inputs = (T([[0, 2]]), T([[True, True]]))
+    close(router.task_probs(enc.representation()), [[0.8, 0.2]])  # first question token 0
+    assert enc.seen[-1][0].tolist() == [[0, 2]] and enc.seen[-1][1].tolist() == [[True, True]]
+    templated = _task_model()[1]
+    ids, prompt = templated.select_inputs(ctx.input_ids, ctx.prompt_tokens(), ctx.task_inputs)
+    assert ids.tolist() == [[3, 3, 0, 2]] and prompt.all()  # the whole prompt, template included
+
+
+def test_raw_input_without_questions_falls_back_to_the_prompt_once(caplog):
+    _, enc, _ = _task_model(input="raw")
+    ids, mask = T([[3, 0]]), T([[True, True]])
+    with caplog.at_level(logging.WARNING, logger="mole.routers.hybrid"):
+        assert enc.select_inputs(ids, mask, None)[0] is ids
+        enc.select_inputs(ids, mask, None)
+    assert sum("input=raw" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_question_ids_in_the_data_and_the_batch():
+    from mole.data.collate import Collator, encode_example
+    from mole.data.prompts import record_question
+    from mole.model.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    rec = {"instruction": "Is the sky blue?", "input": "Look up.", "output": "yes"}
+    assert record_question(rec) == "Is the sky blue?\n\nLook up."
+    assert record_question({"messages": [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Hi?"}]}) == "Hi?"
+    enc, _ = encode_example(rec, tok, 256, question=True)
+    assert enc["question_ids"] == tok("Is the sky blue?\n\nLook up.", add_special_tokens=False)["input_ids"]
+    assert "question_ids" not in encode_example(rec, tok, 256)[0]
+    short, _ = encode_example({"instruction": "Why?", "output": "because"}, tok, 256, question=True)
+    batch = Collator(tok.pad_token_id)([enc, short])
+    n, m = len(enc["question_ids"]), len(short["question_ids"])
+    assert batch["question_ids"].shape == (2, n) and batch["question_mask"].sum(dim=1).tolist() == [n, m]
+    assert batch["question_ids"][1, :m].tolist() == short["question_ids"]
+
+
+def test_question_rows_match_the_longest_context_that_begins_a_row():
+    from mole.eval.harness import question_rows
+
+    questions = {(5, 6): [1], (5, 6, 7): [2, 3]}
+    rows = [[5, 6, 7, 8, 0], [5, 6, 9, 0, 0], [4, 5, 6, 7, 8]]
+    assert question_rows(rows, questions) == [[2, 3], [1], None]
+
+
 # ---- LoRA scaling ----
 
 
@@ -402,6 +520,8 @@ def test_effective_weight_per_router_is_logged_once(caplog):
         (lambda: _hybrid(learn_a_l=None), "router.learn_a_l"),
         (lambda: LoRAExperts(4, 4, scaling="rs"), "adapter.scaling"),
         (lambda: _encoder("left"), "router.task_encoder.positional"),
+        (lambda: _task_model(input="question"), "router.task_encoder.input"),
+        (lambda: CGJSLoss(task_scope="step"), "loss.cgjs.task_scope"),
     ],
 )
 def test_bad_option_values_name_the_key(build, key):
@@ -431,3 +551,39 @@ def test_reference_differences_script_measures_the_invariants():
     assert len(q2) == 3 and all(fig.startswith("soft tokens: raw 0% vs") for fig in q2)
     # flooring each row can only raise the certainty term, so the per-row loss is never below eq. 11's
     assert all("per_row - mean: +" in fig for _, fig in by_name["HMoRA CGJS floor"])
+
+
+# ---- hmora_ref end to end: raw questions in training and evaluation, the task term once per step ----
+
+
+def test_hmora_ref_trains_and_evaluates_on_raw_questions(tiny_cfg, tmp_path, monkeypatch):
+    from mole.data import read_records
+    from mole.data.prompts import record_question
+    from mole.eval.harness import default_fixtures_dir
+    from mole.model.tokenizer import byte_tokenizer
+    from mole.pipeline import run_train
+
+    seen = []
+    encode = TaskEncoder.encode
+
+    def spy(self, input_ids, prompt):
+        seen.append([ids[m].tolist() for ids, m in zip(input_ids, prompt.bool(), strict=True)])
+        return encode(self, input_ids, prompt)
+
+    monkeypatch.setattr(TaskEncoder, "encode", spy)
+    cfg = tiny_cfg("method=hmora_ref", "trainer.grad_accum=2", "trainer.max_steps=1", "trainer.batch_size=2",
+                   "eval=fixtures", "eval.tasks=[mole_mc]", "eval.limit=2")
+    metrics = run_train(cfg, tmp_path)
+    tok = byte_tokenizer()
+    fixtures = default_fixtures_dir()
+    records = [r for f in fixtures.glob("*.json") if not f.name.startswith("chat") for r in read_records(str(f), "data")]
+    questions = {tuple(tok(record_question(r), add_special_tokens=False)["input_ids"]) for r in records}
+    rows = [tuple(row) for call in seen for row in call]
+    assert rows and all(row in questions for row in rows)  # training, validation and lm-eval: questions only
+    (step,) = metrics["train_loss"]
+    # the micro-batches' mean LM and token-router terms, plus the task routers' term over all 4 sequences at
+    # weight lambda / grad_accum
+    want = step["lm_loss"] + 0.005 * step["aux/cgjs"] + 0.005 / 2 * step["aux/cgjs_step"]
+    assert step["aux/cgjs_step"] > 0 and step["loss"] == pytest.approx(want, abs=1e-5)
+    # the step's pass encodes the 4 sequences of both micro-batches together
+    assert any(len(call) == 4 for call in seen)

@@ -122,8 +122,9 @@ def _training_source(data_cfg: DictConfig) -> str:
     return f"data.hf_name={data_cfg.get('hf_name')}"
 
 
-def encode_datasets(data_cfg: DictConfig, tokenizer, train_records, val_records):
+def encode_datasets(data_cfg: DictConfig, tokenizer, train_records, val_records, question: bool = False):
     """Tokenise both splits into ``data.cutoff_len`` tokens (``data.truncation``); report what was cut.
+    ``question``: every example also carries its raw question's token ids (``router.task_encoder.input=raw``).
 
     Returns ``(train examples, validation examples, info)``; ``info`` (for ``metrics.json``) holds the record
     counts and, under ``truncation``, the counts of :class:`~mole.data.truncation.TruncationStats` per split.
@@ -138,8 +139,8 @@ def encode_datasets(data_cfg: DictConfig, tokenizer, train_records, val_records)
         raise MoleConfigError(f"data.cutoff_len must be a positive integer (tokens per example), got {cutoff!r}")
     mode = check_truncation(data_cfg.get("truncation", "prompt_left"))
     template = data_cfg.get("template", "alpaca")
-    train_set, train_stats = encode_split(train_records, tokenizer, cutoff, template, mode)
-    val_set, val_stats = encode_split(val_records, tokenizer, cutoff, template, mode)
+    train_set, train_stats = encode_split(train_records, tokenizer, cutoff, template, mode, question)
+    val_set, val_stats = encode_split(val_records, tokenizer, cutoff, template, mode, question)
     source = _training_source(data_cfg)
     if not train_set:
         raise MoleConfigError(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mole.data.prompts import chat_prompt, check_chat_template, format_prompt, record_messages
+from mole.data.prompts import chat_prompt, check_chat_template, format_prompt, record_messages, record_question
 from mole.data.truncation import DROPPED, IGNORE_INDEX, TruncationStats, check_truncation, truncate
 from mole.utils.errors import MoleConfigError
 
@@ -78,10 +78,25 @@ def encode_messages(messages: Sequence[dict[str, str]], tokenizer) -> dict[str, 
     return {"input_ids": ids, "labels": labels}
 
 
+def question_ids(record: dict, tokenizer, cutoff_len: int) -> list[int]:
+    """Token ids of the record's raw question (:func:`mole.data.prompts.record_question`), tokenised on its
+    own without added special tokens, as HMoRA's released code tokenises its task encoder's input; its first
+    ``cutoff_len`` tokens."""
+    return tokenizer(record_question(record), add_special_tokens=False)["input_ids"][:cutoff_len]
+
+
 def encode_example(record: dict, tokenizer, cutoff_len: int, template: str = "alpaca",
-                   truncation: str = "prompt_left") -> tuple[dict[str, list[int]] | None, str]:
+                   truncation: str = "prompt_left", question: bool = False) -> tuple[dict[str, list[int]] | None, str]:
     """One record of either format (LLM-Adapters or ``messages``) under ``template``, fitted into
-    ``cutoff_len`` by :func:`mole.data.truncation.truncate`: ``(example or None when dropped, status)``."""
+    ``cutoff_len`` by :func:`mole.data.truncation.truncate`: ``(example or None when dropped, status)``.
+    ``question``: the example also carries ``question_ids`` (:func:`question_ids`)."""
+    enc, status = _encode_example(record, tokenizer, cutoff_len, template, truncation)
+    if enc is not None and question:
+        enc["question_ids"] = question_ids(record, tokenizer, cutoff_len)
+    return enc, status
+
+
+def _encode_example(record: dict, tokenizer, cutoff_len: int, template: str, truncation: str):
     if template != "chat":
         if "messages" in record:
             raise MoleConfigError(f"data.format=messages needs data.template=chat, got data.template={template}")
@@ -95,14 +110,15 @@ def encode_example(record: dict, tokenizer, cutoff_len: int, template: str = "al
 
 
 def encode_split(records: Sequence[dict], tokenizer, cutoff_len: int, template: str = "alpaca",
-                 truncation: str = "prompt_left") -> tuple[list[dict[str, list[int]]], TruncationStats]:
-    """Encode all records; the examples kept, and what truncation did (:class:`TruncationStats`)."""
+                 truncation: str = "prompt_left", question: bool = False) -> tuple[list[dict[str, list[int]]], TruncationStats]:
+    """Encode all records; the examples kept, and what truncation did (:class:`TruncationStats`).
+    ``question``: each example also carries its raw question's ``question_ids``."""
     check_truncation(truncation)
     if template == "chat":
         check_chat_template(tokenizer)
     stats, out = TruncationStats(), []
     for rec in records:
-        enc, status = encode_example(rec, tokenizer, cutoff_len, template, truncation)
+        enc, status = encode_example(rec, tokenizer, cutoff_len, template, truncation, question)
         stats.add(status, empty_output="output" in rec and not str(rec["output"]).strip())
         if enc is not None:
             out.append(enc)
@@ -117,7 +133,10 @@ def encode_records(records: Sequence[dict], tokenizer, cutoff_len: int, template
 
 class Collator:
     """Right-pad a list of encoded records into a batch of tensors, to the longest record rounded up to a
-    multiple of ``pad_to_multiple_of`` (fewer distinct shapes for compiled models and tensor cores)."""
+    multiple of ``pad_to_multiple_of`` (fewer distinct shapes for compiled models and tensor cores).
+
+    Records with ``question_ids`` also give ``question_ids`` ``(B, Q)`` and ``question_mask`` ``(B, Q)``
+    (1 for real tokens), right-padded to the longest question (at least one column)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
@@ -133,7 +152,17 @@ class Collator:
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "question_ids" in batch[0]:
+            width = max(1, *(len(b["question_ids"]) for b in batch))
+            q_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+            q_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, b in enumerate(batch):
+                n = len(b["question_ids"])
+                q_ids[i, :n] = torch.tensor(b["question_ids"], dtype=torch.long)
+                q_mask[i, :n] = 1
+            out.update(question_ids=q_ids, question_mask=q_mask)
+        return out
 
 
 def length_grouped_sampler(lengths: Sequence[int], batch_size: int, generator: torch.Generator):

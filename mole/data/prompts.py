@@ -63,3 +63,13 @@ def record_prompt(record: dict[str, str], template: str = "alpaca", tokenizer=No
         check_chat_template(tokenizer)
         return chat_prompt(tokenizer, record_messages(record)[:1])
     return format_prompt(record["instruction"], record.get("input", ""), template)
+
+
+def record_question(record: dict) -> str:
+    """The raw question of a record, without template or system prompt: an LLM-Adapters record's
+    instruction (then its input after a blank line, as :func:`record_messages` writes the user turn); a
+    ``messages`` record's first user turn. HMoRA's released code feeds this text alone to its task encoder
+    (``router.task_encoder.input=raw``)."""
+    if "messages" in record:
+        return next((str(m.get("content", "")) for m in record["messages"] if m.get("role") == "user"), "")
+    return record_messages(record)[0]["content"]

@@ -357,8 +357,9 @@ def evaluate_model(
     pad_token_before = getattr(tokenizer, "pad_token", None)
     try:
         model.eval()
+        lm_class = _raw_question_lm(HFLM) if _reads_raw_questions(model) else HFLM
         with _tie_weights_disabled(model):
-            lm = HFLM(
+            lm = lm_class(
                 pretrained=model,
                 tokenizer=tokenizer,
                 batch_size=batch_size,
@@ -395,6 +396,79 @@ def evaluate_model(
     )
     logger.info("lm-eval results written to %s\n%s", results_path, format_table(results))
     return results
+
+
+def _reads_raw_questions(model: Any) -> bool:
+    """Whether the model's task encoder reads the raw question (``router.task_encoder.input=raw``)."""
+    from mole.routers.hybrid import TaskEncoder
+
+    return any(isinstance(m, TaskEncoder) and m.input == "raw" for m in model.modules())
+
+
+def question_rows(rows: Sequence[Sequence[int]], questions: dict[tuple[int, ...], list[int]]) -> list[list[int] | None]:
+    """Each row's raw-question token ids: those of the longest context in ``questions`` that begins the row
+    (``None`` when none does, e.g. a context truncated on the left).
+
+    Args:
+        rows: the token ids lm-eval feeds the model, one list per sequence (context, then continuation).
+        questions: a request's context token ids -> its question's token ids.
+    """
+    lengths = sorted({len(k) for k in questions}, reverse=True)
+    out = []
+    for row in rows:
+        row = tuple(row)
+        out.append(next((questions[row[:n]] for n in lengths if n <= len(row) and row[:n] in questions), None))
+    return out
+
+
+def _raw_question_lm(hflm: type) -> type:
+    """``HFLM`` that hands the task encoder each request's raw question (``router.task_encoder.input=raw``).
+
+    lm-eval passes the model token ids only. :meth:`loglikelihood` reads each request's document: one with
+    LLM-Adapters fields (``instruction``, the shipped tasks' and every LLM-Adapters task's) gives its question
+    (:func:`mole.data.prompts.record_question`), tokenised on its own as in training, under the token ids of
+    its context. Each forward (``_model_call``) looks its rows up by the context they begin with and sets
+    them as the routing context's ``task_inputs``. A row with no question (a document without those fields,
+    a context cut on the left) gives the task encoder all its tokens, as under ``input=templated``.
+    """
+    import torch
+
+    from mole.data.prompts import record_question
+    from mole.model.context import routing_inputs
+
+    class RawQuestionLM(hflm):
+        _questions: dict[tuple[int, ...], list[int]] = {}
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            questions = {}
+            for req in requests:
+                context, continuation = req.args
+                doc = req.doc if isinstance(req.doc, dict) else {}
+                if context and "instruction" in doc:
+                    context_enc, _ = self._encode_pair(context, continuation)
+                    text = record_question(doc)
+                    questions[tuple(context_enc)] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._questions = questions
+            try:
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._questions = {}
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            found = question_rows(inps.tolist(), self._questions) if self._questions else []
+            if not any(q is not None for q in found):
+                return super()._model_call(inps, attn_mask, labels)
+            rows = [q if q is not None else row for q, row in zip(found, inps.tolist(), strict=True)]
+            width = max(1, *(len(r) for r in rows))
+            ids = torch.zeros((len(rows), width), dtype=torch.long, device=inps.device)
+            mask = torch.zeros((len(rows), width), dtype=torch.bool, device=inps.device)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[i, : len(r)] = True
+            with routing_inputs(self.model, None, (ids, mask)):
+                return super()._model_call(inps, attn_mask, labels)
+
+    return RawQuestionLM
 
 
 def format_table(results: dict) -> str:

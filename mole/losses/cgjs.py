@@ -26,10 +26,12 @@ from torch import Tensor
 
 from mole.losses.routing import AuxTerm, check_reduce, reduce_over_routers, row_weights, sum_over_groups
 from mole.routers.base import GateDist, RouterOutput
+from mole.routers.hybrid import task_router_probs
 from mole.routers.select import shannon_entropy
 from mole.utils.errors import MoleConfigError
 
 FLOORS = ("mean", "per_row")
+TASK_SCOPES = ("micro_batch", "optimizer_step")
 
 
 def cgjs_loss(probs: Tensor, gamma_b: float = 1.0, gamma_c: float = 0.4, floor: str = "mean") -> Tensor:
@@ -102,12 +104,17 @@ class CGJSLoss(AuxTerm):
         floor: ``mean`` (eq. 11) or ``per_row`` (released code); see :func:`cgjs_loss`.
         reduce: ``sum`` (eq. 13) | ``mean`` | ``pooled`` over routers (:mod:`mole.losses.routing`);
             ``pooled`` takes the rows of every router with the same number of experts as one router's.
+        task_scope: the sequences a task router's loss is computed over. ``micro_batch``: each micro-batch's
+            (the paper does not say). ``optimizer_step``: all the sequences accumulated for one optimizer
+            step, from one fresh pass of the task encoder over them (HMoRA's released code;
+            :meth:`step_loss`); the per-micro-batch call then covers the token routers only. Needs
+            ``reduce: sum``.
     """
 
     name = "cgjs"
 
     def __init__(self, weight: float = 0.003, gamma_b: float = 1.0, gamma_c: float = 0.4, task_routers: bool = True,
-                 floor: str = "mean", reduce: str = "sum"):
+                 floor: str = "mean", reduce: str = "sum", task_scope: str = "micro_batch"):
         for key, value in (("weight", weight), ("gamma_b", gamma_b), ("gamma_c", gamma_c)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise MoleConfigError(f"loss.cgjs.{key} must be a non-negative number, got {value!r}")
@@ -119,8 +126,13 @@ class CGJSLoss(AuxTerm):
         if floor not in FLOORS:
             raise MoleConfigError(f"loss.cgjs.floor must be one of {list(FLOORS)}, got {floor!r}")
         check_reduce(reduce, "loss.cgjs.reduce")
+        if task_scope not in TASK_SCOPES:
+            raise MoleConfigError(f"loss.cgjs.task_scope must be one of {list(TASK_SCOPES)}, got {task_scope!r}")
+        if task_scope == "optimizer_step" and reduce != "sum":
+            raise MoleConfigError(f"loss.cgjs.task_scope=optimizer_step needs loss.cgjs.reduce=sum, got reduce={reduce!r}")
         self.weight, self.gamma_b, self.gamma_c = float(weight), float(gamma_b), float(gamma_c)
         self.task_routers, self.floor, self.reduce = task_routers, floor, reduce
+        self.task_scope = task_scope
 
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
         """Every router distribution in ``outputs``, reduced; token rows exclude padding (``token_mask``).
@@ -128,7 +140,8 @@ class CGJSLoss(AuxTerm):
         Distributions of the same shape and level (a model's token routers of equal expert count, its task
         routers) are stacked and go through :func:`cgjs_losses` together.
         """
-        dists = [d for out in outputs for d in out.distributions() if self.task_routers or d.kind != "task"]
+        per_micro_batch = self.task_routers and self.task_scope == "micro_batch"
+        dists = [d for out in outputs for d in out.distributions() if per_micro_batch or d.kind != "task"]
         args = (self.gamma_b, self.gamma_c, self.floor)
 
         def term(key: tuple, group: list[GateDist]) -> Tensor:
@@ -150,3 +163,20 @@ class CGJSLoss(AuxTerm):
             return torch.zeros(())
         self.report_once(len(dists))
         return total
+
+    def step_loss(self, model, batches) -> Tensor | None:
+        """The task routers' term once per optimizer step (``task_scope: optimizer_step``): :func:`cgjs_losses`
+        of each task router's distribution over every sequence of the step's micro-batches, summed over task
+        routers; ``None`` when the term is per micro-batch or the model has no task router.
+
+        Args:
+            model: the (possibly wrapped) model.
+            batches: per micro-batch ``(input_ids, prompt mask, raw-question inputs or None)``
+                (:func:`mole.routers.hybrid.task_router_probs`).
+        """
+        if self.task_scope != "optimizer_step" or not self.task_routers:
+            return None
+        probs = task_router_probs(model, batches)
+        if not probs:
+            return None
+        return cgjs_losses(torch.stack(probs), None, self.gamma_b, self.gamma_c, self.floor).sum()

@@ -12,8 +12,10 @@ the decoder layers run again during backward and must read the same per-forward 
 small tensors (task representations, gates) and weak references to activations.
 
 ``prompt_mask`` (which tokens are the prompt, HMoRA eq. 6's ``T^in``) is known only to the training
-loop: it sets it with :func:`routing_inputs`. Without it every real token counts as prompt — the case of
-lm-eval's log-likelihood requests, where context and continuation arrive as one sequence.
+loop: it sets it with :func:`routing_inputs`, together with each sequence's raw question when the data
+carries it (``task_inputs``; the evaluation harness sets those too). Without a prompt mask every real
+token counts as prompt — the case of lm-eval's log-likelihood requests, where context and continuation
+arrive as one sequence.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class RoutingContext:
         self.input_ids: Tensor | None = None  # (B, T)
         self.attention_mask: Tensor | None = None  # (B, T), 1 for real tokens
         self.prompt_mask: Tensor | None = None  # (B, T) bool, set by routing_inputs()
+        # (B, Q) token ids and (B, Q) bool mask of each sequence's raw question (the task encoder's input
+        # under router.task_encoder.input=raw), set by routing_inputs()
+        self.task_inputs: tuple[Tensor, Tensor] | None = None
         self.cache: dict[Any, Any] = {}  # per-forward values (cleared when the next forward starts)
         self.producers: list[Callable[[RoutingContext], None]] = []  # run at the start of every forward
         self.incremental = False  # a generation step that extends a cached prefix (past_key_values)
@@ -124,15 +129,17 @@ def get_context(model: nn.Module) -> RoutingContext | None:
 
 
 @contextmanager
-def routing_inputs(model: nn.Module, prompt_mask: Tensor | None) -> Iterator[None]:
-    """Inside the block, forwards of ``model`` know which tokens are the prompt (``(B, T)`` bool)."""
+def routing_inputs(model: nn.Module, prompt_mask: Tensor | None,
+                   task_inputs: tuple[Tensor, Tensor] | None = None) -> Iterator[None]:
+    """Inside the block, forwards of ``model`` know which tokens are the prompt (``(B, T)`` bool) and, when
+    given, each sequence's raw question (``task_inputs``: ``(B, Q)`` token ids and ``(B, Q)`` bool mask)."""
     ctx = get_context(model)
     if ctx is None:
         yield
         return
-    previous = ctx.prompt_mask
-    ctx.prompt_mask = prompt_mask
+    previous = ctx.prompt_mask, ctx.task_inputs
+    ctx.prompt_mask, ctx.task_inputs = prompt_mask, task_inputs
     try:
         yield
     finally:
-        ctx.prompt_mask = previous
+        ctx.prompt_mask, ctx.task_inputs = previous

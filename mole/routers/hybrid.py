@@ -50,7 +50,9 @@ Decisions, marked NOTE(deviation) where the paper is silent or we differ:
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +64,11 @@ from mole.routers.select import check_flag
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
+log = logging.getLogger(__name__)
+
 TASK_ENCODER_ATTR = "mole_task_encoder"
 POSITIONALS = ("none", "right_aligned")
+INPUTS = ("templated", "raw")
 MAX_POSITIONS = 5000  # the released code's positional table length; right-aligned positions end at 4999
 
 
@@ -115,10 +120,14 @@ class TaskEncoder(nn.Module):
         dropout: dropout inside the encoder layer (PyTorch's default, 0.1, as the paper's setting).
         init_token_id: the token whose embedding initialises ``e_task`` ("?" in HMoRA).
         positional: ``"none"`` (the paper) or ``"right_aligned"`` (the released code; see the module notes).
+        input: ``"templated"``: the prompt's tokens as the model reads them, template included (eq. 6's
+            ``T^in``); ``"raw"``: the raw question alone, tokenised on its own (the released code; see the
+            module notes).
     """
 
     def __init__(self, embedding: nn.Embedding, context: RoutingContext, *, heads: int = 16,
-                 ffn_mult: float = 2, dropout: float = 0.1, init_token_id: int = 0, positional: str = "none"):
+                 ffn_mult: float = 2, dropout: float = 0.1, init_token_id: int = 0, positional: str = "none",
+                 input: str = "templated"):  # noqa: A002 - the config key's name
         super().__init__()
         width = int(embedding.weight.shape[1])
         if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or width % heads:
@@ -133,7 +142,10 @@ class TaskEncoder(nn.Module):
             raise MoleConfigError(f"router.task_encoder.dropout must be in [0, 1), got {dropout!r}")
         if positional not in POSITIONALS:
             raise MoleConfigError(f"router.task_encoder.positional must be one of {list(POSITIONALS)}, got {positional!r}")
-        self.positional = positional
+        if input not in INPUTS:
+            raise MoleConfigError(f"router.task_encoder.input must be one of {list(INPUTS)}, got {input!r}")
+        self.positional, self.input = positional, input
+        self._warned_raw = False
         vocab = int(embedding.weight.shape[0])
         if not (0 <= init_token_id < vocab):
             raise MoleConfigError(f"router.task_encoder.init_token: token id {init_token_id} is outside the vocabulary ({vocab})")
@@ -149,6 +161,28 @@ class TaskEncoder(nn.Module):
         # H_task is computed when the model's forward starts, before the first decoder layer: every task
         # router reads it, and it stays outside the layers' activation checkpoints (gradient checkpointing)
         context.producers.append(lambda _ctx: self.representation() if self.users else None)
+
+    def select_inputs(self, input_ids: Tensor, prompt: Tensor,
+                      task_inputs: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """The ``(ids, mask)`` this encoder reads for a batch: the prompt's tokens (``templated``), or under
+        ``raw`` each sequence's raw question (``task_inputs``). NOTE(deviation): a batch that carries no raw
+        questions (interactive generation, a user task without LLM-Adapters fields) falls back to the prompt's
+        tokens; this is logged once.
+
+        Args:
+            input_ids: ``(B, T)`` the model's input.
+            prompt: ``(B, T)`` bool, the prompt's real tokens.
+            task_inputs: ``(B, Q)`` question token ids and ``(B, Q)`` bool mask, or ``None``.
+        """
+        if self.input == "raw":
+            if task_inputs is not None and task_inputs[0].shape[0] == input_ids.shape[0]:
+                ids, mask = task_inputs
+                return ids.to(input_ids.device), mask.to(input_ids.device).bool()
+            if not self._warned_raw:
+                self._warned_raw = True
+                log.warning("router.task_encoder.input=raw: a batch without raw questions; the task encoder reads "
+                            "the prompt's tokens instead (template included)")
+        return input_ids, prompt
 
     def encode(self, input_ids: Tensor, prompt: Tensor) -> Tensor:
         """``H_task`` for a batch.
@@ -260,7 +294,7 @@ class TaskEncoder(nn.Module):
         else:
             if ctx.input_ids is None:
                 raise RuntimeError("hybrid routing needs the model to be called with input_ids (task encoder input)")
-            h = self.encode(ctx.input_ids, ctx.prompt_tokens())
+            h = self.encode(*self.select_inputs(ctx.input_ids, ctx.prompt_tokens(), ctx.task_inputs))
             self._last = h.detach()
         ctx.cache[key] = h
         return h
@@ -287,12 +321,12 @@ def attach_task_encoder(model: nn.Module, node, tokenizer=None, dtype: torch.dty
 
     Args:
         model: the base model (its input embedding gives the width and ``e_task``'s initialisation).
-        node: ``{heads, ffn_mult, dropout, init_token, positional}``.
+        node: ``{heads, ffn_mult, dropout, init_token, positional, input}``.
         tokenizer: looks up ``init_token``'s id; ``None`` (meta-device counting) uses id 0.
         dtype: the encoder's dtype (``model.adapter_dtype``); ``None``: the embedding's.
     """
     node = dict(node or {})
-    known = {"heads", "ffn_mult", "dropout", "init_token", "positional"}
+    known = {"heads", "ffn_mult", "dropout", "init_token", "positional", "input"}
     unknown = sorted(set(node) - known)
     if unknown:
         raise MoleConfigError(f"router.task_encoder: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -426,6 +460,11 @@ class HybridRouter(nn.Module):
             raise RuntimeError(f"hybrid routing: {n} token rows do not match the batch of {rows} sequences")
         return shape[1]
 
+    def task_probs(self, h: Tensor) -> Tensor:
+        """``(B, E)`` the task router's dense distribution for task representations ``h`` ``(B, d)``."""
+        h = h.to(dtype=self.task_gate.weight.dtype)
+        return torch.softmax(self.task_gate(self.dropout(h)).float(), dim=-1)
+
     def forward(self, x: Tensor) -> RouterOutput:
         n = x.shape[0]  # N = B * T tokens
         gates = probs = selected = None
@@ -440,8 +479,7 @@ class HybridRouter(nn.Module):
                 balance.append(BalanceStats(p_tok, s_tok, self.top_k, "token"))
             gates, probs, selected = g_tok, p_tok, s_tok
         if self.task_gate is not None:
-            h = self._task_encoder.representation().to(device=x.device, dtype=self.task_gate.weight.dtype)  # (B, d)
-            p_task = torch.softmax(self.task_gate(self.dropout(h)).float(), dim=-1)  # (B, E)
+            p_task = self.task_probs(self._task_encoder.representation().to(x.device))  # (B, E)
             g_task, s_task = (p_task, None) if mixed_topk else self._select(p_task)  # (B, E)
             dists.append(GateDist(p_task, "task", "sequence"))
             if s_task is not None:
@@ -466,3 +504,35 @@ class HybridRouter(nn.Module):
     def extra_repr(self) -> str:
         extra = ", topk_after_mix" * self.topk_after_mix + ", learned a_l" * (self.a_logit is not None)
         return f"layer={self.layer_idx}, a_l={self.alpha:.4f}, routers={self.kinds}, top_k={self.top_k}{extra}"
+
+
+def task_router_probs(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]) -> list[Tensor]:
+    """Every task router's dense distribution over the sequences of several batches at once, from a fresh
+    pass of the task encoder over all of them (the task-router loss once per optimizer step).
+
+    HMoRA's released code computes the task routers' CGJS once per optimizer step: after the micro-batches'
+    backward passes it encodes the questions of every accumulated sequence in one batch, runs each task
+    router on them and backpropagates the loss of that pass into the task encoder and the task routers.
+    This is that pass: the batches' encoder inputs (:meth:`TaskEncoder.select_inputs`) right-padded to one
+    width and encoded together (a sequence's representation does not depend on its padding).
+
+    Args:
+        model: the model (possibly wrapped: DDP, ``torch.compile``); its task encoder and hybrid routers are
+            found among its modules.
+        batches: per micro-batch ``(input_ids (B, T), prompt (B, T) bool, raw-question inputs or None)``.
+
+    Returns:
+        One ``(sum B, E)`` distribution per task router (each router module once, shared routers included);
+        empty without a task encoder or task routers.
+    """
+    modules = list(model.modules())
+    encoder = next((m for m in modules if isinstance(m, TaskEncoder)), None)
+    routers = [m for m in modules if isinstance(m, HybridRouter) and m.task_gate is not None]
+    if encoder is None or not routers or not batches:
+        return []
+    inputs = [encoder.select_inputs(ids, prompt.bool(), task) for ids, prompt, task in batches]
+    width = max(ids.shape[1] for ids, _ in inputs)
+    ids = torch.cat([F.pad(i, (0, width - i.shape[1])) for i, _ in inputs])  # (sum B, width)
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=False) for _, m in inputs])  # (sum B, width)
+    h = encoder.encode(ids, mask)  # (sum B, d)
+    return [router.task_probs(h.to(router.task_gate.weight.device)) for router in routers]

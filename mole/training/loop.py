@@ -64,7 +64,7 @@ def loss_step(
 
     Returns ``(total loss, {"lm_loss": ..., "aux/<name>": unweighted value})`` with tensors, no syncs.
     """
-    with collect_routing(model) as routing, routing_inputs(model, prompt_mask(batch)):
+    with collect_routing(model) as routing, routing_inputs(model, prompt_mask(batch), question_inputs(batch)):
         # use_cache=False: a training forward has no use for a KV cache (transformers would build one and copy
         # every layer's keys and values into it)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (B, T, V)
@@ -91,6 +91,30 @@ def prompt_mask(batch: dict) -> torch.Tensor:
     return (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
 
 
+def question_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(B, Q)`` token ids and bool mask of each sequence's raw question, when the data carries them
+    (``router.task_encoder.input=raw``; :class:`mole.data.Collator`)."""
+    if "question_ids" not in batch:
+        return None
+    return batch["question_ids"], batch["question_mask"].bool()
+
+
+def step_losses(model: nn.Module, aux_losses: dict[str, AuxLoss], batches: list[tuple]) -> dict[str, torch.Tensor]:
+    """The auxiliary terms computed once per optimizer step over all its micro-batches (a term's
+    ``step_loss``; HMoRA's task-router CGJS under ``loss.cgjs.task_scope=optimizer_step``), unweighted, by
+    the term's name.
+
+    ``batches`` holds each micro-batch's ``(input_ids, prompt mask, raw-question inputs)``.
+    """
+    values = {}
+    for name, term in aux_losses.items():
+        step_loss = getattr(term, "step_loss", None)
+        value = step_loss(model, batches) if step_loss is not None else None
+        if value is not None:
+            values[name] = value
+    return values
+
+
 @torch.no_grad()
 def validation_loss(model: nn.Module, loader: DataLoader | None, accelerator=None) -> float | None:
     """Token-weighted mean LM loss over the validation set (``None`` without one).
@@ -106,7 +130,7 @@ def validation_loss(model: nn.Module, loader: DataLoader | None, accelerator=Non
     total, count = 0.0, 0
     gather = accelerator is not None and accelerator.num_processes > 1
     for batch in loader:
-        with routing_inputs(model, prompt_mask(batch)):
+        with routing_inputs(model, prompt_mask(batch), question_inputs(batch)):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         if gather:
             b = logits.shape[0]
@@ -185,6 +209,7 @@ def train(
         return state
 
     model.train()
+    per_step = any(getattr(term, "task_scope", None) == "optimizer_step" for term in aux_losses.values())
     batches = batches if batches is not None else _batches(train_loader)
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -196,13 +221,23 @@ def train(
             totals: dict[str, torch.Tensor] = {}
             log_step = step % args.log_every == 0 or step == num_steps
             hook = monitor if (log_step and monitor is not None and monitor.active) else None
+            step_inputs: list[tuple] = []  # the micro-batches' task-encoder inputs, for terms computed per step
             for micro in range(args.grad_accum):
                 batch = next(batches)
                 last = micro == args.grad_accum - 1
+                if per_step:
+                    step_inputs.append((batch["input_ids"], prompt_mask(batch), question_inputs(batch)))
                 with grad_sync(accelerator, model, last):  # DDP all-reduces gradients once per optimizer step
                     loss, parts = loss_step(model, batch, aux_losses,
                                             num_tokens=lm_normalizer(accelerator, batch["labels"]),
                                             on_routing=hook, label_smoothing=args.label_smoothing)
+                    if last and per_step:
+                        # added to the last micro-batch's loss, so scaled by 1 / grad_accum with it: its weight
+                        # against the micro-batches' mean LM loss is weight / grad_accum, as in HMoRA's released
+                        # code, which sums the micro-batch losses and adds the step term once
+                        for name, value in step_losses(model, aux_losses, step_inputs).items():
+                            loss = loss + aux_losses[name].weight * value.to(loss.device)
+                            totals[f"aux/{name}_step"] = value.detach().float()
                     # each backward() adds to the gradients; micro-batches are averaged (see backward())
                     backward(accelerator, loss, args.grad_accum, last=last)
                 for k, v in {"loss": loss.detach(), **parts}.items():  # on the device: no host sync here
