@@ -3,12 +3,17 @@
 
     python scripts/reference_differences.py            # the figures of docs/reference-differences.md
     python scripts/reference_differences.py --tokens 512 --draws 50   # quicker, noisier
+    python scripts/reference_differences.py --data /path/to/llm-adapters   # also the task-encoder input row
 
 Every figure compares two settings of the same mole function (the released code's rule is a mole option,
 tested against hand-computed values in tests/test_reference_options.py), on logits drawn i.i.d. from
 N(0, s^2) with the scale s stated. Where the released code does something mole has no option for (the
-1e-5 added inside DynMoLE's entropy, CGJS over all accumulated sequences), the script writes that rule
-out in a line. Deterministic: seed 0, CPU, float64. Prints a Markdown table: difference, setting, figure.
+1e-5 added inside DynMoLE's entropy), the script writes that rule out in a line. Deterministic: seed 0,
+CPU, float64. Prints a Markdown table: difference, setting, figure.
+
+``--data DIR`` (a folder of LLM-Adapters benchmark files, ``<name>/test.json``) adds the task encoder's input
+(HMoRA: the templated prompt against the raw question), measured with the SmolLM2 tokenizer and embeddings
+(the converted model under ``$MOLE_CACHE_DIR``, ``mole-train`` creates it) on real records.
 """
 
 from __future__ import annotations
@@ -68,8 +73,8 @@ def hmora_cgjs_floor(gen, tokens: int) -> list[Row]:
 
 
 def hmora_task_loss_per_step(gen, draws: int) -> list[Row]:
-    """CGJS of the task router over 16 sequences at once (released code, once per optimizer step, batch 8 x
-    accumulation 2) against the mean of two 8-sequence micro-batch terms (mole)."""
+    """CGJS of the task router over 16 sequences at once (released code, ``loss.cgjs.task_scope=optimizer_step``,
+    batch 8 x accumulation 2) against the mean of two 8-sequence micro-batch terms (``micro_batch``)."""
     diffs = []
     for _ in range(draws):
         p = _probs(gen, 16, 8, 1.0)
@@ -114,6 +119,66 @@ def hmora_positional(gen) -> list[Row]:
         rows.append(("HMoRA task-encoder positions", f"d={d}, 32 prompt tokens, embeddings ~ N(0, {emb_std}^2)",
                      f"mean relative change of H_task {rel:.3f}"))
     return rows
+
+
+def hmora_task_input(data_dir: str, per_set: int = 64) -> list[Row]:
+    """The task encoder's input: the Alpaca-templated prompt (``router.task_encoder.input=templated``) against
+    the raw question (``raw``, released code), on ``per_set`` test records of each benchmark in ``data_dir``.
+
+    Token counts with the SmolLM2 tokenizer; and, for one freshly initialised task encoder (seed 0, no dropout)
+    over SmolLM2's embeddings, the relative change of H_task and the mean cosine similarity of H_task between
+    records of different benchmarks (how much the shared template makes different tasks look alike).
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from mole.data.collate import question_ids
+    from mole.data.prompts import record_prompt
+    from mole.data.sources import read_records
+    from mole.model.smollm2 import smollm2_cache_path
+
+    cache = smollm2_cache_path(os.environ.get("MOLE_CACHE_DIR", Path.home() / ".cache" / "mole"))
+    tok = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    with safe_open(str(cache / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("model.embed_tokens.weight").double()
+    emb = torch.nn.Embedding.from_pretrained(weight)
+    torch.manual_seed(0)
+    enc = TaskEncoder(emb, RoutingContext(), heads=16, dropout=0.0).double().eval()
+    sets = sorted(p.parent.name for p in Path(data_dir).glob("*/test.json"))
+    templated, raw, labels = [], [], []
+    for k, name in enumerate(sets):
+        for rec in read_records(str(Path(data_dir) / name / "test.json"), "data")[:per_set]:
+            templated.append(tok(record_prompt(rec), add_special_tokens=True)["input_ids"])
+            raw.append(question_ids(rec, tok, 10**6))
+            labels.append(k)
+
+    def encode(seqs: list[list[int]]) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
+        with torch.no_grad():
+            return torch.cat([enc.encode(ids[i:i + 64], mask[i:i + 64]) for i in range(0, len(seqs), 64)])
+
+    h_t, h_r = encode(templated), encode(raw)
+    lab = torch.tensor(labels)
+    other = lab[:, None] != lab[None, :]
+
+    def cross_cosine(h: torch.Tensor) -> float:
+        u = torch.nn.functional.normalize(h, dim=-1)
+        return float((u @ u.T)[other].mean())
+
+    rel = float(((h_t - h_r).norm(dim=-1) / h_t.norm(dim=-1)).mean())
+    n_t = sum(map(len, templated)) / len(templated)
+    n_r = sum(map(len, raw)) / len(raw)
+    setting = f"{len(sets)} benchmarks x {per_set} test records, SmolLM2 tokenizer and embeddings, d=576"
+    return [("HMoRA task-encoder input", setting,
+             f"tokens per input {n_t:.1f} templated vs {n_r:.1f} raw; mean relative change of H_task {rel:.3f}; "
+             f"mean cosine of H_task across benchmarks {cross_cosine(h_t):.3f} templated vs {cross_cosine(h_r):.3f} raw")]
 
 
 def dynmole_threshold(gen, tokens: int) -> list[Row]:
@@ -219,10 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="token rows per measurement (default 4096)")
     parser.add_argument("--draws", type=int, default=200, help="random draws for averaged figures (default 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="a folder of LLM-Adapters benchmarks (<name>/test.json): adds the task-encoder input row")
     args = parser.parse_args(argv)
     print("| difference | setting | measured |")
     print("|---|---|---|")
-    for name, setting, figure in measure(args.tokens, args.draws, args.seed):
+    rows = measure(args.tokens, args.draws, args.seed) + (hmora_task_input(args.data) if args.data else [])
+    for name, setting, figure in rows:
         print(f"| {name} | {setting} | {figure} |")
 
 

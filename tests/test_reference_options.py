@@ -556,6 +556,7 @@ def test_reference_differences_script_measures_the_invariants():
 # ---- hmora_ref end to end: raw questions in training and evaluation, the task term once per step ----
 
 
+@pytest.mark.slow
 def test_hmora_ref_trains_and_evaluates_on_raw_questions(tiny_cfg, tmp_path, monkeypatch):
     from mole.data import read_records
     from mole.data.prompts import record_question
@@ -587,3 +588,28 @@ def test_hmora_ref_trains_and_evaluates_on_raw_questions(tiny_cfg, tmp_path, mon
     assert step["aux/cgjs_step"] > 0 and step["loss"] == pytest.approx(want, abs=1e-5)
     # the step's pass encodes the 4 sequences of both micro-batches together
     assert any(len(call) == 4 for call in seen)
+
+
+def test_task_term_per_step_equals_the_per_micro_batch_task_term_on_one_micro_batch(tiny_cfg):
+    """One micro-batch, no dropout: the step's own pass gives the task routers the same distributions as the
+    forward, so the token part plus the step part is the per-micro-batch loss (shared routers counted once)."""
+    from mole.data.collate import Collator, encode_example
+    from mole.model.tokenizer import byte_tokenizer
+    from mole.pipeline import build_aux_losses, build_mole_model
+    from mole.training.loop import loss_step, prompt_mask, question_inputs, step_losses
+
+    cfg = tiny_cfg("method=hmora_ref")
+    model, tok, _ = build_mole_model(cfg)
+    model.eval()
+    tok = tok or byte_tokenizer()
+    recs = [{"instruction": "Pick one: red or blue?", "output": "red"}, {"instruction": "Is it cold?", "output": "no"}]
+    batch = Collator(tok.pad_token_id)([encode_example(r, tok, 64, question=True)[0] for r in recs])
+    per_step = build_aux_losses(cfg)
+    assert per_step["cgjs"].task_scope == "optimizer_step"
+    per_micro = build_aux_losses(tiny_cfg("method=hmora_ref", "loss.cgjs.task_scope=micro_batch"))
+    with torch.no_grad():
+        _, token_only = loss_step(model, batch, per_step)
+        _, both = loss_step(model, batch, per_micro)
+        step = step_losses(model, per_step, [(batch["input_ids"], prompt_mask(batch), question_inputs(batch))])
+    assert step["cgjs"].item() > 0
+    torch.testing.assert_close(token_only["aux/cgjs"] + step["cgjs"], both["aux/cgjs"], rtol=1e-5, atol=1e-6)
