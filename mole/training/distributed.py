@@ -195,7 +195,12 @@ def build_accelerator(args, dist: DistributedArgs, run_dir: Path):
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        GradientAccumulationPlugin,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
     check_precision(args.mixed_precision, dist)
     check_deepspeed(dist)
@@ -210,6 +215,10 @@ def build_accelerator(args, dist: DistributedArgs, run_dir: Path):
         mixed_precision=args.mixed_precision,
         cpu=dist.cpu,
         deepspeed_plugin=_deepspeed_plugin(dist, args.grad_accum, args.max_grad_norm) if dist.deepspeed else None,
+        # accumulate() syncs every grad_accum-th micro-batch, counted from the Accelerator's start (a run, or its
+        # resumption, starts at an optimizer step's first micro-batch); not at the end of the data loader: the
+        # loop's steps run across epochs (sync_with_dataloader=False)
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
         log_with=list(args.log_with) or None,
         # the schedule counts optimizer steps already: one scheduler.step() per step, whatever the processes
         step_scheduler_with_optimizer=False,
@@ -241,27 +250,33 @@ def lm_normalizer(accelerator, labels: torch.Tensor) -> torch.Tensor | None:
     return (total / accelerator.num_processes).clamp_min(1.0).reshape(())
 
 
+@contextlib.contextmanager
 def grad_sync(accelerator, model, last: bool):
-    """The context of one micro-batch's forward and backward: under DDP, gradients are all-reduced only on
-    the ``last`` micro-batch before the optimizer step (``no_sync`` on the others), not on every one.
-    DeepSpeed handles accumulation itself (see :func:`backward`); one process has nothing to sync."""
-    if last or accelerator.num_processes == 1 or is_deepspeed(accelerator):
-        return contextlib.nullcontext()
-    return accelerator.no_sync(model)
+    """The context of one micro-batch's forward and backward: Accelerate's ``accumulate``. Under DDP,
+    gradients are all-reduced only on the ``last`` micro-batch before the optimizer step (``no_sync`` on the
+    others); under DeepSpeed the engine steps only there (Accelerate hands it ``sync_gradients``); one
+    process has nothing to sync. The Accelerator counts the micro-batches itself
+    (:func:`build_accelerator`); a count that disagrees with the loop's ``last`` is an error, not a
+    silently misplaced optimizer step."""
+    with accelerator.accumulate(model):
+        if accelerator.sync_gradients != last:
+            raise RuntimeError(f"gradient accumulation out of step: Accelerate syncs={accelerator.sync_gradients}, but "
+                               f"this is {'' if last else 'not '}the step's last micro-batch")
+        yield
 
 
-def backward(accelerator, loss: torch.Tensor, grad_accum: int, last: bool) -> None:
-    """Backward one micro-batch of ``grad_accum``; ``last`` marks the one before the optimizer step.
+def backward(accelerator, loss: torch.Tensor, grad_accum: int) -> None:
+    """Backward one micro-batch of ``grad_accum`` (inside :func:`grad_sync`).
 
-    Plain and DDP runs scale each micro-batch by ``1 / grad_accum`` so the accumulated gradient is
-    their mean. DeepSpeed scales by its own ``gradient_accumulation_steps`` (set to ``grad_accum``) and
-    steps its engine only at the accumulation boundary, which Accelerate reads from ``sync_gradients``.
+    ``accelerator.backward`` scales plain and DDP runs' micro-batches by ``1 / grad_accum`` (the Accelerator's
+    ``gradient_accumulation_steps``) so the accumulated gradient is their mean; DeepSpeed scales by its own
+    ``gradient_accumulation_steps`` (set to ``grad_accum``) and steps its engine at the boundary that
+    :func:`grad_sync` set.
     """
-    if is_deepspeed(accelerator):
-        accelerator.gradient_state._set_sync_gradients(last)
-        accelerator.backward(loss)
-    else:
-        accelerator.backward(loss / grad_accum)
+    if accelerator.gradient_accumulation_steps != grad_accum:
+        raise RuntimeError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
+                           f"the loop {grad_accum} (build it with mole.training.distributed.build_accelerator)")
+    accelerator.backward(loss)
 
 
 def reduce_mean(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -239,7 +239,7 @@ def train(
                             loss = loss + aux_losses[name].weight * value.to(loss.device)
                             totals[f"aux/{name}_step"] = value.detach().float()
                     # each backward() adds to the gradients; micro-batches are averaged (see backward())
-                    backward(accelerator, loss, args.grad_accum, last=last)
+                    backward(accelerator, loss, args.grad_accum)
                 for k, v in {"loss": loss.detach(), **parts}.items():  # on the device: no host sync here
                     totals[k] = totals.get(k, 0.0) + v.float() / args.grad_accum
             # averaged over processes (the global batch's values): one collective and one host sync per step
