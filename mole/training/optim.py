@@ -46,7 +46,13 @@ def adamw(params, *, lr: float, weight_decay: float = 0.0, fused: bool = True) -
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int):
-    """Linear warm-up over ``warmup_steps``, then constant, linear or cosine decay to 0 at ``total_steps``."""
+    """Linear warm-up over ``warmup_steps``, then constant, linear or cosine decay to 0 at ``total_steps``.
+
+    Not ``transformers.get_scheduler``: its warm-up factor is ``step / warmup_steps``, so the first optimizer
+    step runs at lr 0 and full lr is reached one step later; here it is ``(step + 1) / warmup_steps``. After
+    the warm-up the two agree (linear, and cosine with half a cycle); ``total_steps <= warmup_steps`` stays
+    at full lr here, while ``get_scheduler`` would divide by a non-positive span.
+    """
 
     def factor(step: int) -> float:
         if args.warmup_steps and step < args.warmup_steps:
