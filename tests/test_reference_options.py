@@ -461,6 +461,34 @@ def test_balance_reduce_sum_mean_pooled():
     assert BalanceLoss(reduce="pooled")(_decisions(), mask).item() == pytest.approx(1.7, abs=1e-6)
 
 
+def test_balance_pooled_per_layer():
+    from mole.model.routing import RoutingOutputs
+
+    r1, r2 = _decisions()
+    # layer 0 holds r1 and r2, layer 1 a copy of r1 (names as collect_routing gives them)
+    outs = RoutingOutputs([[r1], [r2], [r1]], ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj",
+                                              "model.layers.1.self_attn.q_proj"])
+    assert outs.layer_indices() == [0, 0, 1]
+    # layer 0 pooled: 4 rows, F = [3/4, 1/4], P = [.7, .3] -> 2 (.525 + .075) = 1.2; layer 1: r1 alone, 1.0
+    assert BalanceLoss(reduce="pooled_per_layer")(outs).item() == pytest.approx(2.2, abs=1e-6)
+    with pytest.raises(MoleConfigError, match="pooled_per_layer"):
+        BalanceLoss(reduce="pooled_per_layer")(RoutingOutputs([[r1]], ["router"]))
+    with pytest.raises(MoleConfigError, match=r"loss\.cgjs\.reduce"):
+        CGJSLoss(reduce="pooled_per_layer")
+
+
+def test_routing_outputs_of_a_model_know_their_layer(tiny_cfg):
+    from mole.model.routing import collect_routing
+    from mole.pipeline import build_mole_model
+
+    model, _, _ = build_mole_model(tiny_cfg("method=mola"))
+    with torch.no_grad(), collect_routing(model) as outs:
+        model(input_ids=torch.ones(1, 3, dtype=torch.long))
+    layers = outs.layer_indices()
+    per_layer = len(layers) // 4  # tiny_llama: 4 decoder layers, one router per adapted Linear
+    assert per_layer > 0 and layers == [i for i in range(4) for _ in range(per_layer)]
+
+
 def test_balance_mass_load():
     # r1: kept probabilities [[.8, 0], [0, .6]] -> F = [.4, .3], P = [.6, .4] -> 2 (.24 + .12) = 0.72
     # r2: kept [[.9, 0], [.7, 0]] -> F = [.8, 0], P = [.8, .2] -> 2 (.64) = 1.28

@@ -32,12 +32,13 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 REDUCES = ("sum", "mean", "pooled")
+BALANCE_REDUCES = (*REDUCES, "pooled_per_layer")
 LOADS = ("slots", "mass")
 
 
-def check_reduce(reduce: object, key: str) -> None:
-    if reduce not in REDUCES:
-        raise MoleConfigError(f"{key} must be one of {list(REDUCES)}, got {reduce!r}")
+def check_reduce(reduce: object, key: str, allowed: Sequence[str] = REDUCES) -> None:
+    if reduce not in allowed:
+        raise MoleConfigError(f"{key} must be one of {list(allowed)}, got {reduce!r}")
 
 
 def check_weight(weight: object, key: str) -> None:
@@ -68,14 +69,17 @@ class AuxTerm:
     weight: float
     reduce: str
 
-    def report_once(self, routers: int) -> None:
+    def report_once(self, routers: int, terms: int | None = None) -> None:
         """Log, once per term, its effective weight per router and in all (no host read: values stay on the
-        device; the step log prints the terms' values)."""
+        device; the step log prints the terms' values). ``terms``: how many statistics are summed (``routers``
+        under ``sum``, 1 under ``mean`` and ``pooled``; the default)."""
         if getattr(self, "_reported", False) or routers == 0:
             return
         self._reported = True
-        per_router = self.weight if self.reduce == "sum" else self.weight / routers
-        total = self.weight * routers if self.reduce == "sum" else self.weight
+        if terms is None:
+            terms = routers if self.reduce == "sum" else 1
+        per_router = self.weight * terms / routers
+        total = self.weight * terms
         log.info(
             "loss.%s: weight %g, reduce=%s over %d routers: effective weight %.3g per router (%.3g in all, the "
             "factor on a per-router loss of 1 against the LM loss)",
@@ -166,6 +170,9 @@ class BalanceLoss(AuxTerm):
         weight: the coefficient (0.01 by default; HMoRA Sec. 4.1).
         reduce: ``sum`` | ``mean`` | ``pooled`` over routers (module notes). ``pooled`` puts the rows of every
             decision with the same number of choices together (DynMoLE's and Mixtral's form).
+            ``pooled_per_layer`` pools the decisions of each decoder layer and sums over layers (MoLA's
+            released code; the layer is read from the routing module's name,
+            :meth:`mole.model.routing.RoutingOutputs.layer_indices`).
         load: ``slots`` (eq. 18: the fraction of routing slots) or ``mass`` (the mean kept probability;
             DynMoLE's released code).
     """
@@ -174,7 +181,7 @@ class BalanceLoss(AuxTerm):
 
     def __init__(self, weight: float = 0.01, reduce: str = "sum", load: str = "slots"):
         check_weight(weight, "loss.balance.weight")
-        check_reduce(reduce, "loss.balance.reduce")
+        check_reduce(reduce, "loss.balance.reduce", BALANCE_REDUCES)
         if load not in LOADS:
             raise MoleConfigError(f"loss.balance.load must be one of {list(LOADS)}, got {load!r}")
         self.weight, self.reduce, self.load = float(weight), reduce, load
@@ -182,7 +189,19 @@ class BalanceLoss(AuxTerm):
 
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
         decisions = [st for out in outputs for st in out.balance]
-        if self.reduce == "pooled":
+        terms = None
+        if self.reduce == "pooled_per_layer":
+            layers = outputs.layer_indices() if hasattr(outputs, "layer_indices") else [None] * len(outputs)
+            if None in layers:
+                raise MoleConfigError("loss.balance.reduce=pooled_per_layer: a routing module's name gives no decoder "
+                                      "layer (a model whose decoder layers are not numbered); use pooled or sum")
+            by_layer: dict[int, list[BalanceStats]] = {}
+            for out, layer in zip(outputs, layers, strict=True):
+                by_layer.setdefault(layer, []).extend(out.balance)
+            parts = [t for t in (self._pooled(d, token_mask) for d in by_layer.values() if d) if t is not None]
+            total = torch.stack(parts).sum() if parts else None
+            terms = len(parts)
+        elif self.reduce == "pooled":
             total = self._pooled(decisions, token_mask)
         else:
             total = reduce_over_routers(self._summed(decisions, token_mask), len(decisions), self.reduce)
@@ -191,7 +210,7 @@ class BalanceLoss(AuxTerm):
                 warnings.warn("loss.balance: the routers expose no sparse choice to balance (soft routing); term is 0", stacklevel=2)
                 self._warned = True
             return torch.zeros(())
-        self.report_once(len(decisions))
+        self.report_once(len(decisions), terms)
         return total
 
     def _summed(self, decisions: list[BalanceStats], token_mask: Tensor | None) -> Tensor | None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import nn
 
 from mole.routers.base import RouterOutput
+
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 class RoutingOutputs(Sequence):
@@ -18,8 +22,19 @@ class RoutingOutputs(Sequence):
     layer) would give every layer a graph of its own.
     """
 
-    def __init__(self, sinks: list[list[RouterOutput]]):
+    def __init__(self, sinks: list[list[RouterOutput]], names: Sequence[str] | None = None):
         self._sinks = sinks
+        self._names = list(names) if names is not None else None
+
+    def layer_indices(self) -> list[int | None]:
+        """The decoder layer of each output, in iteration order: the first numeric component of its routing
+        module's name (``model.layers.3.self_attn.q_proj`` -> 3; the decoder stack is a ``ModuleList``), or
+        ``None`` where the name has none or the outputs were collected without names."""
+        out: list[int | None] = []
+        for i, sink in enumerate(self._sinks):
+            match = None if self._names is None else _LAYER.search(self._names[i])
+            out += [int(match.group(1)) if match else None] * len(sink)
+        return out
 
     def __len__(self) -> int:
         return sum(len(sink) for sink in self._sinks)
@@ -58,4 +73,4 @@ def collect_routing(model: nn.Module) -> Iterator[RoutingOutputs]:
     The outputs keep their autograd graph (losses backpropagate through them).
     """
     with module_sinks(model) as sinks:
-        yield RoutingOutputs([sink for *_, sink in sinks])
+        yield RoutingOutputs([sink for *_, sink in sinks], [name for _, name, *_ in sinks])
