@@ -10,7 +10,6 @@ from torch import nn
 
 from mole.routers.base import RouterOutput
 
-
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
