@@ -265,8 +265,9 @@ def build_loaders(cfg: DictConfig, tokenizer, args):
     from mole.data.collate import length_grouped_sampler
 
     train_records, val_records = load_datasets(cfg.data, seed=cfg.seed)
-    encoder = cfg.router.get("task_encoder") or {}
-    question = encoder.get("input", "templated") == "raw"  # the task encoder reads the raw question
+    from mole.routers.hybrid import reads_raw_question
+
+    question = reads_raw_question(cfg.router)
     train_set, val_set, data_info = encode_datasets(cfg.data, tokenizer, train_records, val_records, question)
     group, multiple = _batching_options(cfg.data)
     collate = Collator(tokenizer.pad_token_id, multiple)

@@ -585,7 +585,7 @@ def test_reference_differences_script_measures_the_invariants():
 
 
 @pytest.mark.slow
-def test_hmora_ref_trains_and_evaluates_on_raw_questions(tiny_cfg, tmp_path, monkeypatch):
+def test_hmora_ref_trains_evaluates_and_analyses_on_raw_questions(tiny_cfg, tmp_path, monkeypatch):
     from mole.data import read_records
     from mole.data.prompts import record_question
     from mole.eval.harness import default_fixtures_dir
@@ -616,6 +616,12 @@ def test_hmora_ref_trains_and_evaluates_on_raw_questions(tiny_cfg, tmp_path, mon
     assert step["aux/cgjs_step"] > 0 and step["loss"] == pytest.approx(want, abs=1e-5)
     # the step's pass encodes the 4 sequences of both micro-batches together
     assert any(len(call) == 4 for call in seen)
+    # mole-analyze routes the run's held-out records with their questions too
+    from mole.analysis.run import analyze_run
+
+    seen.clear()
+    analyze_run(tmp_path, out=tmp_path / "analysis", figures=False, per_task=2)
+    assert seen and all(tuple(row) in questions for call in seen for row in call)
 
 
 def test_task_term_per_step_equals_the_per_micro_batch_task_term_on_one_micro_batch(tiny_cfg):

@@ -91,12 +91,13 @@ def analyze_run(
         trust_remote_code: the command line's permission for a Hub model's own code (never the run's).
     """
     from mole.data import Collator
-    from mole.data.collate import encode_record
+    from mole.data.collate import encode_record, question_ids
     from mole.model.context import routing_inputs
     from mole.model.state import ADAPTER_FILE, load_adapter
     from mole.pipeline import build_mole_model
+    from mole.routers.hybrid import reads_raw_question
     from mole.run_dir import load_run_config
-    from mole.training.loop import prompt_mask
+    from mole.training.loop import prompt_mask, question_inputs
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, trust_remote_code=trust_remote_code)
@@ -125,6 +126,8 @@ def analyze_run(
     model.to(device).eval()
     truncation = data_cfg.get("truncation", "right")  # a run config without the key was trained with right truncation
     kept = [(enc, r) for r in records if (enc := encode_record(r, tokenizer, cutoff, template, truncation)) is not None]
+    if reads_raw_question(cfg.router):
+        kept = [({**e, "question_ids": question_ids(r, tokenizer, cutoff)}, r) for e, r in kept]
     encoded, records = [e for e, _ in kept], [r for _, r in kept]  # records longer than the cutoff are left out
     tasks = [r[TASK_KEY] for r in records]
     collate = Collator(tokenizer.pad_token_id)
@@ -133,7 +136,7 @@ def analyze_run(
     with torch.no_grad(), sinks_by_module(model) as sinks:
         for start in range(0, len(encoded), batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size]).items()}
-            with routing_inputs(model, prompt_mask(batch)):
+            with routing_inputs(model, prompt_mask(batch), question_inputs(batch)):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             collector.add_batch(sinks, batch["attention_mask"], tasks[start : start + batch_size])
 

@@ -339,6 +339,13 @@ def attach_task_encoder(model: nn.Module, node, tokenizer=None, dtype: torch.dty
     return encoder
 
 
+def reads_raw_question(router_cfg) -> bool:
+    """Whether the ``router`` config's task encoder reads the raw question (``task_encoder.input: raw``): the
+    data then carries each example's question token ids."""
+    encoder = (router_cfg or {}).get("task_encoder") or {}
+    return encoder.get("input", "templated") == "raw"
+
+
 def drop_unused_task_encoder(model: nn.Module) -> None:
     """Remove ``model.mole_task_encoder`` when no layer built a task router (every ``a_l < beta_low``).
 
