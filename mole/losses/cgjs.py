@@ -164,6 +164,11 @@ class CGJSLoss(AuxTerm):
         self.report_once(len(dists))
         return total
 
+    @property
+    def per_step(self) -> bool:
+        """Whether :meth:`step_loss` contributes (the training loop then keeps the step's encoder inputs)."""
+        return self.task_routers and self.task_scope == "optimizer_step"
+
     def step_loss(self, model, batches) -> Tensor | None:
         """The task routers' term once per optimizer step (``task_scope: optimizer_step``): :func:`cgjs_losses`
         of each task router's distribution over every sequence of the step's micro-batches, summed over task
@@ -174,7 +179,7 @@ class CGJSLoss(AuxTerm):
             batches: per micro-batch ``(input_ids, prompt mask, raw-question inputs or None)``
                 (:func:`mole.routers.hybrid.task_router_probs`).
         """
-        if self.task_scope != "optimizer_step" or not self.task_routers:
+        if not self.per_step:
             return None
         probs = task_router_probs(model, batches)
         if not probs:

@@ -63,11 +63,17 @@ def reduce_over_routers(total: Tensor | None, count: int, reduce: str) -> Tensor
 
 
 class AuxTerm:
-    """What every auxiliary term shares: its weight, its ``reduce`` rule and the one-time log line."""
+    """What every auxiliary term shares: its weight, its ``reduce`` rule and the one-time log line.
+
+    A term may also compute part of itself once per optimizer step over all its micro-batches: it then
+    has ``per_step`` true and a ``step_loss(model, batches)`` (:meth:`mole.losses.CGJSLoss.step_loss`), which
+    the training loop calls at the step's last micro-batch.
+    """
 
     name = "aux"
     weight: float
     reduce: str
+    per_step = False
 
     def report_once(self, routers: int, terms: int | None = None) -> None:
         """Log, once per term, its effective weight per router and in all (no host read: values stay on the

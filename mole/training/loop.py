@@ -209,7 +209,7 @@ def train(
         return state
 
     model.train()
-    per_step = any(getattr(term, "task_scope", None) == "optimizer_step" for term in aux_losses.values())
+    per_step = any(getattr(term, "per_step", False) for term in aux_losses.values())  # a term with a step_loss
     batches = batches if batches is not None else _batches(train_loader)
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
