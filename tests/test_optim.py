@@ -3,6 +3,8 @@ the per-parameter loop, and a fallback where the fused kernel cannot run."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,3 +57,35 @@ def test_fused_is_skipped_where_the_parameters_do_not_allow_it():
 def test_bad_fused_optimizer_value_names_the_key(tiny_cfg):
     with pytest.raises(MoleConfigError, match="trainer.fused_optimizer must be true or false"):
         TrainArgs.from_config(tiny_cfg("trainer.fused_optimizer=maybe").trainer)
+
+
+def _lrs(scheduler, optimizer, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("kind, hf", [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")])
+def test_schedule_by_hand_and_against_transformers_get_scheduler(kind, hf):
+    """Warm-up 4 of 10 steps: (step + 1) / 4 here, step / 4 in transformers (first step at lr 0); the decay
+    after the warm-up is the same."""
+    from transformers import get_scheduler
+
+    from mole.training.optim import build_scheduler
+
+    def sgd():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    opt = sgd()
+    ours = _lrs(build_scheduler(opt, TrainArgs(scheduler=kind, warmup_steps=4), 10), opt, 10)
+    opt = sgd()
+    theirs = _lrs(get_scheduler(hf, opt, num_warmup_steps=4, num_training_steps=10), opt, 10)
+    assert ours[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and theirs[:4] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    # after the warm-up: linear (10 - s) / 6, cosine (1 + cos(pi (s - 4) / 6)) / 2, constant 1
+    want = {"linear": [(10 - s) / 6 for s in range(4, 10)],
+            "cosine": [(1 + math.cos(math.pi * (s - 4) / 6)) / 2 for s in range(4, 10)],
+            "constant": [1.0] * 6}[kind]
+    assert ours[4:] == pytest.approx(want) and theirs[4:] == pytest.approx(want)
