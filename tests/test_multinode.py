@@ -3,6 +3,7 @@ on the loopback address (one CPU process each, gloo) against one process with th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -489,3 +490,29 @@ def test_sigterm_to_a_multi_process_run_reaches_its_workers(tmp_path):
     assert code == 0, err[-3000:]
     done = json.loads((run_dir / "metrics.json").read_text())
     assert done["finished"] and len(done["train_loss"]) == 20
+
+
+# ---- DeepSpeed on two machines (GPU only) ----
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed is not installed (pip install 'mole[deepspeed]')")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two machines on one host need a GPU each")
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_on_two_machines_on_loopback_matches_one_process(stage, tmp_path):
+    """ZeRO-2/3 over two "machines" on 127.0.0.1, one GPU each (NCCL): the loss curve of one process with the
+    same global batch, and one adapter."""
+    one = run_train(compose_config([*COMMON, "trainer.batch_size=4"]), tmp_path / "one")
+    port, run_dir = free_port(), tmp_path / stage
+    nodes = [arg for arg in _nodes(port) if arg not in ("distributed=ddp", "distributed.cpu=true")]
+    procs = [_start(*COMMON, *nodes, f"distributed={stage}", f"distributed.machine_rank={r}", f"hydra.run.dir={run_dir}",
+                    cwd=tmp_path, env={**ENV, "CUDA_VISIBLE_DEVICES": str(r)}) for r in (0, 1)]
+    for proc in procs:
+        code, err = _finish(proc)
+        assert code == 0, err[-3000:]
+    two = json.loads((run_dir / "metrics.json").read_text())
+    assert two["num_processes"] == 2 and two["global_batch_size"] == 4
+    assert [r["loss"] for r in two["train_loss"]] == pytest.approx([r["loss"] for r in one["train_loss"]], rel=1e-4)
+    assert (run_dir / "train.log").read_text().count("trainable params") == 1
+    assert load_file(run_dir / "adapter.safetensors")
