@@ -8,8 +8,8 @@ Resolvers (registered when :mod:`mole` is imported):
   and an empty string (no overrides) becomes ``default``; a name over 255 bytes (what file systems allow)
   keeps its first bytes and ends with a digest of the whole.
 * ``${mul:A,B}`` — A * B, for shapes derived from other keys.
-* ``${mole_writer:VALUE,OTHERWISE}`` — ``VALUE``, or ``OTHERWISE`` in a SLURM task other than task 0 (it must
-  not write the run directory; :func:`mole.training.slurm.writer_value`).
+* ``${mole_writer:VALUE,OTHERWISE}`` — ``VALUE``, or ``OTHERWISE`` in a process that must not write the run
+  directory: a SLURM task other than task 0, a rank other than 0 (:func:`mole.training.slurm.writer_value`).
 """
 
 from __future__ import annotations

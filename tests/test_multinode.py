@@ -48,6 +48,12 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def _succeed(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        code, err = _finish(proc)
+        assert code == 0, err[-3000:]
+
+
 def _slurm_vars(rank: int, tasks: int = 2, nodes: int = 2) -> dict[str, str]:
     """The variables srun sets for task ``rank`` of a job with ``tasks`` tasks on ``nodes`` nodes (all on this host)."""
     per_node = tasks // nodes
@@ -247,9 +253,7 @@ def test_two_machines_on_loopback_match_one_process_write_once_and_resume_after_
     port, two_dir = free_port(), tmp_path / "two"
     procs = [_start(*COMMON, *_nodes(port), f"distributed.machine_rank={r}", f"hydra.run.dir={two_dir}", cwd=tmp_path)
              for r in (0, 1)]
-    for proc in procs:
-        code, err = _finish(proc)
-        assert code == 0, err[-3000:]
+    _succeed(procs)
     two = json.loads((two_dir / "metrics.json").read_text())
     with capsys.disabled():
         _print_curves("loss: two machines x 1 process (batch 2) against 1 process (batch 4)",
@@ -309,9 +313,7 @@ def test_two_machines_on_loopback_match_one_process_write_once_and_resume_after_
                        "distributed.num_processes=2", f"distributed.main_process_port={slurm_port}",
                        "trainer.save_every=1", f"hydra.run.dir={requeued_dir}", cwd=tmp_path,
                        env=_slurm_env(r, nodes=1, SLURM_RESTART_COUNT="1")) for r in (0, 1)]
-    for proc in resumed:
-        code, err = _finish(proc)
-        assert code == 0, err[-3000:]
+    _succeed(resumed)
     for resumed_dir in (run_dir, requeued_dir):
         assert "trainer.resume: continuing from" in (resumed_dir / "train.log").read_text()
         c = load_file(resumed_dir / "adapter.safetensors")
@@ -330,9 +332,7 @@ def test_slurm_tasks_train_as_the_processes_of_one_run(tmp_path):
         procs.append(_start(*COMMON, "trainer.batch_size=2", "distributed.cpu=true",
                             f"distributed.main_process_port={port}", f"hydra.run.dir={run_dir}", cwd=tmp_path,
                             env=_slurm_env(rank)))
-    for proc in procs:
-        code, err = _finish(proc)
-        assert code == 0, err[-3000:]
+    _succeed(procs)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_batch_size"] == 4
     assert [r["loss"] for r in metrics["train_loss"]] == pytest.approx([r["loss"] for r in one["train_loss"]], rel=1e-5)
@@ -508,9 +508,7 @@ def test_deepspeed_on_two_machines_on_loopback_matches_one_process(stage, tmp_pa
     nodes = [arg for arg in _nodes(port) if arg not in ("distributed=ddp", "distributed.cpu=true")]
     procs = [_start(*COMMON, *nodes, f"distributed={stage}", f"distributed.machine_rank={r}", f"hydra.run.dir={run_dir}",
                     cwd=tmp_path, env={**ENV, "CUDA_VISIBLE_DEVICES": str(r)}) for r in (0, 1)]
-    for proc in procs:
-        code, err = _finish(proc)
-        assert code == 0, err[-3000:]
+    _succeed(procs)
     two = json.loads((run_dir / "metrics.json").read_text())
     assert two["num_processes"] == 2 and two["global_batch_size"] == 4
     assert [r["loss"] for r in two["train_loss"]] == pytest.approx([r["loss"] for r in one["train_loss"]], rel=1e-4)
