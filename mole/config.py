@@ -8,6 +8,8 @@ Resolvers (registered when :mod:`mole` is imported):
   and an empty string (no overrides) becomes ``default``; a name over 255 bytes (what file systems allow)
   keeps its first bytes and ends with a digest of the whole.
 * ``${mul:A,B}`` — A * B, for shapes derived from other keys.
+* ``${mole_writer:VALUE,OTHERWISE}`` — ``VALUE``, or ``OTHERWISE`` in a process that must not write the run
+  directory: a SLURM task other than task 0, a rank other than 0 (:func:`mole.training.slurm.writer_value`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,15 @@ def _fixture(name: str) -> str:
     return fixture_path(name)
 
 
+def _writer(value, otherwise=None):
+    from mole.training.slurm import writer_value
+
+    return writer_value(value, otherwise)
+
+
 def register_resolvers() -> None:
-    for name, fn in (("mole_slug", _slug), ("mole_fixture", _fixture), ("mul", lambda a, b: a * b)):
+    for name, fn in (("mole_slug", _slug), ("mole_fixture", _fixture), ("mul", lambda a, b: a * b),
+                     ("mole_writer", _writer)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

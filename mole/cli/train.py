@@ -67,8 +67,11 @@ class RunDirectoryLock(Callback):
 def _redact_hydra_files(hydra_cfg) -> None:
     """Hydra saved the overrides and config (``.hydra/``, a sweep's ``multirun.yaml``) before the job
     started: redact secrets there."""
+    from mole.training.slurm import writes_run_dir
     from mole.utils.secrets import redact_yaml_file
 
+    if not writes_run_dir():  # a SLURM task other than task 0: it wrote none of them (hydra.output_subdir is null)
+        return
     if hydra_cfg.mode == RunMode.MULTIRUN:
         redact_yaml_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
     if not hydra_cfg.output_subdir:
@@ -120,16 +123,20 @@ def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int) -> N
     stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end,
     from what each job recorded (:mod:`mole.cli.sweep`).
     """
+    from mole.training.slurm import writes_run_dir
     from mole.utils.errors import error_line
 
-    sweep.record_job(sweep_dir, job_num, run_dir)
+    writer = writes_run_dir()  # a job of several SLURM tasks is recorded by task 0 (asked before the tasks meet)
+    if writer:
+        sweep.record_job(sweep_dir, job_num, run_dir)
     try:
         _train_one(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - isolate the job, whatever failed
         line = error_line(err)
         log.error("job failed: %s (details in %s)", line, Path(run_dir) / "error.txt")
         print(f"{PROG}: job {Path(run_dir).name} failed: {line}", file=sys.stderr)
-        sweep.record_job(sweep_dir, job_num, run_dir, error=line)
+        if writer:
+            sweep.record_job(sweep_dir, job_num, run_dir, error=line)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")

@@ -292,6 +292,10 @@ def reduce_mean(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float
 # start-up checks of a run over several machines
 
 SHARED_MARKER = ".mole-shared-check-"
+# seconds the other machines wait for machine 0's marker file; a shared filesystem whose clients cache
+# directory entries (NFS's attribute cache) can need longer than the default
+SHARED_TIMEOUT_ENV = "MOLE_SHARED_DIR_TIMEOUT_S"
+SHARED_TIMEOUT_S = 60.0
 
 
 def machine_count() -> int:
@@ -345,12 +349,29 @@ def check_same_config(accelerator, cfg: DictConfig) -> None:
     )
 
 
-def check_shared_run_dir(accelerator, run_dir: Path, timeout_s: float = 60.0) -> None:
+def shared_dir_timeout() -> float:
+    """The marker wait of :func:`check_shared_run_dir`: ``$MOLE_SHARED_DIR_TIMEOUT_S`` seconds, or 60."""
+    raw = os.environ.get(SHARED_TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return SHARED_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise MoleConfigError(f"{SHARED_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def check_shared_run_dir(accelerator, run_dir: Path, timeout_s: float | None = None) -> None:
     """With several machines, the run directory must be one every machine sees: process 0 writes a marker
-    file there, and the first process of every other machine waits up to ``timeout_s`` for it."""
+    file there, and the first process of every other machine waits up to ``timeout_s`` (default
+    :func:`shared_dir_timeout`) for it. Every process raises the same one-line error when one did not see it;
+    the marker is removed either way."""
     machines = machine_count()
     if machines == 1 or accelerator.num_processes == 1:
         return
+    timeout_s = shared_dir_timeout() if timeout_s is None else timeout_s
     import secrets
     import time
 

@@ -8,6 +8,12 @@ node hosts the rendezvous), sets the variables ``torch.distributed`` reads (``RA
 ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and trains directly, without
 ``accelerate launch``. The port is ``distributed.main_process_port``, or one derived from the job id so
 every task picks the same. A job with one task keeps the usual path (``accelerate launch`` inside it).
+
+One writer. Every task runs the same job function, and under ``mole-train -m`` (Hydra's submitit launcher)
+every task runs Hydra's ``run_job`` too, which would write ``.hydra/`` and open the job's log file in the run
+directory. Only task 0 writes there: ``conf/train.yaml`` sets ``hydra.output_subdir`` and the log file's name
+through the resolver ``${mole_writer:VALUE,OTHERWISE}`` (:func:`writer_value`), which gives ``OTHERWISE``
+(``null``, ``/dev/null``) in any other task, and a sweep job's record is task 0's (:mod:`mole.cli.train`).
 """
 
 from __future__ import annotations
@@ -72,3 +78,17 @@ def slurm_task() -> SlurmTask | None:
                          job_id=int(env.get("SLURM_JOB_ID", "0")))
     except ValueError as err:
         raise MoleConfigError(f"the SLURM job's environment is not readable: {err}") from None
+
+
+def writes_run_dir() -> bool:
+    """Whether this process may write the run directory: not a SLURM task other than task 0, and not a rank
+    other than 0 of a launched run (a SLURM task is one once it has joined the run's process group)."""
+    task = slurm_task()
+    if task is not None:
+        return task.rank == 0
+    return "LOCAL_RANK" not in os.environ or os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def writer_value(value, otherwise=None):
+    """The resolver ``${mole_writer:VALUE,OTHERWISE}``: ``VALUE`` where :func:`writes_run_dir`, else ``OTHERWISE``."""
+    return value if writes_run_dir() else otherwise
