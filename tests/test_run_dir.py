@@ -123,6 +123,40 @@ def test_config_differences_ignore_only_the_listed_keys():
     assert rd.config_differences(a, b, ("trainer.save_every", "paths.")) == ["extra", "trainer.lr"]
 
 
+def test_a_key_the_stored_config_lacks_counts_as_its_default(finished, tmp_path):
+    """A run written before ``data.truncation`` existed is the same run as one with its default, prompt_left."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    saved = OmegaConf.load(run / rd.CONFIG_FILE)
+    assert saved.data.truncation == "prompt_left"
+    del saved.data["truncation"]
+    OmegaConf.save(saved, run / rd.CONFIG_FILE)
+    assert rd.finished_run(run, compose_config(TRAIN))["finished"] is True
+    assert rd.finished_run(run, compose_config([*TRAIN, "data.truncation=prompt_left"]))["finished"] is True
+    with pytest.raises(MoleConfigError, match=r"differs at data\.truncation\)"):
+        rd.finished_run(run, compose_config([*TRAIN, "data.truncation=right"]))
+    # only keys with a declared default: another key missing from the stored config is a difference
+    del saved.data["cutoff_len"]
+    OmegaConf.save(saved, run / rd.CONFIG_FILE)
+    with pytest.raises(MoleConfigError, match=r"differs at data\.cutoff_len\)"):
+        rd.finished_run(run, compose_config(TRAIN))
+
+
+def test_config_differences_fill_a_key_absent_on_one_side_with_its_default():
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create({"data": {"cutoff_len": 8}})
+    new = OmegaConf.create({"data": {"cutoff_len": 8, "truncation": "prompt_left"}})
+    right = OmegaConf.create({"data": {"cutoff_len": 8, "truncation": "right"}})
+    defaults = {"data.truncation": "prompt_left"}
+    assert rd.config_differences(old, new) == ["data.truncation"]
+    assert rd.config_differences(old, new, defaults=defaults) == []
+    assert rd.config_differences(new, old, defaults=defaults) == []
+    assert rd.config_differences(old, right, defaults=defaults) == ["data.truncation"]
+
+
 def _train_cli(cfg, run_dir: Path, capsys) -> tuple[int, str]:
     from mole.cli.train import _single_run
 
