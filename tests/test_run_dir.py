@@ -382,3 +382,47 @@ def test_a_second_process_on_a_live_run_directory_stops_at_once(tmp_path):
     from omegaconf import OmegaConf
 
     assert OmegaConf.load(run / rd.CONFIG_FILE).trainer.lr == 3e-4  # the first run's own config, not the second's
+
+
+def _hold_lock(run: Path) -> subprocess.Popen:
+    """Another process that holds ``run``'s lock until its stdin closes."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mole.run_dir import RunLock; held = RunLock(sys.argv[1]).acquire(); "
+         "print('held', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.slow
+def test_a_sweep_job_on_a_busy_directory_changes_nothing_there(tmp_path):
+    """Hydra writes a job's notes before any job callback runs: they go to the job's own folder, which the
+    refused job removes, so the owner's ``.hydra/`` and log stay byte for byte as they were."""
+    sweep_dir = tmp_path / "sweep"
+    run = sweep_dir / "job"
+    (run / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text(f"# the owner's {name}\n")
+    (run / "train.log").write_text("the owner's log\n")
+    rd.write_json(run / rd.METRICS_FILE, rd.with_status({"pid": 1}, rd.RUNNING))
+    before = _snapshot(run)
+    holder = _hold_lock(run)
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.getcwd(),
+               "MOLE_OUTPUT_DIR": str(tmp_path / "out")}
+        proc = subprocess.run([sys.executable, "-m", "mole.cli.train", "-m", *RUN, f"hydra.sweep.dir={sweep_dir}",
+                               "hydra.sweep.subdir=job"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mole-train:")]
+        assert lines == [
+            f"mole-train: job job failed: run directory {run} is in use by another mole run (pid {holder.pid}); "
+            "wait for it to end, or give this run another directory (hydra.run.dir=DIR)",
+            "mole-train: error: 1 of 1 sweep jobs failed (job); see each job's metrics.json and error.txt"], lines
+        assert _snapshot(run) == before
+        assert sorted(p.name for p in run.iterdir()) == [".hydra", rd.LOCK_FILE, rd.OWNER_FILE, rd.METRICS_FILE,
+                                                        "train.log"]
+        assert holder.poll() is None
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
