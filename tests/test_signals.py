@@ -1,4 +1,7 @@
-"""Signals: SIGTERM / SIGINT stop mole-train at a step boundary with a checkpoint, one line and 143 / 130."""
+"""Signals: SIGTERM / SIGINT stop mole-train at a step boundary with a checkpoint, one line and 143 / 130.
+
+What the user sees for SIGTERM, SIGINT and a second signal (status, the one line, checkpoint, metrics.json,
+nothing half-written) is a row each of tests/test_bad_input.py's "processes and signals" family."""
 
 from __future__ import annotations
 
@@ -124,34 +127,6 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_ends_with_the_uninterrupted_
     assert done["train_loss"] == json.loads((ref_dir / "metrics.json").read_text())["train_loss"]
 
 
-@pytest.mark.slow
-def test_sigint_exits_130_without_a_traceback_and_a_second_signal_stops_at_once(tmp_path):
-    run_dir = tmp_path / "run"
-    victim = _start_slow(run_dir)
-    _wait_for_training(run_dir, victim)
-    victim.send_signal(signal.SIGINT)
-    _, err = victim.communicate(timeout=120)
-    assert victim.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["interrupted"] and metrics["signal"] == "SIGINT" and "failed" not in metrics
-    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [
-        f"mole-train: interrupted at step {metrics['steps']}; resume with trainer.resume=true"]
-
-    # two signals in a row: the second one ends the process before the step boundary, with no checkpoint
-    again = tmp_path / "again"
-    victim = _start_slow(again, "trainer.max_steps=40")
-    _wait_for_training(again, victim)
-    victim.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    victim.send_signal(signal.SIGTERM)
-    _, err = victim.communicate(timeout=60)
-    assert victim.returncode == 143 and "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [
-        "mole-train: SIGTERM again; stopping now without a checkpoint"]
-    assert not ckpt.list_checkpoints(again)
-
-
 # ---- requeue on preemption under submitit / SLURM (in-process, two tiny runs) ----
 
 
@@ -173,7 +148,7 @@ def test_a_preempted_submitit_job_checkpoints_then_requeues_and_the_requeued_job
 
     def submitit_requeue(signum, frame):  # what submitit's handler sees when it is called
         metrics = json.loads((run / "metrics.json").read_text())
-        requeues.append(([s for s, _ in ckpt.list_checkpoints(run)], metrics["interrupted"], metrics["steps"]))
+        requeues.append(([s for s, _ in ckpt.list_checkpoints(run)], metrics["status"], metrics["steps"]))
 
     real, calls = loop.loss_step, {"n": 0}
 
@@ -193,7 +168,7 @@ def test_a_preempted_submitit_job_checkpoints_then_requeues_and_the_requeued_job
         monkeypatch.setattr(loop, "loss_step", real)
     assert stopped.value.step == 4 and stopped.value.exit_status == 128 + signal.SIGUSR2
     # submitit was called once, after the checkpoint of step 4 and the interrupted record were written
-    assert requeues == [([2, 4], True, 4)]
+    assert requeues == [([2, 4], "interrupted", 4)]
     before = json.loads((run / "metrics.json").read_text())["train_loss"]
 
     # the requeued job: the same command, in the environment SLURM gives a requeued one-task job
