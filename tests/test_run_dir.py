@@ -403,8 +403,7 @@ def test_a_sweep_job_on_a_busy_directory_changes_nothing_there(tmp_path):
     (run / ".hydra").mkdir(parents=True)
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (run / ".hydra" / name).write_text(f"# the owner's {name}\n")
-    (run / "train.log").write_text("the owner's log\n")
-    rd.write_json(run / rd.METRICS_FILE, rd.with_status({"pid": 1}, rd.RUNNING))
+    rd.write_json(run / rd.METRICS_FILE, rd.with_status({"pid": 1}, rd.RUNNING))  # an owner that has logged nothing yet
     before = _snapshot(run)
     holder = _hold_lock(run)
     try:
@@ -420,8 +419,8 @@ def test_a_sweep_job_on_a_busy_directory_changes_nothing_there(tmp_path):
             "wait for it to end, or give this run another directory (hydra.run.dir=DIR)",
             "mole-train: error: 1 of 1 sweep jobs failed (job); see each job's metrics.json and error.txt"], lines
         assert _snapshot(run) == before
-        assert sorted(p.name for p in run.iterdir()) == [".hydra", rd.LOCK_FILE, rd.OWNER_FILE, rd.METRICS_FILE,
-                                                        "train.log"]
+        # nothing new either: no notes folder of the refused job, not even an empty log file
+        assert sorted(p.name for p in run.iterdir()) == [".hydra", rd.LOCK_FILE, rd.OWNER_FILE, rd.METRICS_FILE]
         assert holder.poll() is None
     finally:
         holder.stdin.close()

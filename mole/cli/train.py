@@ -43,7 +43,8 @@ log = logging.getLogger(PROG)
 class RunDirectoryLock(Callback):
     """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): a single run takes its run directory's lock
     (:mod:`mole.run_dir`) before Hydra writes into the directory (``.hydra/``, the log), so a second run on a
-    busy directory stops without touching it. Sweep jobs take theirs in :func:`mole.pipeline.run_train`."""
+    busy directory stops without touching it. A sweep job takes its lock when it starts
+    (:func:`mole.cli.hydra_notes.owned_run`): Hydra has written its notes by then, into a folder of their own."""
 
     def on_run_start(self, config, **kwargs) -> None:
         from mole.run_dir import lock_run
