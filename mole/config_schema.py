@@ -34,6 +34,8 @@ class Rule:
     ``kind``: ``int``, ``number`` (int or float, finite), ``bool``, ``choice`` (one of ``choices``) or
     ``int_list`` (a list of integers, each within the range). ``lo``/``hi`` bound the value (open when
     ``lo_open``/``hi_open``); ``nullable``: ``null`` is allowed; ``expected`` replaces the generated wording.
+    ``default``: what the code does when a config lacks the key (one written before the key existed), so
+    that such a config and one that sets this value describe the same run (:func:`absent_defaults`).
     """
 
     kind: str
@@ -44,6 +46,7 @@ class Rule:
     choices: tuple[Any, ...] = ()
     nullable: bool = False
     expected: str = ""
+    default: Any = _ABSENT
 
     def describe(self) -> str:
         if self.expected:
@@ -125,7 +128,7 @@ RULES: dict[str, Rule] = {
     "loss.tsallis.q": Rule("number", lo=0, lo_open=True, expected="a positive number (the Tsallis entropic index)"),
     # what text
     "data.cutoff_len": Rule("int", lo=1, expected="a positive integer (tokens per example)"),
-    "data.truncation": Rule("choice", choices=("prompt_left", "right", "drop")),
+    "data.truncation": Rule("choice", choices=("prompt_left", "right", "drop"), default="prompt_left"),
     "data.val_size": Rule("number", lo=0, nullable=True,
                           expected="a fraction in [0, 1) or a whole number of records"),
     "data.max_records": Rule("int", lo=1, nullable=True),
@@ -147,6 +150,11 @@ RULES: dict[str, Rule] = {
     "trainer.resume": Rule("bool"),
     "trainer.label_smoothing": PROBABILITY_BELOW_ONE,
 }
+
+
+def absent_defaults() -> dict[str, Any]:
+    """``{key: value}`` for the keys whose absence from a config means that value (:attr:`Rule.default`)."""
+    return {key: rule.default for key, rule in RULES.items() if rule.default is not _ABSENT}
 
 
 def _value(cfg: DictConfig, key: str) -> Any:

@@ -32,6 +32,7 @@ from mole.model.state import ADAPTER_FILE, adapter_metadata, load_adapter, save_
 from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_config: re-exported for callers
     CONFIG_FILE,
     FINISHED,
+    INTERRUPTED,
     METRICS_FILE,
     RUNNING,
     finished_run,
@@ -529,7 +530,7 @@ def _stop_on_signal(signum: int, accelerator, model, optimizer, scheduler, strea
                                         scheduler=scheduler, state=state, stream=stream, config_yaml=config_yaml,
                                         keep=args.keep_checkpoints)
             log.info("step %d: checkpoint %s", state.step, path)
-        metrics.update({"finished": False, "interrupted": True, "signal": signal_name(signum), "steps": state.step})
+        metrics.update(with_status({**metrics, "signal": signal_name(signum), "steps": state.step}, INTERRUPTED))
         _write_json(run_dir / METRICS_FILE, metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()

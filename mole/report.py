@@ -3,10 +3,13 @@
 Each job directory of a sweep (Hydra's ``outputs/sweeps/<name>/<job>/``) or a single run directory is
 one row. Its status comes from the files the run wrote:
 
+* ``running`` — a live process holds the run directory's lock (:func:`mole.run_dir.run_status`);
 * ``finished`` — ``metrics.json`` with ``finished: true``;
+* ``interrupted`` — ``metrics.json`` with ``interrupted: true`` (stopped by a signal at a step boundary,
+  resumable with ``trainer.resume=true``), or a ``running`` record whose process is gone (killed);
 * ``failed`` — ``metrics.json`` with ``failed: true`` or an ``error.txt`` (:mod:`mole.training.failures`);
-* ``incomplete`` — the job started (``.hydra/`` or ``config.yaml`` exist) but left no result: still
-  running, or killed;
+* ``incomplete`` — the job started (``.hydra/`` or ``config.yaml`` exist) but left no record and no process
+  holds its lock: killed before it wrote anything;
 * ``unreadable`` — a ``metrics.json`` that is not valid JSON.
 
 A value a run did not produce is an empty cell (``—`` in Markdown), never a zero. Only JSON and YAML are
@@ -24,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from mole.run_dir import METRICS_FILE
+from mole.run_dir import FAILED, METRICS_FILE, run_status
 from mole.utils.errors import MoleConfigError
 
 ERROR_FILE = "error.txt"
@@ -98,7 +101,6 @@ def read_job(path: Path) -> JobRow:
         except yaml.YAMLError:
             overrides = []
     metrics: dict[str, Any] = {}
-    status = "incomplete"
     metrics_path = path / METRICS_FILE
     if metrics_path.is_file():
         try:
@@ -106,12 +108,9 @@ def read_job(path: Path) -> JobRow:
             metrics = loaded if isinstance(loaded, dict) else {}
         except json.JSONDecodeError:
             return JobRow(path.name, "unreadable", overrides, {})
-        if metrics.get("finished"):
-            status = "finished"
-        elif metrics.get("failed"):
-            status = "failed"
-    if status == "incomplete" and (path / ERROR_FILE).is_file():
-        status = "failed"
+    status = run_status(path)  # the lock first: a live run reads as running whatever its last record says
+    if status is None:  # no record: failed before writing one, or killed
+        status = FAILED if (path / ERROR_FILE).is_file() else "incomplete"
     return JobRow(path.name, status, overrides, metrics)
 
 
@@ -164,7 +163,7 @@ def summary(rows: list[JobRow]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
-    order = ("finished", "failed", "incomplete", "unreadable")
+    order = ("finished", "running", "interrupted", "failed", "incomplete", "unreadable")
     parts = ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
     return f"{len(rows)} job(s): {parts}"
 

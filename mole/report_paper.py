@@ -16,7 +16,7 @@ table, and what the paper reported:
   (the paper's numbers by row label and column label), ``title``, ``source``, ``notes``.
 
 The expected jobs are the grid of ``hydra.sweeper.params`` (``multirun.yaml``), so a job that never started
-is shown as ``missing``; failed, incomplete and unreadable jobs are shown as such. A cell that is only partly
+is shown as ``missing``; running, interrupted, failed, incomplete and unreadable jobs are shown as such. A cell that is only partly
 done says how many of its jobs it has (``83.1 (2/3)``). Nothing missing is ever shown as a zero.
 """
 
@@ -198,7 +198,7 @@ class Cell:
         if self.value is None:
             if not self.statuses:
                 return "missing"
-            return "/".join(sorted(self.statuses))  # failed, incomplete, missing, unreadable, no metric
+            return "/".join(sorted(self.statuses))  # e.g. running, interrupted, failed, missing, no metric
         out = f"{self.value:.{digits}f}"
         if self.std is not None:
             out += f" ± {self.std:.{digits}f}"

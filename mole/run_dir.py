@@ -24,7 +24,9 @@ A process that starts others for the same run (``accelerate launch``) hands the 
 (:func:`holds_lock`).
 
 **Reuse.** A directory that holds a finished run is skipped when the new config is the same, refused when it
-differs (naming the differing keys), and trained over with ``force=true`` (:func:`finished_run`).
+differs (naming the differing keys), and trained over with ``force=true`` (:func:`finished_run`). A key the
+stored config lacks (written before the key existed) is the same as the value the code takes in its absence
+(:func:`mole.config_schema.absent_defaults`).
 
 **Remote code.** :func:`load_run_config` never takes ``model.trust_remote_code`` from a stored config: the
 caller passes what its own command line said, and a stored config that asks for remote code is refused.
@@ -254,8 +256,13 @@ def lock_run(run_dir: str | Path) -> RunLock | None:
 # configs
 
 
-def config_differences(saved: DictConfig, current: DictConfig, ignored: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose (resolved) values differ, except ``ignored`` ones (``"a.b"`` a key, ``"a."`` a subtree)."""
+def config_differences(saved: DictConfig, current: DictConfig, ignored: tuple[str, ...] = (),
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted keys whose (resolved) values differ, except ``ignored`` ones (``"a.b"`` a key, ``"a."`` a subtree).
+
+    ``defaults``: ``{key: value}`` for keys whose absence means that value (a config written before the key
+    existed): absent on one side and that value on the other is no difference.
+    """
 
     def flat(node, prefix="") -> dict[str, Any]:
         if isinstance(node, dict):
@@ -267,6 +274,10 @@ def config_differences(saved: DictConfig, current: DictConfig, ignored: tuple[st
 
     a = flat(OmegaConf.to_container(saved, resolve=True))
     b = flat(OmegaConf.to_container(current, resolve=True))
+    for key, value in (defaults or {}).items():
+        if (key in a) != (key in b):
+            a.setdefault(key, value)
+            b.setdefault(key, value)
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
     return [k for k in keys if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignored)]
 
@@ -289,7 +300,10 @@ def finished_run(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
     except Exception as err:  # noqa: BLE001 - a missing file or a YAML error, in their many types
         raise MoleConfigError(f"{run_dir} holds a finished run whose {CONFIG_FILE} cannot be read to compare with "
                               f"this config ({type(err).__name__}); {hint}") from None
-    differences = [k for k in config_differences(saved, OmegaConf.create(redacted_yaml(cfg)), RERUN_IGNORED_KEYS)
+    from mole.config_schema import absent_defaults
+
+    current = OmegaConf.create(redacted_yaml(cfg))
+    differences = [k for k in config_differences(saved, current, RERUN_IGNORED_KEYS, absent_defaults())
                    if not is_secret_key(k)]  # credentials change nothing a run computes
     if differences:
         shown = ", ".join(differences[:8]) + (f" and {len(differences) - 8} more" if len(differences) > 8 else "")

@@ -3,9 +3,9 @@
 disk lost or half-written: every file that was there is unchanged, and no ``*.tmp`` file or temporary
 checkpoint directory is left behind.
 
-The table has five families: configs, data files, checkpoints and run directories, processes (the
-machine: disk full, permissions, names too long, command-line options) and security (secrets never
-printed). Cases marked ``SUB`` run the installed command as a subprocess; the others call the same entry
+The table has five families: configs, data files, checkpoints and run directories, processes and signals
+(the machine: disk full, permissions, names too long, command-line options; a run stopped by SIGTERM or
+SIGINT, a second signal, a run directory held by another process) and security (secrets never printed). Cases marked ``SUB`` run the installed command as a subprocess; the others call the same entry
 functions in-process (``mole.cli.params.main``, ``mole.cli.eval.main``, and for ``mole-train`` the
 single-run function ``mole.cli.train._single_run`` on a config composed as the command does). A case's
 ``patch`` simulates what a test cannot arrange for real (a full disk, a file root may not read).
@@ -35,7 +35,7 @@ from mole.config import compose_config
 TRAIN_BASE = ["model=tiny_llama", "trainer.max_steps=1", "trainer.batch_size=2", "data.max_records=12"]
 SUB = True
 CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-FAMILIES = ("configs", "data files", "checkpoints and run directories", "processes", "security")
+FAMILIES = ("configs", "data files", "checkpoints and run directories", "processes and signals", "security")
 
 
 @dataclass(frozen=True)
@@ -567,7 +567,7 @@ CASES = [
     *(_family(c, "configs") for c in CONFIG_CASES),
     *(_family(c, "data files") for c in DATA_CASES),
     *(_family(c, "checkpoints and run directories") for c in RUN_CASES),
-    *(_family(c, "processes") for c in PROCESS_CASES),
+    *(_family(c, "processes and signals") for c in PROCESS_CASES),
     *(_family(c, "security") for c in SECURITY_CASES),
 ]
 
@@ -692,7 +692,92 @@ def test_user_error_is_one_line_naming_the_key_or_file(case: Case, runs, tmp_pat
         case.post(tmp_path)
 
 
+# ---- processes and signals: the real command stopped by a signal, or refused by another process's lock ----
+#
+# A signal ends the run with its own status (128 + signal) and one line that is not an error; the run keeps
+# a resumable checkpoint and `metrics.json` with `interrupted: true`. These start `mole-train` with every
+# micro-batch slowed down (tests/test_checkpoint.py's driver and config), so each takes seconds: slow tier.
+
+
+@dataclass(frozen=True)
+class ProcessCase:
+    id: str
+    signals: tuple[str, ...]  # sent once training has started; none: another process holds the run directory
+    status: int
+    line: str  # the one line; {step}: the step metrics.json records, {run}, {pid}: the lock's holder
+    checkpoint: bool = True  # a checkpoint of that step and metrics.json with interrupted: true are written
+    args: tuple[str, ...] = ()
+
+
+STOPPED = "mole-train: interrupted at step {step}; resume with trainer.resume=true"
+SIGNAL_CASES = [
+    ProcessCase("sigterm", ("SIGTERM",), 143, STOPPED),
+    ProcessCase("sigint", ("SIGINT",), 130, STOPPED),
+    ProcessCase("second-signal", ("SIGTERM", "SIGTERM"), 143,
+                "mole-train: SIGTERM again; stopping now without a checkpoint", checkpoint=False,
+                args=("trainer.max_steps=40",)),  # the second signal lands well before the run's end
+    ProcessCase("run-dir-locked-by-another-pid", (), 2,
+                "mole-train: error: run directory {run} is in use by another mole run (pid {pid}); wait for it "
+                "to end, or give this run another directory (hydra.run.dir=DIR)", checkpoint=False),
+]
+
+
+def _owned_run_dir(run: Path) -> None:
+    """What a live run has written so far (its notes, log and running record)."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- trainer.lr=0.001\n")
+    (run / "train.log").write_text("[step 0] the owner's log\n")
+    (run / "metrics.json").write_text(json.dumps({"status": "running", "finished": False, "pid": 1}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.id for c in SIGNAL_CASES])
+def test_a_stopped_or_refused_run_says_so_in_one_line_and_keeps_what_it_wrote(case: ProcessCase, tmp_path):
+    import signal
+    import time
+
+    from mole.training import checkpoint as ckpt
+    from tests.test_run_dir import _hold_lock
+    from tests.test_signals import _start_slow, _wait_for_training
+
+    run = tmp_path / "run"
+    holder = None
+    if not case.signals:
+        _owned_run_dir(run)
+        holder = _hold_lock(run)
+    before = _snapshot(tmp_path)
+    try:
+        proc = _start_slow(run, *case.args)
+        if case.signals:
+            _wait_for_training(run, proc)
+            for name in case.signals:
+                proc.send_signal(getattr(signal, name))
+                time.sleep(0.05)
+        _, err = proc.communicate(timeout=180)
+        assert holder is None or holder.poll() is None  # the owner goes on
+    finally:
+        if holder is not None:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+    assert proc.returncode == case.status, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    expected = case.line.format(step=metrics.get("steps"), run=run, pid=holder.pid if holder else None)
+    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [expected]
+    steps = [s for s, _ in ckpt.list_checkpoints(run)] if run.is_dir() else []
+    if case.checkpoint:
+        assert metrics["interrupted"] is True and metrics["finished"] is False and "failed" not in metrics
+        assert metrics["status"] == "interrupted" and metrics["signal"] == case.signals[0]
+        assert steps == [metrics["steps"]] and metrics["steps"] >= 1
+        assert (run / "checkpoints" / f"step-{metrics['steps']}" / "trainer_state.json").is_file()
+    else:
+        assert steps == [] and not metrics.get("interrupted")
+    assert not (run / "adapter.safetensors").exists()
+    _nothing_lost_or_half_written(before, tmp_path)
+
+
 def test_the_table_covers_every_family():
     counts = {fam: sum(c.family == fam for c in CASES) for fam in FAMILIES}
+    counts["processes and signals"] += len(SIGNAL_CASES)
     assert all(n >= 5 for n in counts.values()), counts
     assert len(CASES) >= 120 and len({c.id for c in CASES}) == len(CASES)

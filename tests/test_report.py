@@ -81,3 +81,48 @@ def test_mole_report_usage_error_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mole.cli.report"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("mole-report: error: usage: mole-report SWEEP_DIR")
+
+
+def test_running_and_interrupted_runs_are_shown_as_such(tmp_path):
+    """The status comes from mole.run_dir: the lock for a live run, the record for a stopped one."""
+    from mole.run_dir import INTERRUPTED, RUNNING, RunLock, with_status
+
+    root = tmp_path / "sweep"
+    live = _job(root, "seed=1", {"status": RUNNING, "finished": False})  # an earlier attempt's record, now running
+    _job(root, "seed=2", with_status({"steps": 3, "signal": "SIGTERM"}, INTERRUPTED))  # stopped at a step boundary
+    _job(root, "seed=3", {"status": RUNNING, "finished": False})  # a running record, no process: killed
+    _job(root, "seed=4")  # started, no record, no lock
+    fresh = _job(root, "seed=5")  # a fresh run, still running: no record yet, only its lock
+    _job(root, "seed=6", with_status({"steps": 9}, "finished"))
+    _job(root, "seed=7", with_status({"error": "boom"}, "failed"), error="Traceback ...")
+    with RunLock(live), RunLock(fresh):
+        rows = {r.job: r.status for r in (read_job(p) for p in find_jobs(root))}
+        md, _, _ = write_report(root)
+    assert rows == {"seed=1": "running", "seed=2": "interrupted", "seed=3": "interrupted", "seed=4": "incomplete",
+                    "seed=5": "running", "seed=6": "finished", "seed=7": "failed"}
+    assert "7 job(s): 1 finished, 2 running, 2 interrupted, 1 failed, 1 incomplete" in md.read_text()
+    # once the runs' locks are gone, the fresh run (no record) reads as incomplete, the other as killed
+    rows = {r.job: r.status for r in (read_job(p) for p in find_jobs(root))}
+    assert rows["seed=1"] == "interrupted" and rows["seed=5"] == "incomplete"
+
+
+def test_paper_cells_name_running_and_interrupted_jobs(tmp_path):
+    import yaml
+
+    from mole.run_dir import INTERRUPTED, RunLock, with_status
+
+    root = tmp_path / "s"
+    root.mkdir()
+    paper = {"rows_by": ["method"], "columns_by": "data"}
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"params": {"method": "lora,mola",
+                                                                                          "data": "a"}}}, "paper": paper}))
+    for method in ("lora", "mola"):
+        d = root / f"method={method},data=a"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"method={method}", "data=a"]))
+    write = with_status({"steps": 2}, INTERRUPTED)
+    (root / "method=mola,data=a" / "metrics.json").write_text(json.dumps(write))
+    with RunLock(root / "method=lora,data=a"):
+        md, _, _ = write_report(root)
+    text = md.read_text()
+    assert "| **method=lora** | running |" in text and "| **method=mola** | interrupted |" in text, text

@@ -123,6 +123,40 @@ def test_config_differences_ignore_only_the_listed_keys():
     assert rd.config_differences(a, b, ("trainer.save_every", "paths.")) == ["extra", "trainer.lr"]
 
 
+def test_a_key_the_stored_config_lacks_counts_as_its_default(finished, tmp_path):
+    """A run written before ``data.truncation`` existed is the same run as one with its default, prompt_left."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    saved = OmegaConf.load(run / rd.CONFIG_FILE)
+    assert saved.data.truncation == "prompt_left"
+    del saved.data["truncation"]
+    OmegaConf.save(saved, run / rd.CONFIG_FILE)
+    assert rd.finished_run(run, compose_config(TRAIN))["finished"] is True
+    assert rd.finished_run(run, compose_config([*TRAIN, "data.truncation=prompt_left"]))["finished"] is True
+    with pytest.raises(MoleConfigError, match=r"differs at data\.truncation\)"):
+        rd.finished_run(run, compose_config([*TRAIN, "data.truncation=right"]))
+    # only keys with a declared default: another key missing from the stored config is a difference
+    del saved.data["cutoff_len"]
+    OmegaConf.save(saved, run / rd.CONFIG_FILE)
+    with pytest.raises(MoleConfigError, match=r"differs at data\.cutoff_len\)"):
+        rd.finished_run(run, compose_config(TRAIN))
+
+
+def test_config_differences_fill_a_key_absent_on_one_side_with_its_default():
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create({"data": {"cutoff_len": 8}})
+    new = OmegaConf.create({"data": {"cutoff_len": 8, "truncation": "prompt_left"}})
+    right = OmegaConf.create({"data": {"cutoff_len": 8, "truncation": "right"}})
+    defaults = {"data.truncation": "prompt_left"}
+    assert rd.config_differences(old, new) == ["data.truncation"]
+    assert rd.config_differences(old, new, defaults=defaults) == []
+    assert rd.config_differences(new, old, defaults=defaults) == []
+    assert rd.config_differences(old, right, defaults=defaults) == ["data.truncation"]
+
+
 def _train_cli(cfg, run_dir: Path, capsys) -> tuple[int, str]:
     from mole.cli.train import _single_run
 
@@ -348,3 +382,46 @@ def test_a_second_process_on_a_live_run_directory_stops_at_once(tmp_path):
     from omegaconf import OmegaConf
 
     assert OmegaConf.load(run / rd.CONFIG_FILE).trainer.lr == 3e-4  # the first run's own config, not the second's
+
+
+def _hold_lock(run: Path) -> subprocess.Popen:
+    """Another process that holds ``run``'s lock until its stdin closes."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mole.run_dir import RunLock; held = RunLock(sys.argv[1]).acquire(); "
+         "print('held', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.slow
+def test_a_sweep_job_on_a_busy_directory_changes_nothing_there(tmp_path):
+    """Hydra writes a job's notes before any job callback runs: they go to the job's own folder, which the
+    refused job removes, so the owner's ``.hydra/`` and log stay byte for byte as they were."""
+    sweep_dir = tmp_path / "sweep"
+    run = sweep_dir / "job"
+    (run / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text(f"# the owner's {name}\n")
+    rd.write_json(run / rd.METRICS_FILE, rd.with_status({"pid": 1}, rd.RUNNING))  # an owner that has logged nothing yet
+    before = _snapshot(run)
+    holder = _hold_lock(run)
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.getcwd(),
+               "MOLE_OUTPUT_DIR": str(tmp_path / "out")}
+        proc = subprocess.run([sys.executable, "-m", "mole.cli.train", "-m", *RUN, f"hydra.sweep.dir={sweep_dir}",
+                               "hydra.sweep.subdir=job"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mole-train:")]
+        assert lines == [
+            f"mole-train: job job failed: run directory {run} is in use by another mole run (pid {holder.pid}); "
+            "wait for it to end, or give this run another directory (hydra.run.dir=DIR)",
+            "mole-train: error: 1 of 1 sweep jobs failed (job); see each job's metrics.json and error.txt"], lines
+        assert _snapshot(run) == before
+        # nothing new either: no notes folder of the refused job, not even an empty log file
+        assert sorted(p.name for p in run.iterdir()) == [".hydra", rd.LOCK_FILE, rd.OWNER_FILE, rd.METRICS_FILE]
+        assert holder.poll() is None
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

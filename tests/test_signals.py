@@ -1,4 +1,7 @@
-"""Signals: SIGTERM / SIGINT stop mole-train at a step boundary with a checkpoint, one line and 143 / 130."""
+"""Signals: SIGTERM / SIGINT stop mole-train at a step boundary with a checkpoint, one line and 143 / 130.
+
+What the user sees for SIGTERM, SIGINT and a second signal (status, the one line, checkpoint, metrics.json,
+nothing half-written) is a row each of tests/test_bad_input.py's "processes and signals" family."""
 
 from __future__ import annotations
 
@@ -124,29 +127,58 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_ends_with_the_uninterrupted_
     assert done["train_loss"] == json.loads((ref_dir / "metrics.json").read_text())["train_loss"]
 
 
-@pytest.mark.slow
-def test_sigint_exits_130_without_a_traceback_and_a_second_signal_stops_at_once(tmp_path):
-    run_dir = tmp_path / "run"
-    victim = _start_slow(run_dir)
-    _wait_for_training(run_dir, victim)
-    victim.send_signal(signal.SIGINT)
-    _, err = victim.communicate(timeout=120)
-    assert victim.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["interrupted"] and metrics["signal"] == "SIGINT" and "failed" not in metrics
-    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [
-        f"mole-train: interrupted at step {metrics['steps']}; resume with trainer.resume=true"]
+# ---- requeue on preemption under submitit / SLURM (in-process, two tiny runs) ----
 
-    # two signals in a row: the second one ends the process before the step boundary, with no checkpoint
-    again = tmp_path / "again"
-    victim = _start_slow(again, "trainer.max_steps=40")
-    _wait_for_training(again, victim)
-    victim.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    victim.send_signal(signal.SIGTERM)
-    _, err = victim.communicate(timeout=60)
-    assert victim.returncode == 143 and "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.startswith("mole-train:")] == [
-        "mole-train: SIGTERM again; stopping now without a checkpoint"]
-    assert not ckpt.list_checkpoints(again)
+
+@pytest.mark.slow
+def test_a_preempted_submitit_job_checkpoints_then_requeues_and_the_requeued_job_resumes(tmp_path, monkeypatch):
+    """submitit handles SIGUSR2 by requeueing the job (SLURM sends it before a time limit or on preemption);
+    the run checkpoints first, then calls submitit's handler; the requeued job, which SLURM starts with
+    ``SLURM_RESTART_COUNT=1``, resumes from that checkpoint without ``trainer.resume`` (that a resumed run
+    ends bit for bit as the uninterrupted one: tests/test_checkpoint.py)."""
+    import mole.training.loop as loop
+    from mole.config import compose_config
+    from mole.pipeline import run_train
+    from tests.test_checkpoint import RESUME
+
+    for name in ("SLURM_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "job"
+    requeues = []
+
+    def submitit_requeue(signum, frame):  # what submitit's handler sees when it is called
+        metrics = json.loads((run / "metrics.json").read_text())
+        requeues.append(([s for s, _ in ckpt.list_checkpoints(run)], metrics["status"], metrics["steps"]))
+
+    real, calls = loop.loss_step, {"n": 0}
+
+    def preempted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # step 4, first micro-batch (2 micro-batches a step)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "loss_step", preempted)
+    previous = signal.signal(signal.SIGUSR2, submitit_requeue)
+    try:
+        with pytest.raises(RunInterrupted) as stopped:
+            run_train(compose_config(RESUME), run)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        monkeypatch.setattr(loop, "loss_step", real)
+    assert stopped.value.step == 4 and stopped.value.exit_status == 128 + signal.SIGUSR2
+    # submitit was called once, after the checkpoint of step 4 and the interrupted record were written
+    assert requeues == [([2, 4], "interrupted", 4)]
+    before = json.loads((run / "metrics.json").read_text())["train_loss"]
+
+    # the requeued job: the same command, in the environment SLURM gives a requeued one-task job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    trained = []
+    monkeypatch.setattr(loop, "loss_step", lambda *a, **k: (trained.append(1), real(*a, **k))[1])
+    resumed = run_train(compose_config(RESUME), run)
+    assert len(trained) == 4  # steps 5 and 6 only: it resumed from step 4 (a fresh start trains 12 micro-batches)
+    assert resumed["finished"] and "interrupted" not in resumed and resumed["steps"] == 6
+    assert len(before) == 4 and resumed["train_loss"][:4] == before and len(resumed["train_loss"]) == 6

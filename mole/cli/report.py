@@ -3,9 +3,9 @@
     mole-report outputs/sweeps/multirun              # writes report.md and report.csv into that directory
     mole-report outputs/sweeps/multirun out=reports/ # ... or into reports/
 
-Each job directory is one row: status (finished / failed / incomplete / unreadable), method, steps,
-trainable %, last and best validation loss, each lm-eval task's headline metric, time per step, wall
-time, and a failed job's one-line error. A value a run did not produce is an empty cell, never a zero.
+Each job directory is one row: status (running / finished / interrupted / failed / incomplete /
+unreadable), method, steps, trainable %, last and best validation loss, each lm-eval task's headline
+metric, time per step, wall time, and a failed job's one-line error. A value a run did not produce is an empty cell, never a zero.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ log = logging.getLogger(PROG)
 class RunDirectoryLock(Callback):
     """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): a single run takes its run directory's lock
     (:mod:`mole.run_dir`) before Hydra writes into the directory (``.hydra/``, the log), so a second run on a
-    busy directory stops without touching it. Sweep jobs take theirs in :func:`mole.pipeline.run_train`."""
+    busy directory stops without touching it. A sweep job takes its lock when it starts
+    (:func:`mole.cli.hydra_notes.owned_run`): Hydra has written its notes by then, into a folder of their own."""
 
     def on_run_start(self, config, **kwargs) -> None:
         from mole.run_dir import lock_run
@@ -115,7 +116,7 @@ def _single_run(cfg: DictConfig, run_dir: str) -> None:
         sys.exit(1)
 
 
-def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int) -> None:
+def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int, pending: Path | None = None) -> None:
     """One job of a sweep: a failure is recorded (by run_train) and reported, and the sweep goes on.
 
     Hydra 1.3's basic launcher stores a job's exception and re-raises the first one after the whole
@@ -123,6 +124,7 @@ def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int) -> N
     stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end,
     from what each job recorded (:mod:`mole.cli.sweep`).
     """
+    from mole.cli.hydra_notes import owned_run
     from mole.training.slurm import writes_run_dir
     from mole.utils.errors import error_line
 
@@ -130,7 +132,8 @@ def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int) -> N
     if writer:
         sweep.record_job(sweep_dir, job_num, run_dir)
     try:
-        _train_one(cfg, run_dir)
+        with owned_run(run_dir, pending):  # the lock, then Hydra's notes into .hydra/ (mole.cli.hydra_notes)
+            _train_one(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - isolate the job, whatever failed
         line = error_line(err)
         log.error("job failed: %s (details in %s)", line, Path(run_dir) / "error.txt")
@@ -141,11 +144,16 @@ def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int) -> N
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
+    from mole.cli.hydra_notes import pending_folder, publish
+
     hydra_cfg = HydraConfig.get()
     _redact_hydra_files(hydra_cfg)
+    pending = pending_folder(hydra_cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        _sweep_job(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.sweep.dir, hydra_cfg.job.num)
+        _sweep_job(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.sweep.dir, hydra_cfg.job.num, pending)
     else:
+        if pending is not None:  # RunDirectoryLock holds the directory
+            publish(pending, hydra_cfg.runtime.output_dir)
         _single_run(cfg, hydra_cfg.runtime.output_dir)
 
 
@@ -179,14 +187,17 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from mole.cli import hydra_notes
     from mole.utils.errors import error_line, os_error_line
     from mole.utils.secrets import redact_text, redacted_stderr
 
     _check_options(sys.argv[1:])
-    sweep.start()
+    token = sweep.start()
     launcher_error = None
     if "-m" not in sys.argv[1:] and "--multirun" not in sys.argv[1:] and _not_machine_zero(sys.argv[1:]):
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    elif not hydra_notes.user_chose_folder(sys.argv[1:]):  # Hydra's notes reach .hydra/ only under the lock
+        sys.argv.append(hydra_notes.override(token))
     user_full_error = os.environ.get("HYDRA_FULL_ERROR")
     # Hydra raises its own errors (unknown config option or key) instead of printing them over many lines,
     # so they end in one line like every other user error (HYDRA_FULL_ERROR=1 keeps Hydra's full report)
