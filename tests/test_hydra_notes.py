@@ -22,13 +22,22 @@ def _notes(folder: Path, subdir: str) -> None:
     OmegaConf.save(OmegaConf.create(hydra), folder / "hydra.yaml")
 
 
-def test_the_override_names_a_folder_of_the_job_and_task():
-    key, _, value = hydra_notes.override("abc").partition("=")
-    assert key == "hydra.output_subdir"
-    cfg = OmegaConf.create({"hydra": {"job": {"num": "???"}}, "x": value})
+def test_the_override_names_a_folder_of_the_job_and_task(monkeypatch):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mole.config import register_resolvers
+
+    register_resolvers()
+    parsed = OverridesParser.create().parse_override(hydra_notes.override("abc"))  # as Hydra reads the command line
+    assert parsed.key_or_group == "hydra.output_subdir" and not parsed.is_sweep_override()
+    cfg = OmegaConf.create({"hydra": {"job": {"num": "???"}}, "x": parsed.value()})
     assert cfg.x == ".hydra-pending-abc-0-0"  # a single run: no job number
     cfg.hydra.job.num = 3
     assert cfg.x == ".hydra-pending-abc-3-0"
+    monkeypatch.setenv("SLURM_PROCID", "1")  # a SLURM task other than task 0 of a multi-task job writes no notes
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert cfg.x is None
     assert hydra_notes.user_chose_folder(["seed=1", "hydra.output_subdir=null"])
     assert not hydra_notes.user_chose_folder(["seed=1", "hydra.run.dir=x"])
 

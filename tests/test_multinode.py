@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -420,13 +421,15 @@ def _slurm_job_task(tmp_path: Path, monkeypatch, rank: int) -> tuple[Path, Path,
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID", "SLURM_RESTART_COUNT"):
-        monkeypatch.delenv(key, raising=False)  # the task sets some when it joins the run: restored afterwards
+        monkeypatch.setenv(key, "")  # recorded, so that what the task sets when it joins the run is undone afterwards
+        monkeypatch.delenv(key)
     monkeypatch.setenv(sweep.SWEEP_ENV, "sweep0")
     for key, value in {**_slurm_vars(rank), "SUBMITIT_EXECUTOR": "slurm"}.items():  # submitit's sbatch script sets it
         monkeypatch.setenv(key, value)
     calls = []
     monkeypatch.setattr(mole.pipeline, "run_train",
-                        lambda cfg, run_dir: calls.append((str(run_dir), os.environ.get("RANK"))))
+                        lambda cfg, run_dir: (logging.getLogger("mole.pipeline").info("training"),  # opens train.log
+                                              calls.append((str(run_dir), os.environ.get("RANK")))))
     sweep_dir = tmp_path / "sweep"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         hydra_app = GlobalHydra.instance().hydra

@@ -31,7 +31,7 @@ def override(token: str) -> str:
     """The command-line override that sends Hydra's notes to the job's own folder (resolved in the job)."""
     # a SLURM task other than task 0 writes no notes at all (null), as conf/train.yaml's own default says
     folder = f"{PENDING_PREFIX}{token}-${{oc.select:hydra.job.num,0}}-${{oc.env:SLURM_PROCID,0}}"
-    return f"{KEY}=${{mole_writer:{folder},null}}"
+    return f"{KEY}='${{mole_writer:{folder},null}}'"  # quoted: a bare comma would make it a sweep
 
 
 def user_chose_folder(argv: list[str]) -> bool:
