@@ -107,7 +107,7 @@ def train_both(encoded: list[dict], lengths: list[int], args, vocab: int, pad_id
     out["ratio"] = out["grouped"]["tokens_per_s"] / out["random"]["tokens_per_s"]
     print(f"grouped / random tokens/s: {out['ratio']:.2f}x over {args.train_steps} paired rounds "
           f"(median of per-round ratios {statistics.median(per_round):.2f}x)")
-    k = max(1, args.train_steps // 4)
+    k = max(1, args.train_steps // 5)
     for name in runs:
         losses = out[name]["loss"]
         windows = [losses[i:i + k] for i in range(0, len(losses), k)]

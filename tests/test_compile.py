@@ -3,8 +3,9 @@ preset, a compiled step equal to an eager one, bounded recompilation, and compil
 
 Graph breaks are Dynamo's: the ``eager`` backend (Dynamo's trace, run without a compiler) proves one graph
 per layer at a fraction of a compiler's cost. Equality runs ``aot_eager`` (Dynamo plus AOTAutograd's joint
-forward-backward graph, the part of the ``inductor`` path that decomposes ops) and, for one preset,
-``inductor`` itself.
+forward-backward graph, the part of the ``inductor`` path that decomposes ops). ``inductor`` itself passed
+the same equality test for mole's LoRA on the CPU, but compiling C++ took 5 minutes on a busy 2-core
+machine, too long for the slow tier; ``make gpu-check`` runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -107,14 +108,13 @@ def test_a_decoder_layer_of_every_preset_compiles_to_one_graph(method):
 @pytest.mark.parametrize("method, backend, checkpointing, extra", [
     ("mixlora", "aot_eager", False, []),
     ("hmora", "aot_eager", True, ["router.dropout=0", "router.task_encoder.dropout=0"]),
-    ("lora", "inductor", False, []),  # the C++ compiler path of the CPU: one preset, it compiles slowly
 ])
 def test_a_compiled_step_equals_an_eager_one(method, backend, checkpointing, extra):
     """Loss and every gradient within 1e-5 (absolute) + 1e-4 (relative): the compiled graph may reorder
     float sums, nothing more. Dropout 0: eager and compiled code draw their masks differently."""
     from mole.model.base import enable_gradient_checkpointing
 
-    model, aux = _model(method, *NO_DROPOUT, *extra)
+    model, aux = _model(method, "model.num_layers=2", *NO_DROPOUT, *extra)  # two layers: two graphs to compile
     if checkpointing:
         enable_gradient_checkpointing(model)
     batch = padded_batch(2, 24, 256, 0)
@@ -157,7 +157,7 @@ def _record(n: int) -> dict[str, list[int]]:
 
 # ---- mole-train with trainer.compile=true: gradient checkpointing, resume ----
 
-RUN = ["model=tiny_llama", "eval=none", "trainer.batch_size=2", "adapter.dropout=0.1", "trainer.max_steps=4",
+RUN = ["model=tiny_llama", "method=loramoe", "eval=none", "trainer.batch_size=2", "adapter.dropout=0.1", "trainer.max_steps=4",
        "trainer.eval_every=2", "data.max_records=12", "trainer.save_every=2", "trainer.compile=true",
        "trainer.compile_backend=eager", "trainer.gradient_checkpointing=true", "data.pad_to_multiple_of=16"]
 
