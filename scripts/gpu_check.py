@@ -48,6 +48,9 @@ BENCH_BUILTIN = {"lora": "lora_r8", "mola": "mola", "mola_mor": "mola_mor", "hmo
                  "mixlora": "mixlora"}
 # not benchmarked: full fine-tuning trains the frozen base weights that bench.py's variants share
 EXCLUDED = {"full_ft": "trains every base weight, which the benchmark's variants share"}
+# --dry-run: bench.py's CPU model cut to tiny_llama's width, and a short batch
+TINY = [arg for o in ("model.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_attention_heads=4",
+                      "model.config.num_key_value_heads=2") for arg in ("--model-override", o)] + ["--batch", "2", "--seq", "32"]
 # the speed targets' variants first: they are what a short budget must not lose
 FIRST = ["lora_r8", "soft_e8", "topk_e8", "mola", "mola_mor", "hmora"]
 
@@ -233,22 +236,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the op counts run on the CPU, beside the GPU parts
     ops = check.start_part("ops", [*bench, "--device", "cpu", "--threads", "1", "--rounds", "1", "--warmup", "1",
-                                   "--count-ops", "--out", str(out / "ops"), *bench_args(builtin, added)],
+                                   *(TINY if dry else []), "--count-ops", "--out", str(out / "ops"),
+                                   *bench_args(builtin, added)],
                            240 if not dry else 120, env)
     if dry:
         check.finish_part(ops)  # one CPU: the parts take turns
-        device, rounds = ["--device", "cpu", "--rounds", "1", "--warmup", "1"], []
+        device, rounds = ["--device", "cpu", "--rounds", "1", "--warmup", "1", *TINY], []
     else:
         device, rounds = ["--device", "cuda"], ["--rounds", "5", "--warmup", "2"]
     check.run_part("eager", [*bench, *device, *rounds, "--no-compile", "--out", str(out / "eager"),
-                             *bench_args(builtin, added)], 80 if not dry else 90, env)
+                             *bench_args(builtin, added)], 70 if not dry else 90, env)
     if dry:
         compiled_groups = [(["lora_r8", "soft_e8"], [])]
         compile_flags, compile_budget = ["--compile", "--compile-backend", "aot_eager"], 90
     else:
         specs = [*builtin, *added]
         compiled_groups = [([s for s in g if "=" not in s], [s for s in g if "=" in s]) for g in groups(specs, 6)]
-        compile_flags, compile_budget = [], 230
+        compile_flags, compile_budget = [], 210
     compile_deadline = time.perf_counter() + compile_budget
     for i, (names, extra) in enumerate(compiled_groups):
         check.run_part(f"compiled-{i + 1}", [*bench, *device, *rounds, *compile_flags, "--out",
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     except Exception:  # noqa: BLE001 - any import failure means the part cannot run
         has_deepspeed = False
     if has_deepspeed:
-        check.run_part("test_gpu", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 60, env)
+        check.run_part("test_gpu", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 50, env)
     else:
         check.report["parts"]["test_gpu"] = {"status": "skipped", "reason": "deepspeed is not importable",
                                              "budget_s": 0}
@@ -270,17 +274,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_dir = out / "train" / "run"
     if dry:
-        model = ["model=tiny_llama", "trainer.max_steps=4", "trainer.compile_backend=aot_eager", "eval.limit=2"]
+        model = ["model=tiny_llama", "model.num_layers=2", "method=loramoe", "trainer.max_steps=4",
+                 "trainer.compile_backend=aot_eager"]
     else:
         model = ["model=llama3_2_1b", "model.source=config", "model.dtype=bfloat16", "trainer.max_steps=100",
-                 "trainer.mixed_precision=bf16", "eval.limit=32"]
+                 "trainer.mixed_precision=bf16"]
     train_cmd = [PY, "-m", "mole.cli.train", *model, "trainer.compile=true", "trainer.eval_every=0",
                  "trainer.log_every=10", "data.pad_to_multiple_of=64", "eval.at_end=false", "force=true",
                  f"hydra.run.dir={run_dir}"]
     eval_cmd = [PY, "-m", "mole.cli.eval", f"checkpoint={run_dir}", "eval.limit=" + ("2" if dry else "32")]
     t_train = time.perf_counter()
     entry = check.run_part("train", [
-        "bash", "-c", shlex.join(train_cmd) + " && " + shlex.join(eval_cmd)], 150 if not dry else 150, env)
+        "bash", "-c", shlex.join(train_cmd) + " && " + shlex.join(eval_cmd)], 130 if not dry else 150, env)
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         m = json.loads(metrics_file.read_text())
