@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mole
 from mole.experts.layout import expand_layout
-from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter
+from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter, quantization
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, adapter_metadata, load_adapter, save_adapter
 from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_config: re-exported for callers
@@ -413,7 +413,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
         init_from_run(model, cfg, args.init_from)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    compile_clock = compile_for_run(model, cfg.trainer, accelerator.device)
+    compile_clock = compile_for_run(model, cfg.trainer, accelerator.device, quantization(cfg.model) != "none")
     params = parameter_report(model, report)
     log.info("trainable params %d of %d (%.4f%% of the base model)", params["trainable"], params["total"], params["percent"])
     metrics.update({
@@ -724,7 +724,8 @@ def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = 
     model, tokenizer, _ = build_mole_model(cfg)
     load_adapter(model, run_dir / ADAPTER_FILE)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    clock = compile_for_run(model, cfg.get("trainer"), next(model.parameters()).device)
+    clock = compile_for_run(model, cfg.get("trainer"), next(model.parameters()).device,
+                            quantization(cfg.model) != "none")
     try:
         return evaluate(model, tokenizer, eval_cfg, run_dir / "eval", cfg.data.get("template", "alpaca"))
     finally:

@@ -187,3 +187,17 @@ def test_compiled_training_with_checkpointing_resumes_to_the_same_adapter(tmp_pa
     assert resumed["train_loss"] == ref["train_loss"] and len(ref["train_loss"]) == 4
     a, b = load_file(tmp_path / "ref" / "adapter.safetensors"), load_file(tmp_path / "run" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_leaves_a_quantized_base_eager_and_true_compiles_it(monkeypatch):
+    import mole.model.compile as comp
+
+    calls = []
+    monkeypatch.setattr(comp, "compile_decoder_layers", lambda model, backend: calls.append(backend) or 4)
+    assert comp.compile_for_run(None, {"compile": "auto"}, "cuda", quantized=True) is None and not calls
+    clock = comp.compile_for_run(None, {"compile": True, "compile_backend": "eager"}, "cpu", quantized=True)
+    clock.__exit__(None, None, None)
+    assert calls == ["eager"]
+    clock = comp.compile_for_run(None, None, "cuda")  # a run config without the keys: auto
+    clock.__exit__(None, None, None)
+    assert calls == ["eager", "inductor"]

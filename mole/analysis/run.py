@@ -92,6 +92,7 @@ def analyze_run(
     """
     from mole.data import Collator
     from mole.data.collate import encode_record
+    from mole.model.base import quantization
     from mole.model.compile import compile_for_run
     from mole.model.context import routing_inputs
     from mole.model.state import ADAPTER_FILE, load_adapter
@@ -124,7 +125,7 @@ def analyze_run(
     model, tokenizer, _ = build_mole_model(cfg)
     load_adapter(model, adapter)
     model.to(device).eval()
-    clock = compile_for_run(model, cfg.get("trainer"), device)  # as the run's trainer.compile says
+    clock = compile_for_run(model, cfg.get("trainer"), device, quantization(cfg.model) != "none")  # as the run's trainer.compile says
     truncation = data_cfg.get("truncation", "right")  # a run config without the key was trained with right truncation
     kept = [(enc, r) for r in records if (enc := encode_record(r, tokenizer, cutoff, template, truncation)) is not None]
     encoded, records = [e for e, _ in kept], [r for _, r in kept]  # records longer than the cutoff are left out

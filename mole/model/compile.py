@@ -126,13 +126,15 @@ class CompileClock:
         return {"compile_time_s": round(self.seconds, 3), "compilations": self.compilations}
 
 
-def compile_for_run(model: nn.Module, trainer_cfg, device: torch.device | str) -> CompileClock | None:
+def compile_for_run(model: nn.Module, trainer_cfg, device: torch.device | str,
+                    quantized: bool = False) -> CompileClock | None:
     """Compile ``model``'s decoder layers when the run's ``trainer.compile`` asks for it on ``device``, and
     start a :class:`CompileClock` (the caller leaves it); ``None`` when the model runs eager. A run config
-    without the keys (written before them) runs eager unless on CUDA."""
+    without the keys (written before them) runs eager unless on CUDA. ``auto`` leaves a quantized base
+    (``model.quantization``) eager: bitsandbytes' layers have not been tested compiled."""
     get = trainer_cfg.get if trainer_cfg is not None else (lambda _key, default=None: default)
     setting, backend = get("compile", "auto"), get("compile_backend", "inductor")
-    if not compile_wanted(setting, device):
+    if not compile_wanted(setting, device) or (setting == "auto" and quantized):
         return None
     n = compile_decoder_layers(model, backend=backend)
     log.info("trainer.compile: %d decoder layers compiled (backend %s, fullgraph); each distinct layer compiles at "
