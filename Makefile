@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench clean
+.PHONY: help setup train test test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ params: setup ## trainable parameters without weights, e.g. make params ARGS="mo
 
 bench: setup ## training-step speed of every method vs peft LoRA r=8 -> outputs/bench/; ARGS="--quick", "--threads 1", "--device cuda"
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+gpu-check: setup ## one GPU, <= 8 min: every preset eager and compiled, op counts, test-gpu, a 1B training run -> outputs/gpu-check/; ARGS=--dry-run (CPU)
+	$(BIN)/python scripts/gpu_check.py $(ARGS)
 
 clean: ## caches (not outputs/ or .venv/)
 	rm -rf .pytest_cache build *.egg-info

@@ -149,6 +149,8 @@ RULES: dict[str, Rule] = {
     "trainer.keep_checkpoints": POSITIVE_INT,
     "trainer.resume": Rule("bool"),
     "trainer.label_smoothing": PROBABILITY_BELOW_ONE,
+    "trainer.compile": Rule("choice", choices=("auto", True, False), expected="auto, true or false"),
+    "trainer.compile_backend": Rule("choice", choices=("inductor", "aot_eager", "eager")),
 }
 
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mole
 from mole.experts.layout import expand_layout
-from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter
+from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter, quantization
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, adapter_metadata, load_adapter, save_adapter
 from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_config: re-exported for callers
@@ -377,6 +377,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
 
     from mole.config_schema import validate_config
     from mole.model.base import enable_gradient_checkpointing
+    from mole.model.compile import compile_for_run
     from mole.training import TrainArgs, TrainState, train
     from mole.training import checkpoint as ckpt
     from mole.training.distributed import DistributedArgs, build_accelerator, is_deepspeed
@@ -416,6 +417,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
         init_from_run(model, cfg, args.init_from)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    compile_clock = compile_for_run(model, cfg.trainer, accelerator.device, quantization(cfg.model) != "none")
     params = parameter_report(model, report)
     log.info("trainable params %d of %d (%.4f%% of the base model)", params["trainable"], params["total"], params["percent"])
     metrics.update({
@@ -479,6 +481,10 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
             "time_per_step_s": round(state.train_time_s / state.step, 4) if state.step else None,
             "routing_stats": state.routing_stats,
         })
+        if compile_clock is not None:  # compilation happens inside the first steps' time
+            compile_clock.__exit__(None, None, None)
+            metrics["compile"] = {"backend": args.compile_backend, **compile_clock.summary()}
+            log.info("compilation: %.1f s in %d compilations", compile_clock.seconds, compile_clock.compilations)
         if selector is not None:
             metrics.update({"val_acc": state.val_acc, "best_step": state.best_step, "stopped_early": state.stopped_early})
     signum = state.interrupted or (stop.agreed(accelerator) if stop is not None else None)
@@ -717,7 +723,17 @@ def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = 
     run_dir = Path(checkpoint)
     cfg = load_run_config(run_dir, trust_remote_code=trust_remote_code)
     eval_cfg = OmegaConf.merge(cfg.get("eval") or {}, eval_overrides or {})
+    from mole.model.compile import compile_for_run
+
     model, tokenizer, _ = build_mole_model(cfg)
     load_adapter(model, run_dir / ADAPTER_FILE)
-    return evaluate(model, tokenizer, eval_cfg, run_dir / "eval", cfg.data.get("template", "alpaca"))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    clock = compile_for_run(model, cfg.get("trainer"), next(model.parameters()).device,
+                            quantization(cfg.model) != "none")
+    try:
+        return evaluate(model, tokenizer, eval_cfg, run_dir / "eval", cfg.data.get("template", "alpaca"))
+    finally:
+        if clock is not None:
+            clock.__exit__(None, None, None)
+            log.info("compilation: %.1f s in %d compilations", clock.seconds, clock.compilations)
 

@@ -123,6 +123,7 @@ class Setup:
     eval_repeats: int
     clock: str = "wall"  # CPU: "cpu" (process CPU time, single-threaded) or "wall"
     compile_scope: str = "layer"  # "layer": each decoder layer compiled (regional); "model": the whole forward
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: a quick check of the compiled path)
 
 
 @dataclass
@@ -168,7 +169,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
         raise SystemExit("bench.py: --clock cpu needs --threads 1 (CPU time of several threads is not a step's time)")
     return Setup(device, model + list(args.model_override or []), args.batch or batch, args.seq or seq,
                  rounds, warmup, amp, comp, eval_limit=8 if args.quick else None, eval_repeats=3 if args.quick else 7,
-                 clock=clock if device.type == "cpu" else "cuda-events", compile_scope=args.compile_scope)
+                 clock=clock if device.type == "cpu" else "cuda-events", compile_scope=args.compile_scope,
+                 compile_backend=args.compile_backend)
 
 
 def keep_freed_memory() -> str | None:
@@ -276,7 +278,7 @@ def build_variant(name: str, setup: Setup, base: nn.Module, tokenizer, overrides
     model.train()
     fwd = forward_loss
     if setup.compile:
-        compile_model(model, setup.compile_scope, tag=name)
+        compile_model(model, setup.compile_scope, tag=name, backend=setup.compile_backend)
 
     def step(batch: dict) -> torch.Tensor:
         with torch.autocast(setup.device.type, dtype=setup.amp or torch.bfloat16, enabled=setup.amp is not None):
@@ -597,6 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-compile", action="store_true", help="no torch.compile on a GPU")
     p.add_argument("--compile-scope", default="layer", choices=["layer", "model"],
                    help="compile each decoder layer (default: fast to compile) or the whole forward")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend (aot_eager: the compiled path without a compiler's wait)")
     p.add_argument("--no-eval", action="store_true", help="skip the mole-eval vs lm-eval throughput")
     p.add_argument("--keep-freed-memory", default="auto", choices=["auto", "on", "off"],
                    help="CPU: keep freed heap memory in the process (glibc mallopt; auto = on for the CPU), so that "

@@ -92,6 +92,8 @@ def analyze_run(
     """
     from mole.data import Collator
     from mole.data.collate import encode_record, question_ids
+    from mole.model.base import quantization
+    from mole.model.compile import compile_for_run
     from mole.model.context import routing_inputs
     from mole.model.state import ADAPTER_FILE, load_adapter
     from mole.pipeline import build_mole_model
@@ -124,6 +126,7 @@ def analyze_run(
     model, tokenizer, _ = build_mole_model(cfg)
     load_adapter(model, adapter)
     model.to(device).eval()
+    clock = compile_for_run(model, cfg.get("trainer"), device, quantization(cfg.model) != "none")  # as the run's trainer.compile says
     truncation = data_cfg.get("truncation", "right")  # a run config without the key was trained with right truncation
     kept = [(enc, r) for r in records if (enc := encode_record(r, tokenizer, cutoff, template, truncation)) is not None]
     if reads_raw_question(cfg.router):
@@ -139,6 +142,9 @@ def analyze_run(
             with routing_inputs(model, prompt_mask(batch), question_inputs(batch)):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             collector.add_batch(sinks, batch["attention_mask"], tasks[start : start + batch_size])
+    if clock is not None:
+        clock.__exit__(None, None, None)
+        log.info("compilation: %.1f s in %d compilations", clock.seconds, clock.compilations)
 
     result: dict[str, Any] = {
         "run_dir": str(run_dir),

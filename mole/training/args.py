@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, fields
 
 from omegaconf import DictConfig, OmegaConf
 
+from mole.model.compile import BACKENDS as COMPILE_BACKENDS
+from mole.model.compile import valid_setting as valid_compile_setting
 from mole.utils.errors import MoleConfigError
 
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -37,6 +39,8 @@ class TrainArgs:
     resume: bool = False  # continue from the newest checkpoint of the run directory
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast through Accelerate (fp16 needs a GPU)
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory)
+    compile: str | bool = "auto"  # torch.compile each decoder layer: auto (CUDA only) | true | false
+    compile_backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager (debugging)
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb (offline unless WANDB_MODE)
     tracker_project: str = "mole"  # the trackers' project name (wandb project; tb/<name>/ under the run)
     label_smoothing: float = 0.0  # of the training LM loss (HMoRA: 0.1); validation loss is never smoothed
@@ -96,6 +100,10 @@ class TrainArgs:
             )
         if not isinstance(self.gradient_checkpointing, bool):
             raise bad("gradient_checkpointing", "true or false")
+        if not valid_compile_setting(self.compile):
+            raise bad("compile", "auto, true or false")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise bad("compile_backend", f"one of {list(COMPILE_BACKENDS)}")
         if isinstance(self.log_with, str):
             self.log_with = [self.log_with]
         if self.log_with is None:
