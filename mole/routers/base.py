@@ -201,11 +201,45 @@ def keep_top_k(probs: Tensor, k: int, renorm: str) -> tuple[Tensor, Tensor]:
         ``(weights, selected)``: ``(N, M)`` renormalised weights, exactly 0 outside the kept set, and
         the ``(N, M)`` bool mask of kept entries.
     """
-    top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
-    if renorm == "sum":
-        top_w = top_vals / top_vals.sum(dim=-1, keepdim=True)
-    else:
-        top_w = torch.softmax(top_vals, dim=-1)
-    weights = torch.zeros_like(probs).scatter(-1, top_idx, top_w)  # (N, M)
-    selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_idx, True)  # (N, M)
-    return weights, selected
+    if torch.compiler.is_compiling() or probs.dim() != 2:
+        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        if renorm == "sum":
+            top_w = top_vals / top_vals.sum(dim=-1, keepdim=True)
+        else:
+            top_w = torch.softmax(top_vals, dim=-1)
+        weights = torch.zeros_like(probs).scatter(-1, top_idx, top_w)  # (N, M)
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_idx, True)  # (N, M)
+        return weights, selected
+    # eager: the same weights, with a backward of its own in fewer dispatched operations (compiled code fuses)
+    return _TopKGates.apply(probs, k, renorm == "softmax")
+
+
+class _TopKGates(torch.autograd.Function):
+    """:func:`keep_top_k`'s ``(weights, selected)`` of ``(N, M)`` probabilities, with a dense backward.
+
+    Both renormalisations have the Jacobian of a softmax restricted to the kept set: for ``g = p 1[kept] / S``
+    (``S`` the kept sum), ``dL/dp = 1[kept] / S * (dL/dg - <g, dL/dg>)``; for ``g = softmax`` over the kept
+    ``p``, ``dL/dp = g * (dL/dg - <g, dL/dg>)``. So the backward is three operations on ``(N, M)`` (a batched
+    dot product, a subtraction, a product) instead of autograd's gather, division and scatter chain.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: Tensor, k: int, softmax_renorm: bool):
+        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)  # (N, M)
+        if softmax_renorm:
+            weights = torch.zeros_like(probs).scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1))  # (N, M)
+            factor = weights  # dL/dp = g * (dL/dg - <g, dL/dg>)
+        else:
+            factor = selected / top_vals.sum(dim=-1, keepdim=True)  # (N, M) 1[kept] / S
+            weights = probs * factor
+        ctx.mark_non_differentiable(selected)
+        ctx.save_for_backward(weights, factor)
+        return weights, selected
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_selected: Tensor | None):
+        weights, factor = ctx.saved_tensors
+        n, m = weights.shape
+        dot = torch.bmm(weights.view(n, 1, m), grad.reshape(n, m, 1)).view(n, 1)  # (N, 1) <g, dL/dg>
+        return (grad - dot) * factor, None, None
