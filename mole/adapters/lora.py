@@ -99,11 +99,12 @@ class LoRAExperts(nn.Module):
         Returns:
             ``(N, d_out)``: ``sum_i g_i (alpha/r) B_i A_i dropout(x)``.
         """
-        xd = self.dropout(x)
         if not torch.compiler.is_compiling():
-            # eager: one autograd function, fewer dispatched ops than the products below (compiled code fuses them)
-            return stacked_lora(xd, self.lora_A, self.lora_B, gates, self.scaling, self.rank)
-        h = F.linear(xd, self.lora_A)  # (N, E*r)
+            # eager: the dropout's scale folded into the LoRA scale, and one autograd function with fewer
+            # dispatched operations than the products below (compiled code fuses them)
+            xd, c = self.dropout.unscaled(x) if isinstance(self.dropout, ExpertDropout) else (x, 1.0)
+            return stacked_lora(xd, self.lora_A, self.lora_B, gates, self.scaling * c, self.rank)
+        h = F.linear(self.dropout(x), self.lora_A)  # (N, E*r)
         if gates is None:
             h = h * self.scaling
         else:
