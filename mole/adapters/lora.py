@@ -169,16 +169,23 @@ def stacked_lora(xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling
     backward 6, against 4 and 8). Under autocast the operands go in cast to autocast's dtype, as the
     products would cast them, and the products then run in that dtype.
     """
+    return apply_lora_function(_StackedLoRA, xd, a, b, gates, scaling, rank)
+
+
+def apply_lora_function(fn: type[torch.autograd.Function], xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None,
+                        *rest) -> Tensor:
+    """``fn.apply(xd, a, b, gates, *rest)`` with the operands in one dtype: under autocast, autocast's (as its
+    products would cast them; the function then runs with autocast off), otherwise the experts' (gates cast)."""
     kind = xd.device.type
     if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         dt = torch.get_autocast_dtype(kind)
         xd, a, b = xd.to(dt), a.to(dt), b.to(dt)
         gates = None if gates is None else gates.to(dt)
         with torch.autocast(kind, enabled=False):
-            return _StackedLoRA.apply(xd, a, b, gates, scaling, rank)
+            return fn.apply(xd, a, b, gates, *rest)
     if gates is not None and gates.dtype != a.dtype:
         gates = gates.to(a.dtype)
-    return _StackedLoRA.apply(xd, a, b, gates, scaling, rank)
+    return fn.apply(xd, a, b, gates, *rest)
 
 
 def expert_weights(experts: LoRAExperts, i: int) -> tuple[Tensor, Tensor]:

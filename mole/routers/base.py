@@ -234,11 +234,14 @@ class _TopKGates(torch.autograd.Function):
             factor = selected / top_vals.sum(dim=-1, keepdim=True)  # (N, M) 1[kept] / S
             weights = probs * factor
         ctx.mark_non_differentiable(selected)
+        ctx.set_materialize_grads(False)  # no zero tensor for the mask's (absent) gradient
         ctx.save_for_backward(weights, factor)
         return weights, selected
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_selected: Tensor | None):
+    def backward(ctx, grad: Tensor | None, _grad_selected: Tensor | None):
+        if grad is None:
+            return None, None, None
         weights, factor = ctx.saved_tensors
         n, m = weights.shape
         dot = torch.bmm(weights.view(n, 1, m), grad.reshape(n, m, 1)).view(n, 1)  # (N, 1) <g, dL/dg>
