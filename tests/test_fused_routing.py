@@ -6,7 +6,9 @@
 * the experts equal the per-expert loops (outputs and gradients of every input: features, A, B, gates),
   for soft, sparse and absent gates, in training mode with dropout too (the dropout's scale is folded into
   the LoRA scale: the same random mask, the same values);
-* the top-k gates equal the plain gather/scatter formulation, values, chosen set and gradients;
+* the top-k gates equal the plain gather/scatter formulation, values, chosen set and gradients, also with
+  the softmax inside (``_SoftmaxTopK``), whose probabilities also receive a gradient of their own (an
+  auxiliary loss's);
 * under bf16 autocast the experts compute in bf16, as the products they replace would;
 * they dispatch fewer operations than the plain products.
 """
@@ -19,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mole.adapters.hydra import HydraLoRAExperts, _HydraLoRA, hydra_reference_forward
 from mole.adapters.lora import LoRAExperts, _StackedLoRA, reference_forward
-from mole.routers.base import _TopKGates, keep_top_k
+from mole.routers.base import _SoftmaxTopK, _TopKGates, keep_top_k, softmax_top_k
 from tests.conftest import assert_same_outputs_and_grads
 
 N, D_IN, D_OUT, E, R = 5, 4, 6, 3, 2
@@ -107,6 +109,28 @@ def test_top_k_gates_pass_gradcheck_and_equal_the_gather_scatter_form(renorm):
     ref = torch.zeros_like(probs).scatter(-1, idx, ref_w)
     assert selected.dtype == torch.bool and torch.equal(selected, ref != 0)
     assert_same_outputs_and_grads(weights, ref, [probs])
+
+
+@pytest.mark.parametrize("renorm", ["sum", "softmax"])
+def test_softmax_top_k_passes_gradcheck_and_equals_softmax_then_top_k(renorm):
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w_p, w_g = torch.randn(2, 7, 5, dtype=torch.float64, generator=g)
+
+    def both(z):  # a loss on the probabilities (as the balance loss) and one on the gates
+        probs, gates, _ = _SoftmaxTopK.apply(z, 2, renorm == "softmax")
+        return (probs * w_p).sum() + (gates * w_g).sum()
+
+    assert torch.autograd.gradcheck(both, (logits,))
+    assert torch.autograd.gradcheck(lambda z: _SoftmaxTopK.apply(z, 2, renorm == "softmax")[1], (logits,))
+    assert torch.autograd.gradcheck(lambda z: _SoftmaxTopK.apply(z, 2, renorm == "softmax")[0], (logits,))
+
+    probs, gates, selected = softmax_top_k(logits, 2, renorm)
+    ref_probs = torch.softmax(logits, dim=-1)
+    ref_gates, ref_selected = keep_top_k(ref_probs, 2, renorm)
+    assert torch.equal(selected, ref_selected)
+    out, ref = torch.cat([probs * w_p, gates * w_g]), torch.cat([ref_probs * w_p, ref_gates * w_g])
+    assert_same_outputs_and_grads(out, ref, [logits])
 
 
 @pytest.mark.parametrize("kind", ["lora", "hydra"])
