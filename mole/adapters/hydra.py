@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.adapters.lora import apply_lora_function, check_lora_args, lora_scaling
+from mole.adapters.lora import apply_lora_function, check_lora_args, down_projection_grads, lora_scaling
 from mole.utils.dropout import ExpertDropout
 
 
@@ -114,7 +114,7 @@ class _HydraLoRA(torch.autograd.Function):
         s, e = ctx.scaling, ctx.num_experts
         n, r = h.shape
         need_x, need_a, need_b, need_g = ctx.needs_input_grad[:4]
-        grad_x = grad_a = grad_b = grad_g = None
+        grad_b = grad_g = None
         if need_b:
             grad_b = torch.mm(grad.t(), hs)  # (d_out, E*r)
         grad_hs = torch.mm(grad, b).view(n, e, r)  # (N, E, r)
@@ -124,10 +124,7 @@ class _HydraLoRA(torch.autograd.Function):
             if need_g:
                 grad_g = torch.bmm(grad_hs, h.view(n, r, 1)).view(n, e)  # (N, E)
             grad_h = torch.bmm(gates.view(n, 1, e), grad_hs).view(n, r)  # (N, r) sum_i g_i dL/dh_i
-        if need_a:
-            grad_a = torch.addmm(a.new_empty(()), grad_h.t(), xd, beta=0, alpha=s)  # (r, d_in)
-        if need_x:
-            grad_x = torch.addmm(xd.new_empty(()), grad_h, a, beta=0, alpha=s)  # (N, d_in)
+        grad_x, grad_a = down_projection_grads(grad_h, xd, a, s, need_x, need_a)
         return grad_x, grad_a, grad_b, grad_g, None, None
 
 

@@ -141,7 +141,7 @@ class _StackedLoRA(torch.autograd.Function):
         xd, a, b, gates, h, hs = ctx.saved_tensors
         s, r = ctx.scaling, ctx.rank
         need_x, need_a, need_b, need_g = ctx.needs_input_grad[:4]
-        grad_x = grad_a = grad_b = grad_g = None
+        grad_b = grad_g = None
         if need_b:
             grad_b = torch.mm(grad.t(), hs)  # (d_out, E*r)
         grad_hs = torch.mm(grad, b)  # (N, E*r)
@@ -152,11 +152,17 @@ class _StackedLoRA(torch.autograd.Function):
             if need_g:  # g_i's gradient: the dot product of its r columns, one batched product for all (n, i)
                 grad_g = torch.bmm(grad_hs.view(n * e, 1, r), h.view(n * e, r, 1)).view(n, e)
             grad_h = (grad_hs.view(n, e, r) * gates.unsqueeze(-1)).view(n, e * r)
-        if need_a:
-            grad_a = torch.addmm(a.new_empty(()), grad_h.t(), xd, beta=0, alpha=s)  # (E*r, d_in)
-        if need_x:
-            grad_x = torch.addmm(xd.new_empty(()), grad_h, a, beta=0, alpha=s)  # (N, d_in)
+        grad_x, grad_a = down_projection_grads(grad_h, xd, a, s, need_x, need_a)
         return grad_x, grad_a, grad_b, grad_g, None, None
+
+
+def down_projection_grads(grad_h: Tensor, xd: Tensor, a: Tensor, scaling: float, need_x: bool,
+                          need_a: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of ``h = scaling * xd A^T`` w.r.t. ``xd`` and ``A`` given ``dL/dh``, each one product with the
+    scale as ``addmm``'s ``alpha`` (``None`` where not needed)."""
+    grad_a = torch.addmm(a.new_empty(()), grad_h.t(), xd, beta=0, alpha=scaling) if need_a else None
+    grad_x = torch.addmm(xd.new_empty(()), grad_h, a, beta=0, alpha=scaling) if need_x else None
+    return grad_x, grad_a
 
 
 def stacked_lora(xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling: float, rank: int) -> Tensor:
