@@ -176,3 +176,14 @@ def test_stacked_experts_dispatch_fewer_operations_than_the_plain_products():
             fn(x, gates).square().sum().backward()
         counts.append(c.n)
     assert counts[0] < counts[1], counts
+
+
+@pytest.mark.parametrize("kind", ["lora", "hydra"])
+def test_experts_take_gates_broadcast_from_one_row_per_sequence(kind):
+    """Sequence-level routers hand the layer an expanded (stride-0) view of their gates."""
+    m = _experts(kind)
+    x, _ = _inputs()
+    row = torch.rand(1, E, dtype=torch.float64, requires_grad=True)
+    gates = row.expand(N, E)
+    ref_fn = reference_forward if kind == "lora" else hydra_reference_forward
+    assert_same_outputs_and_grads(m(x, gates), ref_fn(m, x, gates), [x, m.lora_A, m.lora_B, row])

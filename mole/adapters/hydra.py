@@ -123,7 +123,7 @@ class _HydraLoRA(torch.autograd.Function):
         else:
             if need_g:
                 grad_g = torch.bmm(grad_hs, h.view(n, r, 1)).view(n, e)  # (N, E)
-            grad_h = torch.bmm(gates.view(n, 1, e), grad_hs).view(n, r)  # (N, r) sum_i g_i dL/dh_i
+            grad_h = torch.bmm(gates.unsqueeze(1), grad_hs).view(n, r)  # (N, r) sum_i g_i dL/dh_i (any strides)
         grad_x, grad_a = down_projection_grads(grad_h, xd, a, s, need_x, need_a)
         return grad_x, grad_a, grad_b, grad_g, None, None
 
