@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.adapters.lora import check_lora_args, lora_scaling
+from mole.adapters.lora import apply_lora_function, check_lora_args, down_projection_grads, lora_scaling
 from mole.utils.dropout import ExpertDropout
 
 
@@ -70,6 +70,11 @@ class HydraLoRAExperts(nn.Module):
         Returns:
             ``(N, d_out)``: ``sum_i g_i (alpha/r) B_i A dropout(x)``.
         """
+        if not torch.compiler.is_compiling():
+            # eager: the dropout's scale folded into the LoRA scale, one autograd function (compiled code fuses)
+            xd, c = self.dropout.unscaled(x) if isinstance(self.dropout, ExpertDropout) else (x, 1.0)
+            return apply_lora_function(_HydraLoRA, xd, self.lora_A, self.lora_B, gates, self.scaling * c,
+                                       self.num_experts)
         h = F.linear(self.dropout(x), self.lora_A)  # (N, r), the shared down-projection, once
         n = h.shape[0]
         if gates is None:
@@ -84,6 +89,43 @@ class HydraLoRAExperts(nn.Module):
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
             f"rank={self.rank}, scaling={self.scaling:g}, shared_A=True"
         )
+
+
+class _HydraLoRA(torch.autograd.Function):
+    """``z = sum_i g_i s B_i A xd`` (shared ``A`` ``(r, d_in)``, ``B`` ``(d_out, E*r)``) with a backward of its own:
+    the products of :meth:`HydraLoRAExperts.forward` in fewer dispatched operations (forward 3, backward 6:
+    the scale on the first product, the gates' and the shared ``h``'s gradients one batched product each)."""
+
+    @staticmethod
+    def forward(ctx, xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling: float, num_experts: int) -> Tensor:
+        n, e = xd.shape[0], num_experts
+        h = torch.addmm(xd.new_empty(()), xd, a.t(), beta=0, alpha=scaling)  # (N, r) = s * xd A^T
+        if gates is None:  # every expert weighs 1
+            hs = h.repeat(1, e)  # (N, E*r)
+        else:
+            hs = (gates.unsqueeze(-1) * h.unsqueeze(1)).view(n, -1)  # (N, E*r) expert i's columns g_i h
+        ctx.scaling, ctx.num_experts = scaling, e
+        ctx.save_for_backward(xd, a, b, gates, h, hs)
+        return torch.mm(hs, b.t())  # (N, d_out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xd, a, b, gates, h, hs = ctx.saved_tensors
+        s, e = ctx.scaling, ctx.num_experts
+        n, r = h.shape
+        need_x, need_a, need_b, need_g = ctx.needs_input_grad[:4]
+        grad_b = grad_g = None
+        if need_b:
+            grad_b = torch.mm(grad.t(), hs)  # (d_out, E*r)
+        grad_hs = torch.mm(grad, b).view(n, e, r)  # (N, E, r)
+        if gates is None:
+            grad_h = grad_hs.sum(dim=1)  # (N, r)
+        else:
+            if need_g:
+                grad_g = torch.bmm(grad_hs, h.view(n, r, 1)).view(n, e)  # (N, E)
+            grad_h = torch.bmm(gates.unsqueeze(1), grad_hs).view(n, r)  # (N, r) sum_i g_i dL/dh_i (any strides)
+        grad_x, grad_a = down_projection_grads(grad_h, xd, a, s, need_x, need_a)
+        return grad_x, grad_a, grad_b, grad_g, None, None
 
 
 def hydra_reference_forward(experts: HydraLoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:

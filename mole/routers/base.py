@@ -201,11 +201,94 @@ def keep_top_k(probs: Tensor, k: int, renorm: str) -> tuple[Tensor, Tensor]:
         ``(weights, selected)``: ``(N, M)`` renormalised weights, exactly 0 outside the kept set, and
         the ``(N, M)`` bool mask of kept entries.
     """
+    if torch.compiler.is_compiling() or probs.dim() != 2:
+        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        if renorm == "sum":
+            top_w = top_vals / top_vals.sum(dim=-1, keepdim=True)
+        else:
+            top_w = torch.softmax(top_vals, dim=-1)
+        weights = torch.zeros_like(probs).scatter(-1, top_idx, top_w)  # (N, M)
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_idx, True)  # (N, M)
+        return weights, selected
+    # eager: the same weights, with a backward of its own in fewer dispatched operations (compiled code fuses)
+    return _TopKGates.apply(probs, k, renorm == "softmax")
+
+
+class _TopKGates(torch.autograd.Function):
+    """:func:`keep_top_k`'s ``(weights, selected)`` of ``(N, M)`` probabilities, with a dense backward.
+
+    Both renormalisations have the Jacobian of a softmax restricted to the kept set: for ``g = p 1[kept] / S``
+    (``S`` the kept sum), ``dL/dp = 1[kept] / S * (dL/dg - <g, dL/dg>)``; for ``g = softmax`` over the kept
+    ``p``, ``dL/dp = g * (dL/dg - <g, dL/dg>)``. So the backward is three operations on ``(N, M)`` (a batched
+    dot product, a subtraction, a product) instead of autograd's gather, division and scatter chain.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: Tensor, k: int, softmax_renorm: bool):
+        weights, selected, factor = _top_k_dense(probs, k, softmax_renorm)
+        ctx.mark_non_differentiable(selected)
+        ctx.set_materialize_grads(False)  # no zero tensor for the mask's (absent) gradient
+        ctx.save_for_backward(weights, factor)
+        return weights, selected
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, _grad_selected: Tensor | None):
+        if grad is None:
+            return None, None, None
+        weights, factor = ctx.saved_tensors
+        return _top_k_grad(weights, factor, grad), None, None
+
+
+def _top_k_dense(probs: Tensor, k: int, softmax_renorm: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weights, selected, factor)`` of :func:`keep_top_k` on ``(N, M)`` probabilities; ``factor`` is what
+    the backward multiplies by (``1[kept] / S``, or the weights themselves for the softmax renormalisation)."""
     top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
-    if renorm == "sum":
-        top_w = top_vals / top_vals.sum(dim=-1, keepdim=True)
-    else:
-        top_w = torch.softmax(top_vals, dim=-1)
-    weights = torch.zeros_like(probs).scatter(-1, top_idx, top_w)  # (N, M)
-    selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_idx, True)  # (N, M)
-    return weights, selected
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)  # (N, M)
+    if softmax_renorm:
+        weights = torch.zeros_like(probs).scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1))  # (N, M)
+        return weights, selected, weights  # dL/dp = g * (dL/dg - <g, dL/dg>)
+    factor = selected / top_vals.sum(dim=-1, keepdim=True)  # (N, M) 1[kept] / S
+    return probs * factor, selected, factor
+
+
+def _top_k_grad(weights: Tensor, factor: Tensor, grad: Tensor, grad_probs: Tensor | None = None) -> Tensor:
+    """``dL/dp = factor * (dL/dg - <g, dL/dg>)`` (plus ``grad_probs``, a gradient reaching ``p`` directly)."""
+    n, m = weights.shape
+    dot = torch.bmm(weights.view(n, 1, m), grad.reshape(n, m, 1)).view(n, 1)  # (N, 1) <g, dL/dg>
+    if grad_probs is None:
+        return (grad - dot) * factor
+    return torch.addcmul(grad_probs, grad - dot, factor)
+
+
+def softmax_top_k(logits: Tensor, k: int, renorm: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(probs, weights, selected)``: ``probs = softmax(logits)`` and :func:`keep_top_k` of it, in one
+    autograd function in eager mode (the gradient reaching ``probs`` from an auxiliary loss and the one from
+    the weights join in one ``addcmul`` before the softmax's backward)."""
+    if torch.compiler.is_compiling() or logits.dim() != 2:
+        probs = torch.softmax(logits, dim=-1)
+        return probs, *keep_top_k(probs, k, renorm)
+    return _SoftmaxTopK.apply(logits, k, renorm == "softmax")
+
+
+class _SoftmaxTopK(torch.autograd.Function):
+    """``softmax`` then :class:`_TopKGates`, with one backward for both."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, k: int, softmax_renorm: bool):
+        probs = torch.softmax(logits, dim=-1)  # (N, M)
+        weights, selected, factor = _top_k_dense(probs, k, softmax_renorm)
+        ctx.mark_non_differentiable(selected)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(probs, weights, factor)
+        return probs, weights, selected
+
+    @staticmethod
+    def backward(ctx, grad_probs: Tensor | None, grad: Tensor | None, _grad_selected: Tensor | None):
+        probs, weights, factor = ctx.saved_tensors
+        if grad is None:
+            grad_p = grad_probs
+        else:
+            grad_p = _top_k_grad(weights, factor, grad, grad_probs)
+        if grad_p is None:
+            return None, None, None
+        return torch._softmax_backward_data(grad_p, probs, -1, probs.dtype), None, None

@@ -121,11 +121,13 @@ class LayerRouter(nn.Module):
         self.num_experts = 0
         self.router: nn.Module | None = None
         self.routing_sink: list[RouterOutput] | None = None
+        self._widths: list[int] = []  # the claimed column counts, in claim order
         object.__setattr__(self, "_context", context)
 
     def claim(self, n: int) -> GateSlice:
-        piece = GateSlice(self, self.num_experts, self.num_experts + n)
+        piece = GateSlice(self, self.num_experts, self.num_experts + n, index=len(self._widths))
         self.num_experts += n
+        self._widths.append(n)
         return piece
 
     def build(self, router_factory, in_features: int, **kwargs) -> None:
@@ -148,23 +150,26 @@ class LayerRouter(nn.Module):
 
     def _route(self, hidden: Tensor) -> None:
         out = run_router(self.router, hidden.reshape(-1, hidden.shape[-1]), self.routing_sink)  # (N, d) in
-        self._context.cache[id(self)] = out.gates
+        # every claim's columns at once: their gradients then join in one concatenation, not one zero-filled
+        # full-width gradient per slice summed up
+        self._context.cache[id(self)] = out.gates.split(self._widths, dim=-1)
 
-    def gates(self) -> Tensor:
-        gates = self._context.cache.get(id(self))
-        if gates is None:
+    def gates(self, index: int) -> Tensor:
+        """The gates of claim ``index`` (its columns of this forward's routing)."""
+        pieces = self._context.cache.get(id(self))
+        if pieces is None:
             raise RuntimeError("layer router: no gates for this forward (the layer's input hook did not run)")
-        return gates
+        return pieces[index]
 
 
 class GateSlice:
     """Columns ``[start, stop)`` of a :class:`LayerRouter`'s gates: one module's experts."""
 
-    def __init__(self, owner: LayerRouter, start: int, stop: int):
-        self.owner, self.start, self.stop = owner, start, stop
+    def __init__(self, owner: LayerRouter, start: int, stop: int, index: int = 0):
+        self.owner, self.start, self.stop, self.index = owner, start, stop, index
 
     def route(self, flat: Tensor, x: Tensor) -> Tensor:
-        return self.owner.gates()[:, self.start : self.stop]
+        return self.owner.gates(self.index)
 
 
 def check_placement(placement: str, level: str) -> None:

@@ -7,10 +7,9 @@ ones, either by their sum (MoR eq. 2, Mixtral; ``renorm="sum"``) or by a second 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from mole.routers.base import BalanceStats, LinearGate, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.routers.base import BalanceStats, LinearGate, RouterOutput, check_renorm, check_top_k, softmax_top_k
 from mole.utils.errors import MoleConfigError
 
 
@@ -41,8 +40,8 @@ class TopKRouter(LinearGate):
         self.top_k, self.renorm = top_k, renorm
 
     def forward(self, x: Tensor) -> RouterOutput:
-        probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
-        gates, selected = keep_top_k(probs, self.top_k, self.renorm)  # (N, E), (N, E)
+        # p = softmax(W_g x) and its top-k, renormalised: (N, E) each
+        probs, gates, selected = softmax_top_k(self.logits(x), self.top_k, self.renorm)
         return RouterOutput(
             gates=gates,
             probs=probs,

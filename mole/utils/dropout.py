@@ -59,6 +59,12 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype 
 
 def _mask16(shape, q: float, dtype: torch.dtype, device) -> Tensor:
     """:func:`keep_mask` for an already rounded drop probability ``q = p'``."""
+    mask = _keep16(shape, q, torch.float32, device).mul_(1.0 / (1.0 - q))
+    return mask if dtype == torch.float32 else mask.to(dtype)
+
+
+def _keep16(shape, q: float, dtype: torch.dtype, device) -> Tensor:
+    """The 16-bit path's 0/1 keep mask of ``shape`` in ``dtype`` (unscaled), drop probability ``q = p'``."""
     numel = 1
     for s in shape:
         numel *= int(s)
@@ -66,9 +72,9 @@ def _mask16(shape, q: float, dtype: torch.dtype, device) -> Tensor:
     words.random_(-(1 << 63), None)  # every 64-bit pattern equally likely: four uniform 16-bit lanes
     lanes = words.view(torch.int16)[:numel].view(shape)  # uniform in [-2^15, 2^15)
     threshold = round(q * _LEVELS) - (1 << 15)
-    # int16 -> float32 (exact) first: compare and scale then run in place in float, faster than on int16/bool
-    mask = lanes.float().ge_(threshold).mul_(1.0 / (1.0 - q))
-    return mask if dtype == torch.float32 else mask.to(dtype)
+    # the compare writes 0/1 straight into a float tensor: one pass, faster than comparing to bool and
+    # converting, and a float mask multiplies several times faster than a bool one on the CPU
+    return torch.ge(lanes, threshold, out=torch.empty(shape, dtype=dtype, device=device))
 
 
 class ExpertDropout(nn.Dropout):
@@ -87,3 +93,17 @@ class ExpertDropout(nn.Dropout):
             return x * _mask16(x.shape, q, x.dtype, x.device)
         keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # float path: 0 or 1/(1-p)
         return x * keep
+
+    def unscaled(self, x: Tensor) -> tuple[Tensor, float]:
+        """``(x * keep, c)`` with ``keep`` the 0/1 mask and ``c`` the scale of the kept values (``1 / (1 - p')``):
+        ``c * (x * keep)`` is :meth:`forward`'s output, for a caller that folds ``c`` into a scale of its
+        own (one operation fewer per call). Where :meth:`forward` is not the CPU draw, its output and 1."""
+        if not self.training or self.p == 0.0:
+            return x, 1.0
+        if (x.device.type != "cpu" or self.inplace or self.p >= 1.0 or not x.dtype.is_floating_point
+                or torch.compiler.is_compiling()):
+            return self(x), 1.0
+        q = quantized_drop_prob(self.p)
+        if q is not None:
+            return x * _keep16(x.shape, q, x.dtype, x.device), 1.0 / (1.0 - q)
+        return x * torch.rand_like(x).ge_(self.p), 1.0 / (1.0 - self.p)
