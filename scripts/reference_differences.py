@@ -19,8 +19,8 @@ import torch
 
 from mole.losses import BalanceLoss, TsallisLoss, cgjs_loss
 from mole.losses.routing import balance_losses
-from mole.model.context import RoutingContext
 from mole.routers.base import BalanceStats, RouterOutput, keep_top_k
+from mole.routers.context import RoutingContext
 from mole.routers.hybrid import TaskEncoder
 from mole.routers.select import dynamic_select, max_tsallis_entropy, tsallis_entropy
 

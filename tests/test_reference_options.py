@@ -17,9 +17,9 @@ from mole.adapters import LoRAExperts
 from mole.adapters.hydra import HydraLoRAExperts
 from mole.config import compose_config
 from mole.losses import BalanceLoss, CGJSLoss, TsallisLoss, cgjs_loss
-from mole.model.context import RoutingContext
 from mole.routers import DynamicRouter, HybridRouter, TopPRouter, dynamic_select, keep_top_p
 from mole.routers.base import BalanceStats, GateDist, RouterOutput
+from mole.routers.context import RoutingContext
 from mole.routers.hybrid import TaskEncoder, right_aligned_positions, sinusoidal_encoding
 from mole.utils.errors import MoleConfigError
 

@@ -92,9 +92,9 @@ def analyze_run(
     """
     from mole.data import Collator
     from mole.data.collate import encode_record
-    from mole.model.context import routing_inputs
     from mole.model.state import ADAPTER_FILE, load_adapter
     from mole.pipeline import build_mole_model
+    from mole.routers.context import routing_inputs
     from mole.run_dir import load_run_config
     from mole.training.loop import prompt_mask
 
