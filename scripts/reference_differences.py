@@ -5,7 +5,7 @@
     python scripts/reference_differences.py --tokens 512 --draws 50   # quicker, noisier
 
 Every figure compares two settings of the same mole function (the released code's rule is a mole option,
-tested against hand-computed values in tests/test_reference_options.py), on logits drawn i.i.d. from
+tested against hand-computed values in tests/unit/routers/test_reference_options.py), on logits drawn i.i.d. from
 N(0, s^2) with the scale s stated. Where the released code does something mole has no option for (the
 1e-5 added inside DynMoLE's entropy, CGJS over all accumulated sequences), the script writes that rule
 out in a line. Deterministic: seed 0, CPU, float64. Prints a Markdown table: difference, setting, figure.

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from mole.config import compose_config
 from mole.pipeline import run_train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- a NaN / inf loss ----

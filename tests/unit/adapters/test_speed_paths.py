@@ -67,7 +67,7 @@ def test_a_host_sync_fails_on_the_meta_device():
 
 
 def _mixlora_layer(router: nn.Module, num_experts: int = 4):
-    from tests.test_adapters_blocks import _layer
+    from tests.unit.adapters.test_adapters_blocks import _layer
 
     layer = _layer(hidden=8, heads=2, kv_heads=1, inter=12)
     experts = FFNLoRAExperts(layer, num_experts=num_experts, rank=2, alpha=4.0)
@@ -257,7 +257,7 @@ def _load_bench():
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    path = Path(__file__).resolve().parents[3] / "scripts" / "bench.py"
     spec = importlib.util.spec_from_file_location("mole_bench_script", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there

@@ -416,7 +416,7 @@ def test_reference_differences_script_measures_the_invariants():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "reference_differences.py"
+    path = Path(__file__).resolve().parents[3] / "scripts" / "reference_differences.py"
     spec = importlib.util.spec_from_file_location("reference_differences", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
