@@ -157,7 +157,3 @@ def test_figure4_sweeps_vary_only_their_key(name):
 def test_every_grid_value_composes_in_smoke_mode():
     compose_smoke(SWEEPS, covering_jobs)
 
-
-@pytest.mark.slow
-def test_every_job_composes_in_smoke_mode():
-    compose_smoke(SWEEPS, all_jobs)

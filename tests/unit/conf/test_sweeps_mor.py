@@ -153,7 +153,3 @@ def test_missing_stage1_directory_is_a_clear_error(tmp_path):
 def test_every_grid_value_composes_in_smoke_mode():
     compose_smoke(SWEEPS, covering_jobs)
 
-
-@pytest.mark.slow
-def test_every_job_composes_in_smoke_mode():
-    compose_smoke(SWEEPS, all_jobs)
