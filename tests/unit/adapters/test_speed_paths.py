@@ -332,6 +332,7 @@ def test_the_soft_loop_reference_compiles_to_one_graph():
     torch.testing.assert_close(f(x, gates), experts(x, gates))
 
 
+@pytest.mark.slow  # torch.compile of every bench variant: the slowest test of the default tier
 def test_bench_compiles_each_variant_with_its_own_code_objects():
     """Dynamo caches graphs per code object. The bench gives every variant's layers their own, so that a
     graph-breaking variant (the gather loop) leaves no partial graph that another variant's layer matches."""

@@ -1,8 +1,7 @@
 """HMoRA's tables as sweep files (conf/sweep/hmora_table*.yaml, conf/row/hmora_table*/).
 
-The grid is expanded by mole-report's reader (``tests/sweep_jobs.py``). Every job but for its seed (seed 1)
-is composed at full size and with ``debug=smoke``; one test shows that the seed changes nothing but
-``seed``. The rows are checked through what they build: a row of token routing only builds no task router,
+The grid is expanded by mole-report's reader (``tests/sweep_jobs.py``); one test shows that the seed changes
+nothing but ``seed``, and ``tests/integration/test_sweep_grids.py`` composes every job with ``debug=smoke``. The rows are checked through what they build: a row of token routing only builds no task router,
 and each row's trainable share is the paper's TP column (Liao et al., ICLR 2025, Sec. 4, App. E.3-E.7).
 Nothing is trained here: the smoke runs (``-m sweeps``) train.
 """
@@ -34,13 +33,16 @@ def _raw(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def composed():
-    """``{sweep: [(job overrides, full-size cfg, smoke cfg), ...]}`` for every seed-1 job of every sweep."""
-    out = {}
-    with composer() as make:
-        for name in SWEEPS:
-            out[name] = [(_as_dict(job), make(name, job), make(name, job, smoke=True))
-                         for job in all_jobs(name) if _as_dict(job)["seed"] == "1"]
-    return out
+    """``composed(sweep)``: ``[(job overrides, full-size cfg), ...]`` for every seed-1 job of the sweep."""
+    done = {}
+
+    def jobs(name: str) -> list:
+        if name not in done:
+            with composer() as make:
+                done[name] = [(_as_dict(job), make(name, job)) for job in all_jobs(name) if _as_dict(job)["seed"] == "1"]
+        return done[name]
+
+    return jobs
 
 
 # ---- the sweep files themselves ----
@@ -71,15 +73,6 @@ def test_the_seed_changes_nothing_but_seed():
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_every_job_is_valid_at_full_size_and_tiny_in_smoke_mode(name, composed):
-    for _job, full, smoke in composed[name]:
-        TrainArgs.from_config(full.trainer)
-        # debug=smoke: the tiny model and 2 steps, whatever the sweep says; the method stays
-        assert smoke.model.name == "tiny_llama" and smoke.trainer.max_steps == 2
-        assert full.model.name != "tiny_llama" and smoke.method_name == full.method_name
-
-
-@pytest.mark.parametrize("name", SWEEPS)
 def test_every_reported_row_has_a_row_and_its_average_is_the_mean(name):
     paper = _raw(name)["paper"]
     labels = list(paper["row_labels"].values())
@@ -103,7 +96,7 @@ def _router_kinds(cfg) -> set[tuple[str, ...]]:
 
 def test_table2_rows_route_by_token_only(composed):
     # Table 2 compares token-level routers: eps 0, mu -2 put a_l below beta_low in every layer (eq. 8)
-    for job, full, _ in composed["hmora_table2"]:
+    for job, full in composed("hmora_table2"):
         assert full.router._target_ == HYBRID and _router_kinds(full) == {("token",)}, job["row"]
 
 
@@ -117,7 +110,8 @@ def _floor2(x: float) -> float:
 @pytest.mark.parametrize("name", ["hmora_table3", "hmora_table10", "hmora_table11", "hmora_table12"])
 def test_rows_give_the_papers_trainable_percent(name, composed):
     paper = _raw(name)["paper"]
-    for job, full, _ in composed[name]:
+    for job, full in composed(name):
+        TrainArgs.from_config(full.trainer)  # the full-size job is valid, not only its smoke version
         model, _, rep = build_mole_model(full, meta=True)
         pct = parameter_report(model, rep)["percent"]
         label = paper["row_labels"][f"row={job['row']}"]
