@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from mole import CONF_DIR
 from mole.config import register_resolvers
-from mole.report_paper import expected_grid, grid_axes
+from mole.report_paper import canon_key, expected_grid, grid_axes
 
 CONF = Path(CONF_DIR)
 PENDING_GROUPS = ("data", "eval")  # groups whose configs may not exist yet on this branch
@@ -108,7 +108,7 @@ def check_paper_block(name: str) -> dict:
         assert key in g, f"{name}: rows_by key {key} is not swept"
     # one label per row value of the grid (a single rows_by key here), and no label for anything else
     (row_key,) = paper["rows_by"]
-    assert sorted(paper["row_labels"]) == sorted(f"{row_key}={v}" for v in g[row_key])
+    assert sorted(canon_key(k) for k in paper["row_labels"]) == sorted(f"{row_key}={v}" for v in g[row_key])
     assert len(set(paper["row_labels"].values())) == len(paper["row_labels"])
     if paper["columns_by"] == "data" and "data" in g:
         assert sorted(paper["column_labels"]) == sorted(g["data"])
