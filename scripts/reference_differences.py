@@ -6,7 +6,7 @@
     python scripts/reference_differences.py --data /path/to/llm-adapters   # also the task-encoder input row
 
 Every figure compares two settings of the same mole function (the released code's rule is a mole option,
-tested against hand-computed values in tests/test_reference_options.py), on logits drawn i.i.d. from
+tested against hand-computed values in tests/unit/routers/test_reference_options.py), on logits drawn i.i.d. from
 N(0, s^2) with the scale s stated. Where the released code does something mole has no option for (the
 1e-5 added inside DynMoLE's entropy), the script writes that rule out in a line. Deterministic: seed 0,
 CPU, float64. Prints a Markdown table: difference, setting, figure.
@@ -24,8 +24,8 @@ import torch
 
 from mole.losses import BalanceLoss, TsallisLoss, cgjs_loss
 from mole.losses.routing import balance_losses
-from mole.model.context import RoutingContext
 from mole.routers.base import BalanceStats, RouterOutput, keep_top_k
+from mole.routers.context import RoutingContext
 from mole.routers.hybrid import TaskEncoder
 from mole.routers.select import dynamic_select, max_tsallis_entropy, tsallis_entropy
 

@@ -1,8 +1,13 @@
-"""Shared fixtures: offline environment, seeded RNG, tiny configs composed like the command line."""
+"""Shared fixtures: offline environment, seeded RNG, tiny configs composed like the command line.
+
+Every test under ``tests/integration/`` carries the ``integration`` marker (``make test-integration``);
+the default tier (``make test``) leaves it out.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -31,6 +36,16 @@ def compose_tiny(overrides, base=TINY):
         if "adapter.dropout" not in str(err):
             raise
         return compose_config([o for o in full if o != NO_DROPOUT])
+
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,9 @@
 """The jobs of a paper-table sweep file (conf/sweep/<name>.yaml), composed as ``mole-train sweep=<name>`` runs them.
 
 Hydra's basic sweeper runs the cartesian product of ``hydra.sweeper.params`` (comma lists); each job is
-``train.yaml`` + ``sweep=<name>`` + that job's overrides. The tests expand the grid themselves and compose
-each job with Hydra's compose API (``return_hydra_config=True``, so ``hydra.*`` resolves too).
+``train.yaml`` + ``sweep=<name>`` + that job's overrides. The grid is expanded by mole-report's own
+reader (:func:`mole.report_paper.expected_grid`) and each job composed with Hydra's compose API
+(``return_hydra_config=True``, so ``hydra.*`` resolves too).
 
 Data and eval configs (``data=scienceqa``, ``eval=same_as_data``, ...) may be missing from a checkout: while one
 is missing here, the shipped fixtures stand in for it (``stand_ins``), so the rest of the job still composes.
@@ -10,7 +11,6 @@ is missing here, the shipped fixtures stand in for it (``stand_ins``), so the re
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from mole import CONF_DIR
 from mole.config import register_resolvers
+from mole.report_paper import canon_key, expected_grid, grid_axes
 
 CONF = Path(CONF_DIR)
 PENDING_GROUPS = ("data", "eval")  # groups whose configs may not exist yet on this branch
@@ -33,15 +34,13 @@ def sweep_file(name: str) -> dict:
 
 
 def grid(name: str) -> dict[str, list[str]]:
-    """``hydra.sweeper.params`` split into value lists, in file order."""
-    params = sweep_file(name)["hydra"]["sweeper"]["params"]
-    return {key: [v.strip() for v in str(values).split(",")] for key, values in params.items()}
+    """``hydra.sweeper.params`` split into value lists, in file order (mole-report's reading of the grid)."""
+    return grid_axes(sweep_file(name))
 
 
 def all_jobs(name: str) -> list[list[str]]:
     """Every job's overrides (``key=value``), the cartesian product of the grid."""
-    g = grid(name)
-    return [[f"{k}={v}" for k, v in zip(g, combo, strict=True)] for combo in itertools.product(*g.values())]
+    return [[f"{k}={v}" for k, v in job.items()] for job in expected_grid(sweep_file(name))]
 
 
 def covering_jobs(name: str) -> list[list[str]]:
@@ -109,7 +108,7 @@ def check_paper_block(name: str) -> dict:
         assert key in g, f"{name}: rows_by key {key} is not swept"
     # one label per row value of the grid (a single rows_by key here), and no label for anything else
     (row_key,) = paper["rows_by"]
-    assert sorted(paper["row_labels"]) == sorted(f"{row_key}={v}" for v in g[row_key])
+    assert sorted(canon_key(k) for k in paper["row_labels"]) == sorted(f"{row_key}={v}" for v in g[row_key])
     assert len(set(paper["row_labels"].values())) == len(paper["row_labels"])
     if paper["columns_by"] == "data" and "data" in g:
         assert sorted(paper["column_labels"]) == sorted(g["data"])

@@ -87,7 +87,7 @@ class PromptTuning(nn.Module):
         model.register_forward_hook(self._drop_virtual, with_kwargs=True)
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
-        from mole.model.context import is_incremental
+        from mole.routers.context import is_incremental
 
         kwargs = {**dict(zip(self._names, args, strict=False)), **kwargs}  # positional arguments by name
         p = self.num_virtual_tokens

@@ -94,9 +94,9 @@ def analyze_run(
     from mole.data.collate import encode_record, question_ids
     from mole.model.base import quantization
     from mole.model.compile import compile_for_run
-    from mole.model.context import routing_inputs
     from mole.model.state import ADAPTER_FILE, load_adapter
     from mole.pipeline import build_mole_model
+    from mole.routers.context import routing_inputs
     from mole.routers.hybrid import reads_raw_question
     from mole.run_dir import load_run_config
     from mole.training.loop import prompt_mask, question_inputs

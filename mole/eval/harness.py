@@ -434,7 +434,7 @@ def _raw_question_lm(hflm: type) -> type:
     import torch
 
     from mole.data.prompts import record_question
-    from mole.model.context import routing_inputs
+    from mole.routers.context import routing_inputs
 
     class RawQuestionLM(hflm):
         _questions: dict[tuple[int, ...], list[int]] = {}

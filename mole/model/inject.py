@@ -90,7 +90,7 @@ def inject_mole(
         An :class:`InjectionReport`.
     """
     from mole.model.blocks import inject_blocks
-    from mole.model.context import install_context
+    from mole.routers.context import install_context
     from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
 
     check_placement(placement, level)

@@ -40,7 +40,7 @@ Decisions, marked NOTE(deviation) where the paper is silent or we differ:
   released code aligns to the end of the padded batch, so under right padding its positions also shift
   with the padding; mole aligns each sequence on its own, so a sequence's representation does not depend
   on the batch it is in.
-* Prompt tokens come from the model's :class:`~mole.model.context.RoutingContext`: the training loop
+* Prompt tokens come from the model's :class:`~mole.routers.context.RoutingContext`: the training loop
   sets the prompt mask (tokens whose label is ignored). NOTE(deviation): without it (lm-eval's
   log-likelihood requests, where context and continuation arrive as one sequence) every real token
   counts as prompt, so the task router also reads the scored continuation.
@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.model.context import RoutingContext, install_context
 from mole.routers.base import BalanceStats, GateDist, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.routers.context import RoutingContext, install_context
 from mole.routers.select import check_flag
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError

@@ -20,8 +20,8 @@ import weakref
 
 from torch import Tensor, nn
 
-from mole.model.context import RoutingContext
 from mole.routers.base import BalanceStats, GateDist, RouterOutput, run_router
+from mole.routers.context import RoutingContext
 from mole.utils.errors import MoleConfigError
 
 PLACEMENTS = ("linear", "shared", "layer")

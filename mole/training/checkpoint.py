@@ -22,7 +22,7 @@ checkpoints are never touched.
 ``trainer.resume=true`` continues from the newest checkpoint: the adapter, optimizer, scheduler and RNG
 states are loaded, and the data order continues exactly: the sampler generator is set to its state at the
 start of the interrupted epoch, that epoch's batches are drawn again and the consumed ones skipped. On the
-CPU a resumed run ends bit for bit where the uninterrupted run does (``tests/test_checkpoint.py``).
+CPU a resumed run ends bit for bit where the uninterrupted run does (``tests/unit/training/test_checkpoint.py``).
 
 Nothing here is pickled: tensors go through safetensors, everything else through JSON/YAML.
 """

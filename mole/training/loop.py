@@ -16,8 +16,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mole.data.collate import IGNORE_INDEX
 from mole.losses.lm import lm_loss
-from mole.model.context import routing_inputs
 from mole.model.routing import collect_routing
+from mole.routers.context import routing_inputs
 from mole.training.args import TrainArgs
 from mole.training.distributed import backward, grad_sync, lm_normalizer, reduce_mean
 from mole.utils.errors import NonFiniteLossError

@@ -19,7 +19,7 @@ from mole.eval.metrics import (
 )
 from mole.utils.errors import MoleConfigError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llm-adapters"
+SHARED = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "llm-adapters"
 SHARED = SHARED if SHARED.is_dir() else Path("/work/shared/data/llm-adapters")
 
 # ---- answer extraction (hand-made generations) ----

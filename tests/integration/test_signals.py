@@ -21,8 +21,8 @@ from mole.training import checkpoint as ckpt
 from mole.training.signals import RunInterrupted, StopRequest, requeued
 
 # mole-train with every micro-batch slowed down (so that a signal lands mid-run), on the killed run's config
-from tests.test_checkpoint import _SLOW_DRIVER as SLOW_DRIVER  # noqa: E402
-from tests.test_checkpoint import KILL as RUN  # noqa: E402
+from tests.integration.test_kill_resume import _SLOW_DRIVER as SLOW_DRIVER  # noqa: E402
+from tests.integration.test_kill_resume import KILL as RUN  # noqa: E402
 
 
 def _env() -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 from mole.config import compose_config
 from mole.memory import estimate_memory, measure_config
 
-PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "method").glob("*.yaml"))
 SHAPE = ["model=tiny_llama", "eval=none"]
 B, T = 2, 32
 TOLERANCE = 0.15

@@ -1,6 +1,6 @@
 """The run directory (mole/run_dir.py): status, lock, finished-run comparison, checkpoint removal, remote code.
 
-User errors here end as ``tests/test_bad_input.py`` requires: exit status 2, one line
+User errors here end as ``tests/integration/test_bad_input.py`` requires: exit status 2, one line
 ``mole-<command>: error: ...`` naming the directory or key, and nothing already on disk changed.
 """
 

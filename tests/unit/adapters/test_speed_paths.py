@@ -21,11 +21,11 @@ from mole.adapters import FFNLoRAExperts, LoRAExperts
 from mole.adapters.ffn import max_active
 from mole.adapters.ffn import reference_forward as ffn_reference
 from mole.adapters.lora import gather_reference_forward, per_expert_dropout_loop_forward, reference_forward
-from mole.model.context import RoutingContext
 from mole.model.routing import collect_routing
 from mole.pipeline import build_aux_losses, build_mole_model
 from mole.routers import SoftRouter, TopKRouter
 from mole.routers.base import param_dtype, run_router
+from mole.routers.context import RoutingContext
 from mole.routers.hybrid import TaskEncoder
 from mole.routers.mor import MoRRouter
 from mole.routers.threshold import ThresholdRouter
@@ -67,7 +67,7 @@ def test_a_host_sync_fails_on_the_meta_device():
 
 
 def _mixlora_layer(router: nn.Module, num_experts: int = 4):
-    from tests.test_adapters_blocks import _layer
+    from tests.unit.adapters.test_adapters_blocks import _layer
 
     layer = _layer(hidden=8, heads=2, kv_heads=1, inter=12)
     experts = FFNLoRAExperts(layer, num_experts=num_experts, rank=2, alpha=4.0)
@@ -257,7 +257,7 @@ def _load_bench():
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    path = Path(__file__).resolve().parents[3] / "scripts" / "bench.py"
     spec = importlib.util.spec_from_file_location("mole_bench_script", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
@@ -332,6 +332,7 @@ def test_the_soft_loop_reference_compiles_to_one_graph():
     torch.testing.assert_close(f(x, gates), experts(x, gates))
 
 
+@pytest.mark.slow  # torch.compile of every bench variant: the slowest test of the default tier
 def test_bench_compiles_each_variant_with_its_own_code_objects():
     """Dynamo caches graphs per code object. The bench gives every variant's layers their own, so that a
     graph-breaking variant (the gather loop) leaves no partial graph that another variant's layer matches."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA_ENV = "MOLE_LLM_ADAPTERS_DIR"
 DATA = Path(os.environ.get(DATA_ENV) or REPO / ".." / "shared" / "data" / "llm-adapters").resolve()
 N_TRAIN = 200        # training records (+ 4 held out for the validation loss)

@@ -15,8 +15,8 @@ from conftest import compose_tiny
 from mole.cli.generate import main, split_args
 from mole.config import CONF_DIR
 from mole.generate import GenerationSettings, generate_texts, generation_config, load_run
-from mole.model.context import routing_inputs
 from mole.pipeline import build_mole_model, run_train
+from mole.routers.context import routing_inputs
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("router.level=instance",))]

@@ -17,9 +17,9 @@ from mole.adapters import LoRAExperts
 from mole.adapters.hydra import HydraLoRAExperts
 from mole.config import compose_config
 from mole.losses import BalanceLoss, CGJSLoss, TsallisLoss, cgjs_loss
-from mole.model.context import RoutingContext
 from mole.routers import DynamicRouter, HybridRouter, TopPRouter, dynamic_select, keep_top_p
 from mole.routers.base import BalanceStats, GateDist, RouterOutput
+from mole.routers.context import RoutingContext
 from mole.routers.hybrid import TaskEncoder, right_aligned_positions, sinusoidal_encoding
 from mole.utils.errors import MoleConfigError
 
@@ -564,7 +564,7 @@ def test_reference_differences_script_measures_the_invariants():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "reference_differences.py"
+    path = Path(__file__).resolve().parents[3] / "scripts" / "reference_differences.py"
     spec = importlib.util.spec_from_file_location("reference_differences", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

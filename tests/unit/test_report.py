@@ -1,6 +1,6 @@
 """mole-report: a sweep's jobs as one table, failed and unfinished jobs shown as such, never as zeros.
 
-mole-report on a real sweep with failed jobs: tests/test_failures.py."""
+mole-report on a real sweep with failed jobs: tests/integration/test_failures.py."""
 
 from __future__ import annotations
 

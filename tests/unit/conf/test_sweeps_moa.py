@@ -15,7 +15,6 @@ import pytest
 from sweep_jobs import (
     all_jobs,
     check_paper_block,
-    compose_smoke,
     composer,
     config_exists,
     grid,
@@ -190,6 +189,3 @@ def test_the_cutoff_follows_the_data_set(name):
         assert make(name, [f"row={grid(name)['row'][0]}", "data=fixtures"]).data.cutoff_len == 256
 
 
-
-def test_every_job_composes_in_smoke_mode():
-    compose_smoke(SWEEPS, all_jobs)  # 41 jobs: all of them

@@ -261,7 +261,7 @@ def test_threshold_gradients():
 
 # ---------------------------------------------------------------- MoR / CRW with each inner selection
 
-# The hand example of tests/test_routers.py: sub-routers [0.5, 0.25, 0.25], [0.1, 0.2, 0.7], main [0.75, 0.25]
+# The hand example of tests/unit/routers/test_routers.py: sub-routers [0.5, 0.25, 0.25], [0.1, 0.2, 0.7], main [0.75, 0.25]
 # -> F' = [0.4, 0.2375, 0.3625]; sorted: 0.4 (e0), 0.3625 (e2), 0.2375 (e1); sums before 0, 0.4, 0.7625
 SUB, MAIN, X = [0.5, 0.25, 0.25, 0.1, 0.2, 0.7], [0.75, 0.25], T([[1.0, 0.0]])
 FP = [0.4, 0.2375, 0.3625]

@@ -109,7 +109,7 @@ def test_sparse_gates_give_zero_contribution_from_unchosen_experts():
 @pytest.mark.parametrize(
     "overrides",
     [
-        # every preset: tests/test_presets.py
+        # every preset: tests/unit/conf/test_presets.py
         ["router=topk", "experts=uniform_8", "router.renorm=softmax"],
         ["router=mor", "router.n_routers=4", "router.main_top_k=2"],
     ],
