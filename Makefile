@@ -40,14 +40,15 @@ test: setup ## the default tier: tests/unit, fast CPU tests (WORKERS=2 processes
 test-integration: setup ## tests/integration: the real commands as subprocesses, end-to-end runs (not slow/sweeps/quality)
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "integration and not slow and not gpu and not sweeps and not quality" $(ARGS)
 
-test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training)
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+test-slow: setup ## tests marked slow (the real SmolLM2 model, multi-process training); the signal-timing ones in one process
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "slow and not timing" $(ARGS)
+	$(BIN)/python -m pytest -q -m "slow and timing" $(ARGS)
 
 test-quality: setup ## real-data quality tier: SmolLM2 on the LLM-Adapters BoolQ files (MOLE_LLM_ADAPTERS_DIR or ../shared/data/llm-adapters)
 	$(BIN)/python -m pytest -q -s -m quality $(ARGS)
 
 test-sweeps: setup ## every paper table's sweep end to end with debug=smoke (tiny_llama, 2 steps a job), then mole-report
-	$(BIN)/python -m pytest -q -m sweeps $(ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m sweeps $(ARGS)
 
 test-all: setup ## every CPU test: all tiers but gpu
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)

@@ -306,4 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    report = main()
+    # the rehearsal must prove every part runs; on the GPU a failed part is recorded and the rest still measured
+    bad = [name for name, part in report["parts"].items() if part.get("status") not in ("ok", "skipped")]
+    if report["dry_run"] and bad:
+        print(f"gpu_check: error: the dry run's part(s) {', '.join(bad)} did not finish ok", file=sys.stderr)
+        sys.exit(1)

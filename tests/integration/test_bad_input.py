@@ -731,6 +731,7 @@ def _owned_run_dir(run: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.id for c in SIGNAL_CASES])
 def test_a_stopped_or_refused_run_says_so_in_one_line_and_keeps_what_it_wrote(case: ProcessCase, tmp_path):
     import signal

@@ -242,6 +242,7 @@ def _print_curves(title: str, runs: dict[str, dict]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_two_machines_on_loopback_match_one_process_write_once_and_resume_after_sigkill(tmp_path, capsys):
     """Machine 0 and machine 1 (one CPU process each, gloo over 127.0.0.1) with batch 2 against one process with
     batch 4: the same loss curve; one writer; a SIGKILL of both and a resume end with the same adapter. The
@@ -462,6 +463,7 @@ def test_slurm_sweep_task_other_than_task_0_writes_nothing(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_sigterm_to_a_multi_process_run_reaches_its_workers(tmp_path):
     """mole-train passes SIGTERM to its training processes: they stop after the same step with a checkpoint,
     and mole-train prints the one line and exits 143; the resumed run finishes."""

@@ -96,6 +96,7 @@ def test_requeued_reads_slurm_restart_count(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_sigterm_stops_with_a_checkpoint_and_resume_ends_with_the_uninterrupted_adapter(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = subprocess.Popen([sys.executable, "-m", "mole.cli.train", *RUN, f"hydra.run.dir={ref_dir}"], cwd=tmp_path,
@@ -131,6 +132,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_ends_with_the_uninterrupted_
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_a_preempted_submitit_job_checkpoints_then_requeues_and_the_requeued_job_resumes(tmp_path, monkeypatch):
     """submitit handles SIGUSR2 by requeueing the job (SLURM sends it before a time limit or on preemption);
     the run checkpoints first, then calls submitit's handler; the requeued job, which SLURM starts with
