@@ -12,7 +12,7 @@ setup(
     packages=[*find_namespace_packages(include=["mole", "mole.*"]), *CONF_PACKAGES],
     package_dir={"mole.conf": "conf"},
     package_data={
-        "mole": ["data/fixtures/*", "eval/tasks/*.yaml"],
+        "mole": ["data/fixtures/*", "eval/tasks/*.yaml", "eval/tasks/_*_yaml", "eval/tasks/benchmarks/_*_yaml"],
         **{name: ["*.yaml"] for name in CONF_PACKAGES},
     },
 )

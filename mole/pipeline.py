@@ -17,6 +17,7 @@ import platform
 import resource
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -397,8 +398,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
     check_trackers(args.log_with)
     run_seed(cfg)
     eval_cfg = cfg.get("eval") or {}
-    if eval_cfg.get("at_end") and has_eval(eval_cfg):
-        check_eval_config(eval_cfg)
+    final_eval = check_eval_config(eval_cfg) if eval_cfg.get("at_end") and has_eval(eval_cfg) else None
     aux_losses = build_aux_losses(cfg)
     accelerator = build_accelerator(args, dist, run_dir)
     main = accelerator.is_main_process
@@ -508,10 +508,10 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
     metrics["versions"] = _versions()
 
     # ---- evaluate the final model through lm-eval ----
-    if eval_cfg.get("at_end") and has_eval(eval_cfg) and sharded:
+    if final_eval is not None and sharded:
         log.warning("ZeRO-3 shards the base model over the processes: no lm-eval pass here; run mole-eval checkpoint=%s", run_dir)
-    elif eval_cfg.get("at_end") and has_eval(eval_cfg):
-        results = evaluate(model, tokenizer, eval_cfg, run_dir / "eval", cfg.data.get("template", "alpaca"))
+    elif final_eval is not None:
+        results = evaluate(model, tokenizer, final_eval, run_dir / "eval", cfg.data.get("template", "alpaca"))
         metrics["eval"] = results.get("results", {})
     metrics["peak_memory_mb"] = round(_peak_memory_mb(), 1)
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 3)
@@ -564,12 +564,12 @@ def _build_selector(cfg: DictConfig, args, tokenizer, run_dir: Path, accelerator
             "their validation split) or eval.val_tasks (lm-eval tasks over validation data), or trainer.val_acc_every=0"
         )
     val_cfg = OmegaConf.merge(eval_cfg, {"tasks": val_tasks, "benchmarks": val_benchmarks, "split": "validation"})
-    check_eval_config(val_cfg)
+    val_eval = check_eval_config(val_cfg)
     names = [*val_tasks, *val_benchmarks]
 
     def score(model) -> dict[str, float]:
         unwrapped = accelerator.unwrap_model(model)
-        results = evaluate(unwrapped, tokenizer, val_cfg, run_dir / "val_eval", cfg.data.get("template", "alpaca")).get("results", {})
+        results = evaluate(unwrapped, tokenizer, val_eval, run_dir / "val_eval", cfg.data.get("template", "alpaca")).get("results", {})
         out = {t: headline(results.get(t)) for t in names}
         missing = [t for t, v in out.items() if v is None]
         if missing:
@@ -603,7 +603,20 @@ def _keep_last_good_adapter(model: torch.nn.Module, run_dir: Path, state, metric
     return "the weights overflowed and no checkpoint holds finite ones; no adapter saved"
 
 
-def check_eval_config(eval_cfg) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalPlan:
+    """An ``eval`` config, checked once (:func:`check_eval_config`): what :func:`evaluate` hands lm-eval."""
+
+    tasks: list[str]
+    benchmarks: list[str]
+    settings: Any  # mole.eval.benchmarks.EvalSettings
+    batch_size: int
+    limit: int | float | None
+    num_fewshot: int | None
+    include_path: Any
+
+
+def check_eval_config(eval_cfg) -> EvalPlan:
     """The ``eval`` keys lm-eval gets, checked (before training, so a typo does not cost a run)."""
     from mole.eval.benchmarks import EvalSettings, check_available
     from mole.eval.harness import _as_path_list
@@ -634,8 +647,7 @@ def check_eval_config(eval_cfg) -> dict[str, Any]:
         raise MoleConfigError(f"eval.num_fewshot must be null or a non-negative integer, got {fewshot!r}")
     include_path = eval_cfg.get("include_path")
     _as_path_list(include_path)  # each entry an existing directory (its own one-line error)
-    return {"tasks": tasks, "benchmarks": benchmarks, "settings": settings, "batch_size": batch_size, "limit": limit,
-            "num_fewshot": fewshot, "include_path": include_path}
+    return EvalPlan(tasks, benchmarks, settings, batch_size, limit, fewshot, include_path)
 
 
 def has_eval(eval_cfg) -> bool:
@@ -656,8 +668,11 @@ def eval_prompt(tokenizer, template: str = "alpaca"):
     return lambda rec: record_prompt(rec, template, tokenizer)
 
 
-def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path, template: str = "alpaca") -> dict:
+def evaluate(model, tokenizer, eval_cfg: DictConfig | EvalPlan, output_dir: Path, template: str = "alpaca") -> dict:
     """lm-eval-harness over the in-memory model; writes ``output_dir/results.json``.
+
+    ``eval_cfg``: an ``eval`` config, or the :class:`EvalPlan` that :func:`check_eval_config` made of one
+    (the commands check their config before anything runs, and once).
 
     Prompts use ``template``, the run's ``data.template``, so the model is scored on what it was trained on.
 
@@ -667,22 +682,22 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, output_dir: Path, template:
     from mole.eval.benchmarks import RENDERED_SUBDIR, render_benchmarks
     from mole.eval.harness import _as_path_list, evaluate_model
 
-    checked = check_eval_config(eval_cfg)
+    plan = eval_cfg if isinstance(eval_cfg, EvalPlan) else check_eval_config(eval_cfg)
     prompt = eval_prompt(tokenizer, template)
     output_dir.mkdir(parents=True, exist_ok=True)
-    include_path = [str(p) for p in _as_path_list(checked["include_path"])]
-    if checked["benchmarks"]:
-        rendered = render_benchmarks(checked["benchmarks"], checked["settings"], output_dir / RENDERED_SUBDIR, prompt)
+    include_path = [str(p) for p in _as_path_list(plan.include_path)]
+    if plan.benchmarks:
+        rendered = render_benchmarks(plan.benchmarks, plan.settings, output_dir / RENDERED_SUBDIR, prompt)
         include_path = [str(rendered), *include_path]  # the user's own task YAMLs still win
     results = evaluate_model(
         model,
         tokenizer,
-        [*checked["tasks"], *checked["benchmarks"]],
+        [*plan.tasks, *plan.benchmarks],
         output_dir=output_dir,
         include_path=include_path or None,
-        batch_size=checked["batch_size"],
-        limit=checked["limit"],
-        num_fewshot=checked["num_fewshot"],
+        batch_size=plan.batch_size,
+        limit=plan.limit,
+        num_fewshot=plan.num_fewshot,
         prompt=prompt,
     )
     return results  # the harness logs the results table
@@ -714,15 +729,22 @@ def init_from_run(model: torch.nn.Module, cfg: DictConfig, source: str | Path) -
     log.info("initialised the adapters from %s", source / ADAPTER_FILE)
 
 
+def prepare_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = None, *,
+                 trust_remote_code: bool = False) -> tuple[DictConfig, EvalPlan]:
+    """A run's config and its checked eval settings (``eval_overrides`` over the run's own); nothing is written."""
+    cfg = load_run_config(Path(checkpoint), trust_remote_code=trust_remote_code)
+    return cfg, check_eval_config(OmegaConf.merge(cfg.get("eval") or {}, eval_overrides or {}))
+
+
 def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = None, *,
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, prepared: tuple[DictConfig, EvalPlan] | None = None) -> dict:
     """Rebuild a run's model from ``config.yaml`` + ``adapter.safetensors`` and evaluate it.
 
     ``trust_remote_code``: the command line's permission for ``model.hf_id``'s own code (never the run's).
+    ``prepared``: what :func:`prepare_eval` returned for this run, when the caller checked it already.
     """
     run_dir = Path(checkpoint)
-    cfg = load_run_config(run_dir, trust_remote_code=trust_remote_code)
-    eval_cfg = OmegaConf.merge(cfg.get("eval") or {}, eval_overrides or {})
+    cfg, plan = prepared or prepare_eval(run_dir, eval_overrides, trust_remote_code=trust_remote_code)
     from mole.model.compile import compile_for_run
 
     model, tokenizer, _ = build_mole_model(cfg)
@@ -731,7 +753,7 @@ def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = 
     clock = compile_for_run(model, cfg.get("trainer"), next(model.parameters()).device,
                             quantization(cfg.model) != "none")
     try:
-        return evaluate(model, tokenizer, eval_cfg, run_dir / "eval", cfg.data.get("template", "alpaca"))
+        return evaluate(model, tokenizer, plan, run_dir / "eval", cfg.data.get("template", "alpaca"))
     finally:
         if clock is not None:
             clock.__exit__(None, None, None)

@@ -24,8 +24,8 @@ def run(overrides: list[str]) -> dict:
     from omegaconf.errors import MissingMandatoryValue
 
     from mole.model.state import ADAPTER_FILE
-    from mole.pipeline import check_eval_config, run_eval
-    from mole.run_dir import check_trust_flag, load_run_config
+    from mole.pipeline import prepare_eval, run_eval
+    from mole.run_dir import check_trust_flag
     from mole.utils.errors import MoleConfigError
 
     cfg = compose_from_argv(overrides, "evaluate")
@@ -34,15 +34,14 @@ def run(overrides: list[str]) -> dict:
     except MissingMandatoryValue:
         raise MoleConfigError("checkpoint=DIR is required: a run directory written by mole-train") from None
     trust = check_trust_flag(cfg.get("trust_remote_code", False))
-    # validate before writing anything into it
-    run_cfg = load_run_config(checkpoint, trust_remote_code=trust)
     # only the keys the user set override the run's own eval config
     eval_overrides = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if v is not None}
-    check_eval_config(OmegaConf.merge(run_cfg.get("eval") or {}, eval_overrides))
+    # validate before writing anything into it
+    prepared = prepare_eval(checkpoint, eval_overrides, trust_remote_code=trust)
     if not (checkpoint / ADAPTER_FILE).is_file():
         raise MoleConfigError(f"checkpoint: {checkpoint / ADAPTER_FILE} not found (is the run finished? see its metrics.json)")
     log_to(file=checkpoint / "eval" / "eval.log")
-    return run_eval(checkpoint, eval_overrides, trust_remote_code=trust)
+    return run_eval(checkpoint, prepared=prepared)
 
 
 def main(argv: list[str] | None = None) -> None:

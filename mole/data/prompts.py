@@ -1,9 +1,9 @@
 """Prompt templates.
 
 ``alpaca`` is the template LLM-Adapters (Hu et al., 2023) trains and evaluates with; its JSON files
-(fields ``instruction``, ``input``, ``output``, ``answer``) are the format mole reads. The shipped
-lm-eval tasks (``mole/eval/tasks/``) use the same text, so the model is evaluated on the prompt it was
-trained on.
+(fields ``instruction``, ``input``, ``output``, ``answer``) are the format mole reads. This module holds
+its only copy: the lm-eval tasks that mole renders (the shipped tasks and the paper benchmarks) get its
+Jinja form from :func:`alpaca_jinja`, so the model is evaluated on the prompt it was trained on.
 
 ``chat`` is the tokenizer's own chat template (``tokenizer.apply_chat_template``): a record becomes one
 user turn (instruction, then the input after a blank line) answered by one assistant turn; ``messages``
@@ -25,6 +25,21 @@ ALPACA_WITH_INPUT = (
     "### Input:\n{input}\n\n### Response:\n"
 )
 TEMPLATES = ("alpaca", "plain", "chat")
+#: Where a generated Alpaca response ends: the model starts the next instruction block.
+ALPACA_STOP = ("### Instruction:", "Below is an instruction")
+
+
+def alpaca_jinja() -> str:
+    """The Alpaca template as one Jinja template over a record (lm-eval's ``doc_to_text``).
+
+    It renders what :func:`format_prompt` returns: the with-input form when the record has a non-empty
+    ``input``, else the no-input form.
+    """
+    def jinja(template: str) -> str:
+        return template.replace("{instruction}", "{{instruction}}").replace("{input}", "{{input}}")
+
+    return (f"{{% if input is defined and input %}}{jinja(ALPACA_WITH_INPUT)}{{% else %}}{jinja(ALPACA_NO_INPUT)}"
+            "{% endif %}")
 
 
 def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:  # noqa: A002

@@ -21,9 +21,10 @@ Subsets (``eval.subset=hmora``): HMoRA Table 8's fixed-size random validation / 
 ``eval.subset_seed``; a validation and a test subset taken from the same original split (SWAG,
 CommonsenseQA) are disjoint (one permutation: the first ``n_val`` records, then the next ``n_test``).
 
-Everything lm-eval reads is written by :func:`render_benchmarks` into a directory of its own: the
-records (one JSON file per benchmark, with ``choices`` and ``label`` added for ``mc``), one task YAML per
-benchmark, and a stub module through which the YAMLs reach :mod:`mole.eval.metrics`.
+:func:`render_benchmarks` writes what lm-eval reads into a directory of its own: the records (one JSON
+file per benchmark, with ``choices`` and ``label`` added for ``mc``), one task YAML per benchmark, and the
+prompt they include. Each task YAML includes (lm-eval's ``include:``) the shipped settings of its kind and
+metric (``mole/eval/tasks/benchmarks/``, whose ``!function`` tags reach :mod:`mole.eval.metrics`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mole.data.prompts import ALPACA_STOP
 from mole.data.sources import answer_options, fixture_path, load_hf_records, read_records
+from mole.eval.harness import PROMPT_INCLUDE, write_prompt_include
 from mole.utils.errors import MoleConfigError
 
 KINDS = ("mc", "number", "letter")
@@ -45,7 +50,6 @@ SPLITS = ("test", "validation")
 SOURCES = ("local", "hf")
 SUBSET_SCHEMES = ("hmora",)
 RENDERED_SUBDIR = "lm_eval_benchmarks"
-HOOKS_MODULE = "mole_bench_hooks"
 #: Raw files of LLM-Adapters (Hu et al., 2023), for the sets it ships that have no Hub copy in its format.
 LLM_ADAPTERS_RAW = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main"
 
@@ -306,89 +310,36 @@ def _mc_doc(rec: dict[str, str], where: str, i: int) -> dict[str, Any]:
     return {**rec, "choices": [f"the correct answer is {o}" for o in options], "label": options.index(answer)}
 
 
-_PROMPT_JINJA = (
-    "{% if input is defined and input %}Below is an instruction that describes a task, paired with an input that "
-    "provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-    "{{instruction}}\n\n### Input:\n{{input}}\n\n### Response:\n{% else %}Below is an instruction that describes a "
-    "task. Write a response that appropriately completes the request.\n\n### Instruction:\n{{instruction}}\n\n"
-    "### Response:\n{% endif %}"
-)
-
-_HOOKS_SOURCE = '''"""Written by mole (mole.eval.benchmarks.render_benchmarks): lm-eval hooks of the benchmark tasks."""
-from mole.eval.metrics import (  # noqa: F401
-    aggregate_macro_acc,
-    aggregate_mcc,
-    process_letter,
-    process_mc,
-    process_mc_macro,
-    process_mc_mcc,
-    process_number,
-)
-'''
+#: The settings each benchmark's task includes, one file per kind and metric, beside the functions
+#: (``hooks.py``) their ``!function`` tags name.
+TASK_SETTINGS_DIR = Path(__file__).resolve().parent / "tasks" / "benchmarks"
+_SETTINGS = {("mc", "acc"): "_mc_acc_yaml", ("mc", "mcc"): "_mc_mcc_yaml", ("mc", "macro_acc"): "_mc_macro_acc_yaml",
+             ("number", "acc"): "_number_yaml", ("letter", "acc"): "_letter_yaml"}
 
 
-def _q(text: str) -> str:
-    """A YAML double-quoted scalar (a JSON string is one)."""
-    return json.dumps(text, ensure_ascii=False)
+def task_config(bench: Benchmark, data_file: Path, max_gen_toks: int) -> dict[str, Any]:
+    """The lm-eval task of one benchmark over ``data_file`` (records as :func:`render_benchmarks` writes).
 
-
-def task_yaml(bench: Benchmark, data_file: Path, max_gen_toks: int, rendered_prompt: bool = False) -> str:
-    """The lm-eval task YAML of one benchmark over ``data_file`` (records as :func:`render_benchmarks` writes).
-
-    ``datasets`` reads ``data_files`` as glob patterns, so the path is glob-escaped: a run directory named
-    after list overrides (``eval.benchmarks=[boolq]``) holds ``[...]``, which would match no file.
-    ``rendered_prompt``: each record carries its prompt, rendered in Python with the run's template
-    (``prompt``), instead of the Alpaca template written out in Jinja.
+    The task includes the settings of its kind and metric (:data:`TASK_SETTINGS_DIR`) and the prompt of
+    its directory (:func:`mole.eval.harness.write_prompt_include`); it adds its name, its data and, for
+    generation, the budget and the template's stop sequences. ``datasets`` reads ``data_files`` as glob
+    patterns, so the path is glob-escaped: a run directory named after list overrides
+    (``eval.benchmarks=[boolq]``) holds ``[...]``, which would match no file.
     """
-    lines = [
-        f"# {bench.title}: written by mole (mole.eval.benchmarks) for this evaluation; kind {bench.kind}, "
-        f"metric {bench.metric}.",
-        f"task: {bench.name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {_q(glob.escape(data_file.as_posix()))}",
-        "test_split: test",
-        f"doc_to_text: {_q('{{prompt}}' if rendered_prompt else _PROMPT_JINJA)}",
-    ]
-    if bench.kind == "mc":
-        process = {"acc": "process_mc", "mcc": "process_mc_mcc", "macro_acc": "process_mc_macro"}[bench.metric]
-        lines += [
-            "output_type: multiple_choice",
-            "doc_to_choice: choices",
-            "doc_to_target: label",
-            'target_delimiter: ""',
-            f"process_results: !function {HOOKS_MODULE}.{process}",
-            "metric_list:",
-        ]
-        if bench.metric == "acc":
-            metrics = [("acc", "mean"), ("acc_norm", "mean")]
-        else:
-            agg = {"mcc": "aggregate_mcc", "macro_acc": "aggregate_macro_acc"}[bench.metric]
-            metrics = [(bench.metric, f"!function {HOOKS_MODULE}.{agg}"), ("acc", "mean")]
-    else:
-        process = {"number": "process_number", "letter": "process_letter"}[bench.kind]
-        lines += [
-            "output_type: generate_until",
-            "doc_to_target: answer",
-            'target_delimiter: ""',
-            "generation_kwargs:",
-            f"  until: [{_q('### Instruction:')}, {_q('Below is an instruction')}]",
-            f"  max_gen_toks: {int(max_gen_toks)}",
-            "  do_sample: false",
-            f"process_results: !function {HOOKS_MODULE}.{process}",
-            "metric_list:",
-        ]
-        metrics = [("acc", "mean")]
-    for metric, agg in metrics:
-        lines += [f"  - metric: {metric}", f"    aggregation: {agg}", "    higher_is_better: true"]
-    lines += ["metadata:", "  version: 1.0", ""]
-    return "\n".join(lines)
+    config: dict[str, Any] = {
+        "include": [(TASK_SETTINGS_DIR / _SETTINGS[bench.kind, bench.metric]).as_posix(), PROMPT_INCLUDE],
+        "task": bench.name,
+        "output_type": "multiple_choice" if bench.kind == "mc" else "generate_until",
+        "dataset_kwargs": {"data_files": {"test": glob.escape(data_file.as_posix())}},
+    }
+    if bench.kind != "mc":
+        config["generation_kwargs"] = {"until": list(ALPACA_STOP), "max_gen_toks": int(max_gen_toks), "do_sample": False}
+    return config
 
 
 def render_benchmarks(names: Sequence[str], settings: EvalSettings, dest_dir: Path,
                       prompt: Callable[[dict[str, str]], str] | None = None) -> Path:
-    """Write the records, task YAMLs and hooks module of ``names`` into ``dest_dir`` (an lm-eval include path).
+    """Write the records, task YAMLs and prompt of ``names`` into ``dest_dir`` (an lm-eval include path).
 
     ``prompt`` renders a record's prompt with the template the run was trained with
     (:func:`mole.data.prompts.record_prompt`); ``None`` is the Alpaca template.
@@ -398,7 +349,7 @@ def render_benchmarks(names: Sequence[str], settings: EvalSettings, dest_dir: Pa
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in dest.glob("*.yaml"):  # an include path is scanned whole: only this evaluation's tasks
         stale.unlink()
-    (dest / f"{HOOKS_MODULE}.py").write_text(_HOOKS_SOURCE, encoding="utf-8")
+    write_prompt_include(dest, rendered_prompt=prompt is not None)
     for name in names:
         bench = get(name)
         records = load_records(name, settings)
@@ -410,5 +361,8 @@ def render_benchmarks(names: Sequence[str], settings: EvalSettings, dest_dir: Pa
             docs = [{**d, "prompt": prompt(d)} for d in docs]
         data_file = data_dir / f"{name}.json"
         data_file.write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
-        (dest / f"{name}.yaml").write_text(task_yaml(bench, data_file, settings.max_gen_toks, prompt is not None), encoding="utf-8")
+        header = (f"# {bench.title}: written by mole (mole.eval.benchmarks) for this evaluation; kind {bench.kind}, "
+                  f"metric {bench.metric}.\n")
+        task = yaml.safe_dump(task_config(bench, data_file, settings.max_gen_toks), sort_keys=False, allow_unicode=True)
+        (dest / f"{name}.yaml").write_text(header + task, encoding="utf-8")
     return dest

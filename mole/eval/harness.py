@@ -23,10 +23,14 @@ Hub, so evaluation never names a Hub dataset or a Hub model:
   directory substituted into a directory of their own (by default
   ``<output_dir>/lm_eval_tasks``), which is handed to lm-eval's ``TaskManager`` as an
   ``include_path``. The template directory itself must never be an ``include_path``.
-* **Prompt.** The shipped tasks use the exact Alpaca / LLM-Adapters training template of
-  ``mole.data.prompts.format_prompt`` (written out in Jinja in the YAML) and score each
-  choice as the full training response, ``"the correct answer is answerN"`` /
-  ``"... true|false"``, with ``target_delimiter: ""`` because the prompt ends in a newline.
+* **Prompt.** The prompt (``doc_to_text``) is no task's own: :func:`write_prompt_include` writes it
+  into each rendered task directory as ``_prompt_yaml``, which the tasks include (lm-eval's
+  ``include:``). It is the exact Alpaca / LLM-Adapters training template of
+  ``mole.data.prompts`` in Jinja (:func:`mole.data.prompts.alpaca_jinja`), or, for the other
+  templates, ``{{prompt}}`` over records that carry their prompt rendered in Python. Each choice is
+  scored as the full training response, ``"the correct answer is answerN"`` /
+  ``"... true|false"``, with ``target_delimiter: ""`` because the prompt ends in a newline. The
+  settings the shipped tasks share are in ``_fixture_mc_yaml`` beside them, also included.
 
 Shipped tasks: ``mole_mc`` (4-way multiple choice), ``mole_yesno`` (true/false) and the group
 ``mole_fixtures`` over both (per-task results plus a size-weighted mean). Metrics: ``acc``
@@ -51,6 +55,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mole.data.prompts import alpaca_jinja
 from mole.utils.errors import MoleConfigError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +72,8 @@ TASK_TEMPLATES_DIR = Path(__file__).resolve().parent / "tasks"
 #: Sub-directory of ``output_dir`` that :func:`evaluate_model` renders the shipped tasks into.
 RENDERED_TASKS_SUBDIR = "lm_eval_tasks"
 RESULTS_FILENAME = "results.json"
+#: The file of a rendered task directory that holds the prompt; its tasks include it.
+PROMPT_INCLUDE = "_prompt_yaml"
 
 _PLACEHOLDER_FILE_RE = re.compile(re.escape(FIXTURES_PLACEHOLDER) + r"/([^\"'\s]+)")
 
@@ -74,6 +83,20 @@ def default_fixtures_dir() -> Path:
     import mole
 
     return Path(mole.__file__).resolve().parent / "data" / "fixtures"
+
+
+def write_prompt_include(dest_dir: Path, rendered_prompt: bool = False) -> Path:
+    """Write ``dest_dir/_prompt_yaml``: the ``doc_to_text`` that the task YAMLs there include.
+
+    ``rendered_prompt``: the records carry their prompt (a ``prompt`` field, rendered in Python with the
+    run's template); otherwise the Alpaca template in Jinja, :func:`mole.data.prompts.alpaca_jinja`.
+    """
+    path = Path(dest_dir) / PROMPT_INCLUDE
+    doc_to_text = "{{prompt}}" if rendered_prompt else alpaca_jinja()
+    path.write_text("# Written by mole (mole.eval.harness.write_prompt_include): the prompt of the tasks here.\n"
+                    + yaml.safe_dump({"doc_to_text": doc_to_text}, allow_unicode=True, width=1 << 16),
+                    encoding="utf-8")
+    return path
 
 
 def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
@@ -88,7 +111,7 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
             ``mole/data/fixtures``.
 
         prompt: Renders a record's prompt with the template the run was trained with
-            (:func:`mole.data.prompts.record_prompt`). ``None``: the templates' own Alpaca Jinja.
+            (:func:`mole.data.prompts.record_prompt`). ``None``: the Alpaca template in Jinja.
             Otherwise the data files are copied into ``dest_dir/data`` with a ``prompt`` field
             and the tasks read it (``doc_to_text: "{{prompt}}"``).
 
@@ -104,7 +127,8 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
     if dest == TASK_TEMPLATES_DIR:
         raise ValueError(f"refusing to render the task templates over themselves ({dest})")
 
-    templates = sorted(TASK_TEMPLATES_DIR.glob("*.yaml"))
+    # the tasks (*.yaml) and the settings they include (_*_yaml, which lm-eval does not index as tasks)
+    templates = sorted([*TASK_TEMPLATES_DIR.glob("*.yaml"), *TASK_TEMPLATES_DIR.glob("_*_yaml")])
     if not templates:
         raise FileNotFoundError(f"no task templates found in {TASK_TEMPLATES_DIR}")
 
@@ -123,8 +147,6 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
             for name in _PLACEHOLDER_FILE_RE.findall(text)
             if not (fixtures / name).is_file()
         ]
-        if prompt is not None:
-            text = re.sub(r"^doc_to_text: .*$", 'doc_to_text: "{{prompt}}"', text, count=1, flags=re.MULTILINE)
         rendered[template.name] = text.replace(FIXTURES_PLACEHOLDER, escaped)
     if missing:
         missing_list = ", ".join(sorted(set(missing)))
@@ -139,6 +161,7 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
             (data_dir / name).write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
     for name, text in rendered.items():
         (dest / name).write_text(text, encoding="utf-8")
+    write_prompt_include(dest, rendered_prompt=prompt is not None)
     return dest
 
 
