@@ -696,7 +696,7 @@ def test_user_error_is_one_line_naming_the_key_or_file(case: Case, runs, tmp_pat
 #
 # A signal ends the run with its own status (128 + signal) and one line that is not an error; the run keeps
 # a resumable checkpoint and `metrics.json` with `interrupted: true`. These start `mole-train` with every
-# micro-batch slowed down (tests/test_checkpoint.py's driver and config), so each takes seconds: slow tier.
+# micro-batch slowed down (tests/unit/training/test_checkpoint.py's driver and config), so each takes seconds: slow tier.
 
 
 @dataclass(frozen=True)
@@ -737,8 +737,8 @@ def test_a_stopped_or_refused_run_says_so_in_one_line_and_keeps_what_it_wrote(ca
     import signal
     import time
 
-    from tests.test_run_dir import _hold_lock
-    from tests.test_signals import _start_slow, _wait_for_training
+    from tests.unit.test_run_dir import _hold_lock
+    from tests.integration.test_signals import _start_slow, _wait_for_training
 
     from mole.training import checkpoint as ckpt
 

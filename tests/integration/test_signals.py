@@ -1,7 +1,7 @@
 """Signals: SIGTERM / SIGINT stop mole-train at a step boundary with a checkpoint, one line and 143 / 130.
 
 What the user sees for SIGTERM, SIGINT and a second signal (status, the one line, checkpoint, metrics.json,
-nothing half-written) is a row each of tests/test_bad_input.py's "processes and signals" family."""
+nothing half-written) is a row each of tests/integration/test_bad_input.py's "processes and signals" family."""
 
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ def test_a_preempted_submitit_job_checkpoints_then_requeues_and_the_requeued_job
     """submitit handles SIGUSR2 by requeueing the job (SLURM sends it before a time limit or on preemption);
     the run checkpoints first, then calls submitit's handler; the requeued job, which SLURM starts with
     ``SLURM_RESTART_COUNT=1``, resumes from that checkpoint without ``trainer.resume`` (that a resumed run
-    ends bit for bit as the uninterrupted one: tests/test_checkpoint.py)."""
-    from tests.test_checkpoint import RESUME
+    ends bit for bit as the uninterrupted one: tests/unit/training/test_checkpoint.py)."""
+    from tests.unit.training.test_checkpoint import RESUME
 
     import mole.training.loop as loop
     from mole.config import compose_config

@@ -1,6 +1,6 @@
 """Hydra's notes of a run reach ``RUN_DIR/.hydra/`` only through the run directory's owner (mole/cli/hydra_notes.py).
 
-The command end to end (a sweep job refused on a busy directory leaves it byte for byte): tests/test_run_dir.py."""
+The command end to end (a sweep job refused on a busy directory leaves it byte for byte): tests/unit/test_run_dir.py."""
 
 from __future__ import annotations
 
