@@ -737,10 +737,9 @@ def test_a_stopped_or_refused_run_says_so_in_one_line_and_keeps_what_it_wrote(ca
     import signal
     import time
 
-    from tests.unit.test_run_dir import _hold_lock
-    from tests.integration.test_signals import _start_slow, _wait_for_training
-
     from mole.training import checkpoint as ckpt
+    from tests.integration.test_signals import _start_slow, _wait_for_training
+    from tests.unit.test_run_dir import _hold_lock
 
     run = tmp_path / "run"
     holder = None

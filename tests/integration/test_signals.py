@@ -138,11 +138,10 @@ def test_a_preempted_submitit_job_checkpoints_then_requeues_and_the_requeued_job
     the run checkpoints first, then calls submitit's handler; the requeued job, which SLURM starts with
     ``SLURM_RESTART_COUNT=1``, resumes from that checkpoint without ``trainer.resume`` (that a resumed run
     ends bit for bit as the uninterrupted one: tests/unit/training/test_checkpoint.py)."""
-    from tests.unit.training.test_checkpoint import RESUME
-
     import mole.training.loop as loop
     from mole.config import compose_config
     from mole.pipeline import run_train
+    from tests.unit.training.test_checkpoint import RESUME
 
     for name in ("SLURM_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
