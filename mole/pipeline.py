@@ -482,9 +482,7 @@ def _train_run(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop=Non
             "routing_stats": state.routing_stats,
         })
         if compile_clock is not None:  # compilation happens inside the first steps' time
-            compile_clock.__exit__(None, None, None)
-            metrics["compile"] = {"backend": args.compile_backend, **compile_clock.summary()}
-            log.info("compilation: %.1f s in %d compilations", compile_clock.seconds, compile_clock.compilations)
+            metrics["compile"] = {"backend": args.compile_backend, **compile_clock.stop()}
         if selector is not None:
             metrics.update({"val_acc": state.val_acc, "best_step": state.best_step, "stopped_early": state.stopped_early})
     signum = state.interrupted or (stop.agreed(accelerator) if stop is not None else None)
@@ -756,6 +754,5 @@ def run_eval(checkpoint: str | Path, eval_overrides: DictConfig | dict | None = 
         return evaluate(model, tokenizer, plan, run_dir / "eval", cfg.data.get("template", "alpaca"))
     finally:
         if clock is not None:
-            clock.__exit__(None, None, None)
-            log.info("compilation: %.1f s in %d compilations", clock.seconds, clock.compilations)
+            clock.stop()
 

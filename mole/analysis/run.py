@@ -143,8 +143,7 @@ def analyze_run(
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             collector.add_batch(sinks, batch["attention_mask"], tasks[start : start + batch_size])
     if clock is not None:
-        clock.__exit__(None, None, None)
-        log.info("compilation: %.1f s in %d compilations", clock.seconds, clock.compilations)
+        clock.stop()
 
     result: dict[str, Any] = {
         "run_dir": str(run_dir),

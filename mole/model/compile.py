@@ -125,6 +125,12 @@ class CompileClock:
     def summary(self) -> dict:
         return {"compile_time_s": round(self.seconds, 3), "compilations": self.compilations}
 
+    def stop(self) -> dict:
+        """Stop counting, log the total and return :meth:`summary` (what a command does when its model is done)."""
+        self.__exit__(None, None, None)
+        log.info("compilation: %.1f s in %d compilations", self.seconds, self.compilations)
+        return self.summary()
+
 
 def compile_for_run(model: nn.Module, trainer_cfg, device: torch.device | str,
                     quantized: bool = False) -> CompileClock | None:
