@@ -264,11 +264,11 @@ def _check_exact(model: torch.nn.Module, tensors: dict[str, torch.Tensor], info:
 
 def _build_cache(cache: Path, gguf: Path) -> None:
     """De-quantize, write into a temp dir beside ``cache``, check it reads back exact, rename into place."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache)
     t0 = time.perf_counter()
     log.info("de-quantizing %s (one-time conversion)", gguf)
-    cfg, tensors, tok = read_gguf(gguf)
+    cfg, tensors, tok = read_gguf(gguf)  # first: a file that cannot be read leaves no directory behind
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(cache)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=_tmp_prefix(cache) + f"{os.getpid()}-"))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
