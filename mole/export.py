@@ -158,15 +158,16 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _base_name(cfg: DictConfig) -> str:
-    """What ``base_model_name_or_path`` can name: the Hub id, SmolLM2's converted directory, else mole's
+    """What ``base_model_name_or_path`` can name: the Hub id, a GGUF model's converted directory, else mole's
     model name (a model built from its config: the loader is handed the base model itself)."""
     src = cfg.model.get("source")
     if src == "hub":
         return str(cfg.model.get("hf_id"))
-    if src == "smollm2" and cfg.model.get("cache_dir"):
-        from mole.model.smollm2 import smollm2_cache_path
+    if src in ("gguf", "smollm2") and cfg.model.get("cache_dir"):
+        from mole.model.base import gguf_model_cfg
+        from mole.model.gguf_file import cache_path
 
-        return str(smollm2_cache_path(cfg.model.cache_dir))
+        return str(cache_path(gguf_model_cfg(cfg.model)))
     return str(cfg.model.get("name"))
 
 

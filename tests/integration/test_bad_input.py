@@ -122,6 +122,12 @@ BASE_CASES = [
     Case("dropout-one", "params", ("adapter.dropout=1.0",), ("adapter.dropout", "[0, 1)")),
     Case("bad-architecture", "params", ("model.hidden_size=-3",), ("model.config", "hidden size")),
     Case("bad-dtype", "params", ("model.dtype=int8",), ("model.dtype", "int8")),
+    Case("gguf-missing-file", "params", ("model.source=gguf", "+model.gguf={tmp}/nope.gguf"),
+         ("model.gguf", "nope.gguf", "no such file"), SUB),
+    Case("gguf-not-in-package", "params", ("model.source=gguf", "+model.gguf=omegaconf:nope.gguf"),
+         ("model.gguf", "omegaconf", "holds no file 'nope.gguf'")),
+    Case("gguf-not-a-gguf-file", "params", ("model.source=gguf", "+model.gguf={tmp}/m.gguf"),
+         ("model.gguf", "m.gguf", "not a GGUF file"), setup=_write("m.gguf", "not a model")),
     Case("unknown-key-params", "params", ("trainer.foo=1",), ("trainer.foo",)),
     # -- how to optimise --
     Case("unknown-trainer-key", "train", ("trainer.foo=1",), ("trainer.foo", "+trainer.foo=1"), SUB),
