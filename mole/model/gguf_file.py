@@ -13,8 +13,8 @@ Where the file comes from (``model.gguf``)
     from the file runs (GGUF holds tensors and metadata; the cache is safetensors + JSON).
 
 Architectures
-    Those of :data:`MODEL_TYPES` (the GGUF ``general.architecture`` names, as transformers maps them to
-    a config). transformers' GGUF reader (``load_gguf_checkpoint``, the ``gguf`` package) gives the
+    Those of :data:`MODEL_TYPES`: Llama and Qwen2 (GGUF ``general.architecture`` ``llama`` / ``qwen2``).
+    transformers' GGUF reader (``load_gguf_checkpoint``, the ``gguf`` package) gives the
     config, the de-quantized tensors under transformers' names (undoing llama.cpp's Q/K row permutation for
     Llama) and the tokenizer; any other architecture is refused in one line naming the file.
 
