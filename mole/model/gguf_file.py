@@ -143,6 +143,7 @@ def _plain(cfg: PretrainedConfig, path: Path) -> PretrainedConfig:
 
 def _gguf_config(path: Path) -> PretrainedConfig:
     """The config from the GGUF metadata only (no tensor de-quantized); unsupported architectures refused."""
+    # imported here: it takes seconds to import, and only a GGUF model's first use needs it
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     supported = ", ".join(MODEL_TYPES)
