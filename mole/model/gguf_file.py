@@ -59,6 +59,7 @@ import transformers
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from mole.utils.errors import MoleConfigError
 
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 MODEL_TYPES = ("llama", "qwen2")
 
 MARKER = "mole_gguf.json"  # written last into a cache directory: its presence marks a finished conversion
-# the marker of caches written by mole's SmolLM2-only converter (same files, no size/mtime record)
+# the same marker under SmolLM2's name, without the size/mtime record: such a cache is complete but not dated
 _OLD_MARKER = "mole_smollm2.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _PACKAGE = re.compile(r"^([A-Za-z_][\w-]*):(.+)$")
@@ -136,7 +137,7 @@ def _plain(cfg: PretrainedConfig, path: Path) -> PretrainedConfig:
     d.pop("_name_or_path", None)  # GGUF metadata's general.name, not a loadable name
     d["dtype"] = "float32"
     plain = type(cfg).from_dict(d)
-    plain.architectures = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    plain.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
     plain.name_or_path = str(path)
     return plain
 
@@ -149,8 +150,10 @@ def _gguf_config(path: Path) -> PretrainedConfig:
     supported = ", ".join(MODEL_TYPES)
     try:
         fields = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
-    except ValueError as err:  # transformers: "GGUF model with architecture X is not supported yet."
-        raise MoleConfigError(f"model.gguf: {path} cannot be read ({err}); model.source=gguf loads {supported}") from None
+    except (ValueError, IndexError, KeyError, OSError) as err:  # a truncated file; "architecture X is not supported"
+        detail = " ".join(str(err).split())[:200]
+        raise MoleConfigError(f"model.gguf: {path} cannot be read ({type(err).__name__}: {detail}); "
+                              f"model.source=gguf loads {supported}") from None
     model_type = fields.pop("model_type", None)
     if model_type not in MODEL_TYPES:
         raise MoleConfigError(f"model.gguf: {path} holds a {model_type!r} model; model.source=gguf loads {supported}")

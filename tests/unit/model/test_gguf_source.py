@@ -163,12 +163,18 @@ def test_skeleton_and_config_without_a_cache(written, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
-def test_changed_file_rebuilds_the_cache(tmp_path, caplog):
-    model, tok = _hf_model("llama", True)
+def _cached_llama(tmp_path, tied: bool):
+    """A tiny Llama, its GGUF file ``m.gguf`` and the model config of its cache ``cache/c``, converted once."""
+    model, tok = _hf_model("llama", tied)
     path = tmp_path / "m.gguf"
     _write_gguf(path, model, tok, "llama")
-    cfg = _model_cfg(path, tmp_path / "cache", cache_name="mine")
+    cfg = _model_cfg(path, tmp_path / "cache", cache_name="c")
     build_model(cfg)
+    return model, tok, path, cfg
+
+
+def test_changed_file_rebuilds_the_cache(tmp_path, caplog):
+    model, tok, path, cfg = _cached_llama(tmp_path, tied=True)
     with torch.no_grad():
         model.model.norm.weight.add_(1.0)
     _write_gguf(path, model, tok, "llama")
@@ -178,15 +184,11 @@ def test_changed_file_rebuilds_the_cache(tmp_path, caplog):
         again, _ = build_model(cfg)
     assert "not the current" in caplog.text
     assert torch.equal(again.model.norm.weight, model.model.norm.weight)
-    assert (tmp_path / "cache" / "mine" / gguf_file.MARKER).is_file()
+    assert (tmp_path / "cache" / "c" / gguf_file.MARKER).is_file()
 
 
 def test_incomplete_cache_is_rebuilt(tmp_path, caplog):
-    model, tok = _hf_model("llama", False)
-    path = tmp_path / "m.gguf"
-    _write_gguf(path, model, tok, "llama")
-    cfg = _model_cfg(path, tmp_path / "cache", cache_name="c")
-    build_model(cfg)
+    model, _, _, cfg = _cached_llama(tmp_path, tied=False)
     (tmp_path / "cache" / "c" / "model.safetensors").write_bytes(b"\0" * 100)  # a truncated weights file
     with caplog.at_level(logging.WARNING, logger=gguf_file.__name__):
         again, _ = build_model(cfg)
@@ -219,6 +221,13 @@ def test_package_not_installed_or_without_the_file(tmp_path):
 def test_not_a_gguf_file(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     assert "is not a GGUF file" in _error(str(tmp_path / "x.gguf"), tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    model, tok = _hf_model("llama", True)
+    _write_gguf(tmp_path / "m.gguf", model, tok, "llama")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:5000])
+    assert "cannot be read" in _error(str(tmp_path / "cut.gguf"), tmp_path)
 
 
 def test_unsupported_architecture(tmp_path):
