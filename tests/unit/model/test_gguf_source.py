@@ -236,3 +236,12 @@ def test_unsupported_architecture(tmp_path):
     _write_gguf(path, model, tok, "llama", architecture="gpt2")
     msg = _error(str(path), tmp_path)
     assert "'gpt2'" in msg and "llama, qwen2" in msg
+
+
+def test_exports_name_the_cache_as_their_base(written):
+    from mole.export import _base_name
+
+    _, _, path, cache_dir, _ = written
+    cfg = OmegaConf.create({"model": _model_cfg(path, cache_dir)})
+    assert _base_name(cfg) == str(gguf_file.cache_path(cfg.model))
+    assert (gguf_file.cache_path(cfg.model) / "config.json").is_file()  # a directory from_pretrained can read
