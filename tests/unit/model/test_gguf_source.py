@@ -25,7 +25,7 @@ from mole.utils.errors import MoleConfigError
 gguf = pytest.importorskip("gguf")
 
 TEXTS = ["### Instruction:\nName a colour.\n\n### Response:\nBlue", "héllo wörld 漢字 🙂\t\n  x", "a"]
-SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
@@ -245,3 +245,22 @@ def test_exports_name_the_cache_as_their_base(written):
     cfg = OmegaConf.create({"model": _model_cfg(path, cache_dir)})
     assert _base_name(cfg) == str(gguf_file.cache_path(cfg.model))
     assert (gguf_file.cache_path(cfg.model) / "config.json").is_file()  # a directory from_pretrained can read
+
+
+def test_the_default_method_trains_on_a_gguf_model(written):
+    from mole.config import compose_config
+    from mole.pipeline import build_mole_model
+
+    ref, _, path, cache_dir, _ = written
+    cfg = compose_config(["model=smollm2_135m", f"model.gguf={path}", "model.cache_name=null",
+                          f"model.cache_dir={cache_dir}", "eval=none"])
+    model, tok, report = build_mole_model(cfg)
+    assert sum(map(len, report.adapted.values())) == 7 * ref.config.num_hidden_layers  # all 7 Linears of each layer
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():  # freshly injected experts start as the identity: the base model's logits
+        assert torch.allclose(model(**enc).logits, ref(**enc).logits, atol=1e-5)
+    model.train()
+    model(**enc, labels=enc.input_ids).loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # the base stays frozen
