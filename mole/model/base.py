@@ -21,12 +21,14 @@ The embeddings, norms and LM head stay in ``model.dtype``; experts and routers a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from mole.config import CONF_DIR, target_of
 from mole.model.tokenizer import byte_tokenizer
 from mole.utils.errors import MoleConfigError
 
@@ -52,34 +54,37 @@ def quantization(model_cfg: DictConfig) -> str:
     return name
 
 
-# adapters that read or train the base Linears' weights, which a quantized base stores as integer codes
-READS_BASE_WEIGHTS = {"DoRAExpert": "adapter=dora", "FFNLoRAExperts": "adapter=ffn_expert",
-                      "FullFineTune": "adapter=full_finetune"}
-
-
 def check_quantized_adapter(cfg: DictConfig) -> None:
-    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point."""
+    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point: a class in
+    the ``adapter`` tree that declares ``reads_base_weights`` (:mod:`mole.adapters.kinds`)."""
     quant = quantization(cfg.model)
     if quant == "none":
         return
-    targets = [str(v) for k, v in _walk(OmegaConf.to_container(cfg.get("adapter") or {}, resolve=False)) if k == "_target_"]
-    for target in targets:
-        name = target.rsplit(".", 1)[-1]
-        if name in READS_BASE_WEIGHTS:
+    for key, node in _target_nodes(cfg.get("adapter"), "adapter"):
+        target = target_of(node, key, "adapter")
+        if getattr(target, "reads_base_weights", False):
+            name = node._target_.rsplit(".", 1)[-1]
             raise MoleConfigError(
-                f"model.quantization={quant} cannot be used with {READS_BASE_WEIGHTS[name]} ({name} reads or trains "
-                "the base weights, which are stored quantized); use model.quantization=none"
+                f"model.quantization={quant} cannot be used with {_option_of(node._target_, key)} ({name} reads or "
+                "trains the base weights, which are stored quantized); use model.quantization=none"
             )
 
 
-def _walk(node: Any):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield k, v
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
+def _target_nodes(node: Any, key: str):
+    """``(key, node)`` of every ``_target_`` node in a config tree, the tree itself first."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield key, node
+        for k in node:
+            yield from _target_nodes(node.get(k), f"{key}.{k}")
+
+
+def _option_of(target: str, key: str) -> str:
+    """``adapter=<file>`` when a file of ``conf/adapter/`` builds ``target`` at its top, else ``<key>._target_=...``."""
+    for path in sorted((Path(CONF_DIR) / "adapter").glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return f"adapter={path.stem}"
+    return f"{key}._target_={target}"
 
 
 def adapter_dtype(model_cfg: DictConfig) -> torch.dtype | None:
