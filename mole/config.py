@@ -20,8 +20,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mole.utils.errors import MoleConfigError
-
 MAX_NAME_BYTES = 255
 
 
@@ -73,16 +71,3 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
-
-
-def target_of(node, key: str, group: str):
-    """The class or function a ``_target_`` config node names (``key``: where the node sits, e.g. ``router``;
-    ``group``: the config group to choose a file from)."""
-    from hydra.utils import get_object
-
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise MoleConfigError(f"{key}: missing _target_ (choose a file from conf/{group}/)")
-    try:
-        return get_object(node._target_)
-    except Exception as err:  # noqa: BLE001 - import and attribute errors come in many types
-        raise MoleConfigError(f"{key}._target_={node._target_!r} cannot be imported: {err}") from None

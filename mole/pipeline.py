@@ -27,10 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import mole
 from mole.adapters.baselines import mark_saves_everything
-from mole.adapters.kinds import adapter_class
-from mole.config import target_of
+from mole.adapters.kinds import adapter_class, check_quantized_adapter
 from mole.experts.layout import expand_layout
-from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter, quantization
+from mole.model.base import adapter_dtype, build_model, build_skeleton, quantization
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, adapter_metadata, load_adapter, save_adapter
 from mole.routers.base import router_needs
@@ -49,6 +48,7 @@ from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_co
 from mole.run_dir import write_json as _write_json
 from mole.run_dir import write_text as _write_text
 from mole.utils.errors import MoleConfigError
+from mole.utils.targets import target_of
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,16 @@ follows that kind's protocol (:class:`LinearAdapter`, :class:`BlockAdapter`, :cl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from mole.config import target_of
+from mole.config import CONF_DIR
+from mole.model.base import quantization
 from mole.utils.errors import MoleConfigError
+from mole.utils.targets import target_of
 
 EXTRA_KEYS = ("blocks", "linear", "layers")  # read here, never passed to a constructor
 
@@ -163,3 +166,36 @@ def plan_adapter(node: DictConfig, targets: list[str], single_targets: list[str]
                 raise MoleConfigError(f"{key}: _target_ must be a block adapter (parallel_adapter, prompt, ffn_expert)")
             plan.blocks.append((key, _strip(sub), sub.get("layers")))
     return plan
+
+
+def check_quantized_adapter(cfg: DictConfig) -> None:
+    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point (stored as
+    integer codes in a quantized base): a class in the ``adapter`` tree that declares ``reads_base_weights``."""
+    quant = quantization(cfg.model)
+    if quant == "none":
+        return
+    for key, node in _target_nodes(cfg.get("adapter"), "adapter"):
+        target = target_of(node, key, "adapter")
+        if getattr(target, "reads_base_weights", False):
+            name = node._target_.rsplit(".", 1)[-1]
+            raise MoleConfigError(
+                f"model.quantization={quant} cannot be used with {_option_of(node._target_, key)} ({name} reads or "
+                "trains the base weights, which are stored quantized); use model.quantization=none"
+            )
+
+
+def _target_nodes(node: Any, key: str):
+    """``(key, node)`` of every ``_target_`` node in a config tree, the tree itself first."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield key, node
+        for k in node:
+            yield from _target_nodes(node.get(k), f"{key}.{k}")
+
+
+def _option_of(target: str, key: str) -> str:
+    """``adapter=<file>`` when a file of ``conf/adapter/`` builds ``target`` at its top, else ``<key>._target_=...``."""
+    for path in sorted((Path(CONF_DIR) / "adapter").glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return f"adapter={path.stem}"
+    return f"{key}._target_={target}"

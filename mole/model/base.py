@@ -21,14 +21,12 @@ The embeddings, norms and LM head stay in ``model.dtype``; experts and routers a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from mole.config import CONF_DIR, target_of
 from mole.model.tokenizer import byte_tokenizer
 from mole.utils.errors import MoleConfigError
 
@@ -52,39 +50,6 @@ def quantization(model_cfg: DictConfig) -> str:
     if name not in QUANTIZATIONS:
         raise MoleConfigError(f"model.quantization must be one of {list(QUANTIZATIONS)}, got {name!r}")
     return name
-
-
-def check_quantized_adapter(cfg: DictConfig) -> None:
-    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point: a class in
-    the ``adapter`` tree that declares ``reads_base_weights`` (:mod:`mole.adapters.kinds`)."""
-    quant = quantization(cfg.model)
-    if quant == "none":
-        return
-    for key, node in _target_nodes(cfg.get("adapter"), "adapter"):
-        target = target_of(node, key, "adapter")
-        if getattr(target, "reads_base_weights", False):
-            name = node._target_.rsplit(".", 1)[-1]
-            raise MoleConfigError(
-                f"model.quantization={quant} cannot be used with {_option_of(node._target_, key)} ({name} reads or "
-                "trains the base weights, which are stored quantized); use model.quantization=none"
-            )
-
-
-def _target_nodes(node: Any, key: str):
-    """``(key, node)`` of every ``_target_`` node in a config tree, the tree itself first."""
-    if isinstance(node, DictConfig):
-        if "_target_" in node:
-            yield key, node
-        for k in node:
-            yield from _target_nodes(node.get(k), f"{key}.{k}")
-
-
-def _option_of(target: str, key: str) -> str:
-    """``adapter=<file>`` when a file of ``conf/adapter/`` builds ``target`` at its top, else ``<key>._target_=...``."""
-    for path in sorted((Path(CONF_DIR) / "adapter").glob("*.yaml")):
-        if OmegaConf.load(path).get("_target_") == target:
-            return f"adapter={path.stem}"
-    return f"{key}._target_={target}"
 
 
 def adapter_dtype(model_cfg: DictConfig) -> torch.dtype | None:

@@ -20,16 +20,24 @@ from omegaconf import OmegaConf
 
 from mole import CONF_DIR
 from mole.adapters.baselines import saves_everything
-from mole.adapters.kinds import KINDS, PROTOCOLS, BlockAdapter, LinearAdapter, ModelAdapter, adapter_class
-from mole.config import target_of
+from mole.adapters.kinds import (
+    KINDS,
+    PROTOCOLS,
+    BlockAdapter,
+    LinearAdapter,
+    ModelAdapter,
+    adapter_class,
+    check_quantized_adapter,
+)
 from mole.losses import AuxLoss
-from mole.model.base import build_model, check_quantized_adapter
+from mole.model.base import build_model
 from mole.model.blocks import BlockExperts, block_of
 from mole.model.inject import decoder_layers, is_trainable_name, mole_layers
 from mole.model.routing import collect_routing
 from mole.pipeline import build_aux_losses, build_mole_model
 from mole.routers.base import Router, RouterNeeds, param_dtype, router_needs, run_router
 from mole.utils.errors import MoleConfigError
+from mole.utils.targets import target_of
 
 B, T = 2, 7  # the batch every forward below runs: two sequences of 7 tokens, the second with 2 padding tokens
 
