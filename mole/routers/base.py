@@ -119,19 +119,20 @@ def _autocast_enabled(kind: str) -> bool:
 def param_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype of ``module``'s parameters (``None`` without any), cheaply: called on every forward.
 
-    The first parameter found breadth first: the module's own, then its children's, and so on, so a
-    router's or an expert set's weight is found after one or two dictionary reads whatever it is named.
-    Every parameter of a router or expert set has one dtype (the injector casts them together to
-    ``model.adapter_dtype``).
+    The module's own first parameter, else its children's first (a router's Linear, whatever it is named),
+    else the first of the whole tree. Every parameter of a router or expert set has one dtype (the injector
+    casts them together to ``model.adapter_dtype``).
     """
-    level = [module]
-    while level:
-        for m in level:
-            for p in m._parameters.values():
+    for p in module._parameters.values():
+        if p is not None:
+            return p.dtype
+    for child in module._modules.values():
+        if child is not None:
+            for p in child._parameters.values():
                 if p is not None:
                     return p.dtype
-        level = [child for m in level for child in m._modules.values() if child is not None]
-    return None
+    p = next(module.parameters(), None)
+    return None if p is None else p.dtype
 
 
 LAYER_INPUTS = ("layer_idx", "num_layers", "context")  # what the injector knows about the layer a router serves
