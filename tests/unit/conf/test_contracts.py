@@ -93,7 +93,11 @@ def check_router_output(out, num_experts: int, rows: int) -> None:
 @pytest.mark.parametrize("option", _options("router"))
 def test_router_configs_keep_the_router_contract(option):
     cfg, model = _build("router", option)
-    assert isinstance(router_needs(target_of(cfg.router, "router", "router")), RouterNeeds)
+    target = target_of(cfg.router, "router", "router")
+    needs = router_needs(target)
+    assert isinstance(needs, RouterNeeds)
+    declared = [*needs.layer_inputs, *(m.key for m in needs.model_modules)]
+    assert set(declared) <= set(inspect.signature(target).parameters), "the constructor takes what it declares"
     layers = [layer for _, layer in mole_layers(model)]
     routed = [layer for layer in layers if layer.mole_router is not None]
     if not routed:  # a router config that builds none is only valid for one expert per layer
