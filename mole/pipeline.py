@@ -26,10 +26,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import mole
+from mole.adapters.baselines import mark_saves_everything
+from mole.adapters.kinds import adapter_class, check_quantized_adapter
 from mole.experts.layout import expand_layout
-from mole.model.base import adapter_dtype, build_model, build_skeleton, check_quantized_adapter, quantization
+from mole.model.base import adapter_dtype, build_model, build_skeleton, quantization
 from mole.model.inject import InjectionReport, decoder_layers, inject_mole
 from mole.model.state import ADAPTER_FILE, adapter_metadata, load_adapter, save_adapter
+from mole.routers.base import router_needs
 from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_config: re-exported for callers
     CONFIG_FILE,
     FINISHED,
@@ -45,6 +48,7 @@ from mole.run_dir import (  # noqa: F401 - CONFIG_FILE, is_finished, load_run_co
 from mole.run_dir import write_json as _write_json
 from mole.run_dir import write_text as _write_text
 from mole.utils.errors import MoleConfigError
+from mole.utils.targets import target_of
 
 log = logging.getLogger(__name__)
 
@@ -95,41 +99,45 @@ def _factory(node: DictConfig, group: str):
                 raise MoleConfigError(group + text[len("adapter"):]) from None
             raise
 
-    call.accepts = _keyword_names(made)  # type: ignore[attr-defined]
     return call
 
 
-def _keyword_names(fn) -> tuple[str, ...]:
-    import inspect
-
-    try:
-        return tuple(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return ()
-
-
 PLACEMENT_KEYS = ("placement", "level")  # read by the injector, not passed to the router's constructor
-MODEL_KEYS = ("task_encoder",)  # build one module per model (HMoRA's task encoder), handed to every router
 
 
 def _router_factory(model: torch.nn.Module, cfg: DictConfig, tokenizer=None):
-    """The router factory; a ``router.task_encoder`` node first builds ``model.mole_task_encoder`` (router=hybrid)."""
-    skip = (*PLACEMENT_KEYS, *MODEL_KEYS)
-    node = OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in skip])
-    factory = _factory(node, "router")
-    if cfg.router.get("task_encoder") is None:
-        return factory
-    if "task_encoder" not in factory.accepts:
-        raise MoleConfigError(f"router.task_encoder is set but router._target_={node._target_!r} takes no task encoder")
-    from mole.routers.hybrid import attach_task_encoder
+    """``(router factory, {model attribute: module})``: the factory :func:`inject_mole` calls, passing the
+    router what its class declares it needs (:class:`~mole.routers.base.RouterNeeds`), and the per-model
+    modules it declares, built from their ``router.<key>`` nodes and registered on ``model`` first."""
+    needs = router_needs(target_of(cfg.router, "router", "router"))
+    skip = (*PLACEMENT_KEYS, *(m.key for m in needs.model_modules))
+    factory = _factory(OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in skip]), "router")
+    built = {}
+    for need in needs.model_modules:
+        if cfg.router.get(need.key) is None:
+            continue
+        module = need.build(model, cfg.router[need.key], tokenizer=tokenizer, dtype=adapter_dtype(cfg.model))
+        setattr(model, need.attr, module)
+        built[need.key] = module
+    attrs = {need.attr: built[need.key] for need in needs.model_modules if need.key in built}
 
-    encoder = attach_task_encoder(model, cfg.router.task_encoder, tokenizer, dtype=adapter_dtype(cfg.model))
+    def make(in_features: int, num_experts: int, **layer):
+        taken = {k: v for k, v in layer.items() if k in needs.layer_inputs}
+        return factory(in_features=in_features, num_experts=num_experts, **taken, **built)
 
-    def bound(**kwargs):
-        return factory(task_encoder=encoder, **kwargs)
+    return make, attrs
 
-    bound.accepts = factory.accepts  # type: ignore[attr-defined]
-    return bound
+
+def _linear_factory(node: DictConfig):
+    """The Linear adapter's factory for :func:`inject_mole`: ``base_layer`` goes to the classes that declare
+    ``reads_base_weights`` (:class:`~mole.adapters.kinds.LinearAdapter`)."""
+    factory = _factory(node, "adapter")
+    wants_base = adapter_class(node, "adapter").reads_base_weights
+
+    def make(base_layer=None, **kwargs):
+        return factory(**kwargs, **({"base_layer": base_layer} if wants_base else {}))
+
+    return make
 
 
 def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) -> InjectionReport:
@@ -149,7 +157,8 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
     single_targets = list(ex.get("single_targets") or [])
     plan = plan_adapter(cfg.adapter, targets, single_targets)
     if plan.kind == "model":  # whole-model baselines: no experts, no routers
-        _factory(plan.model, "adapter")(model=model)
+        if _factory(plan.model, "adapter")(model=model).saves_everything:
+            mark_saves_everything(model)
         return InjectionReport(experts_per_layer=[0] * num_layers, routers_per_layer=[0] * num_layers)
     layout = expand_layout(
         num_layers,
@@ -157,14 +166,14 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
         groups=ex.get("groups"),
         per_layer=ex.get("per_layer"),
     )
-    router_factory = _router_factory(model, cfg, tokenizer)
+    router_factory, per_model = _router_factory(model, cfg, tokenizer)
     share = ex.get("share_groups")
     report = inject_mole(
         model,
         experts_per_layer=layout,
         targets=targets,
         single_targets=single_targets,
-        expert_factory=None if plan.linear is None else _factory(plan.linear, "adapter"),
+        expert_factory=None if plan.linear is None else _linear_factory(plan.linear),
         router_factory=router_factory,
         adapter_dtype=adapter_dtype(cfg.model),
         placement=cfg.router.get("placement", "linear"),
@@ -172,10 +181,9 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
         blocks=[BlockSpec(key, _factory(node, key), layers) for key, node, layers in plan.blocks],
         **({"share_groups": [list(g) for g in share]} if share else {}),
     )
-    if cfg.router.get("task_encoder") is not None:
-        from mole.routers.hybrid import drop_unused_task_encoder
-
-        drop_unused_task_encoder(model)
+    for attr, module in per_model.items():
+        if module.users == 0:  # no layer built a router that reads it
+            delattr(model, attr)
     return report
 
 

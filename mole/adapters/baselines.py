@@ -33,12 +33,18 @@ INITS = ("vocab", "normal")
 class FullFineTune:
     """Full fine-tuning: mark every parameter of ``model`` trainable (and saved)."""
 
-    adapter_kind = "model"
+    adapter_kind = "model"  # the contract: mole.adapters.kinds.ModelAdapter
+    reads_base_weights = True  # it trains them
+    saves_everything = True
 
     def __init__(self, model: nn.Module):
         for p in model.parameters():
             p.requires_grad_(True)
-        object.__setattr__(model, FULL_FINETUNE_ATTR, True)
+
+
+def mark_saves_everything(model: nn.Module) -> None:
+    """Record on ``model`` that its checkpoint holds every parameter (a model adapter's ``saves_everything``)."""
+    object.__setattr__(model, FULL_FINETUNE_ATTR, True)
 
 
 def saves_everything(model: nn.Module) -> bool:
@@ -59,7 +65,9 @@ class PromptTuning(nn.Module):
     get the attention mask (and explicit position ids) extended by P so they line up with the cache.
     """
 
-    adapter_kind = "model"
+    adapter_kind = "model"  # the contract: mole.adapters.kinds.ModelAdapter
+    reads_base_weights = False
+    saves_everything = False
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int = 20, init: str = "vocab"):
         super().__init__()

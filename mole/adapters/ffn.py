@@ -72,6 +72,7 @@ class FFNLoRAExperts(BlockExperts):
     """
 
     attr_name = "mole_experts"
+    reads_base_weights = True  # each expert is the whole FFN: W_gate x, W_up x and W_down from the frozen block
     position = "ffn"
 
     def __init__(

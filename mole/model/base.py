@@ -57,36 +57,6 @@ def quantization(model_cfg: DictConfig) -> str:
     return name
 
 
-# adapters that read or train the base Linears' weights, which a quantized base stores as integer codes
-READS_BASE_WEIGHTS = {"DoRAExpert": "adapter=dora", "FFNLoRAExperts": "adapter=ffn_expert",
-                      "FullFineTune": "adapter=full_finetune"}
-
-
-def check_quantized_adapter(cfg: DictConfig) -> None:
-    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point."""
-    quant = quantization(cfg.model)
-    if quant == "none":
-        return
-    targets = [str(v) for k, v in _walk(OmegaConf.to_container(cfg.get("adapter") or {}, resolve=False)) if k == "_target_"]
-    for target in targets:
-        name = target.rsplit(".", 1)[-1]
-        if name in READS_BASE_WEIGHTS:
-            raise MoleConfigError(
-                f"model.quantization={quant} cannot be used with {READS_BASE_WEIGHTS[name]} ({name} reads or trains "
-                "the base weights, which are stored quantized); use model.quantization=none"
-            )
-
-
-def _walk(node: Any):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield k, v
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
-
-
 def adapter_dtype(model_cfg: DictConfig) -> torch.dtype | None:
     """``model.adapter_dtype``: the experts' and routers' dtype (default float32); ``null``: the base's dtype
     (``model.dtype`` with a quantized base, whose Linear weights are stored as integers)."""

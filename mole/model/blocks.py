@@ -49,7 +49,8 @@ class BlockExperts(nn.Module):
     under which the experts are registered on the block).
     """
 
-    adapter_kind = "block"  # read by mole.adapters.kinds: a block adapter, not a Linear one
+    adapter_kind = "block"  # the contract: mole.adapters.kinds.BlockAdapter
+    reads_base_weights = False  # true for experts that compute with the block's frozen weights (MixLoRA)
     attr_name = "mole_block"
 
     def __init__(self) -> None:

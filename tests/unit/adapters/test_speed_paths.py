@@ -203,6 +203,10 @@ def test_param_dtype_follows_the_module_after_a_cast():
     router.to(torch.float64)
     assert param_dtype(router) == torch.float64
     assert param_dtype(nn.ReLU()) is None
+    # found generically, whatever the router names its weight (here two levels down, in float16)
+    odd = nn.Module()
+    odd.scorer = nn.Sequential(nn.Identity(), nn.Linear(4, 3, dtype=torch.float16))
+    assert param_dtype(odd) == torch.float16
     x = torch.randn(5, 4)  # fp32 input
     with pytest.raises(RuntimeError):
         router.gate(x)  # a float64 Linear refuses fp32 input...
