@@ -303,7 +303,7 @@ def inject_run(model: nn.Module, run: dict) -> None:
     the mixture's buffers that a state dict leaves out (constants computed from the config, e.g. HMoRA's
     ``a_l``) are made persistent here and saved by :func:`write_hf`.
     """
-    from mole.pipeline import inject_from_config
+    from mole.build import inject_from_config
 
     cfg = OmegaConf.create(dict(run))
     inject_from_config(model, cfg, tokenizer=None)
@@ -426,7 +426,7 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = 
     export loaded by its client (:func:`load_export`), else ``None``.
     """
     from mole.generate import load_run
-    from mole.pipeline import load_run_config
+    from mole.run_dir import load_run_config
 
     if check and fmt == "hf" and not trust_remote_code:
         raise MoleConfigError("check=true with format=hf loads the export's modeling_mole.py, which runs code: "
@@ -434,7 +434,7 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = 
     out = check_out(out)
     if fmt not in FORMATS:
         raise MoleConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-    from mole.pipeline import build_mole_model
+    from mole.build import build_mole_model
 
     cfg = load_run_config(checkpoint)
     skeleton, _, _ = build_mole_model(cfg, meta=True)  # the run's structure, no weights: a wrong format costs no load

@@ -116,8 +116,9 @@ def load_run(checkpoint: str | Path, device: str = "auto"):
     Returns:
         ``(model, tokenizer, cfg)``.
     """
+    from mole.build import build_mole_model
     from mole.model.state import ADAPTER_FILE, load_adapter
-    from mole.pipeline import build_mole_model, load_run_config
+    from mole.run_dir import load_run_config
 
     run_dir = Path(checkpoint)
     cfg = load_run_config(run_dir)

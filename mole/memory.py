@@ -231,8 +231,8 @@ def activation_bytes(model: nn.Module, cfg: DictConfig, batch_size: int, seq_len
     place) on a ``batch_size x seq_len`` batch; the account places each saved tensor as ``(layer, kind)``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from mole.build import build_aux_losses
     from mole.model.inject import decoder_layers
-    from mole.pipeline import build_aux_losses
     from mole.training.loop import loss_step
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -262,8 +262,8 @@ def estimate_memory(cfg: DictConfig, batch_size: int | None = None, seq_len: int
 
     ``batch_size`` and ``seq_len`` default to ``trainer.batch_size`` and ``data.cutoff_len``.
     """
+    from mole.build import build_mole_model
     from mole.model.base import quantization
-    from mole.pipeline import build_mole_model
     from mole.training.args import TrainArgs
     from mole.training.distributed import DistributedArgs
 
@@ -404,7 +404,7 @@ def measure_config(cfg: DictConfig, batch_size: int, seq_len: int, profile: bool
     ``profile``: then run a second step (gradients cleared, AdamW states kept) under the profiler and add
     ``allocator_peak``: the parameters, buffers and AdamW states plus :func:`allocator_peak` of that step.
     """
-    from mole.pipeline import build_aux_losses, build_mole_model
+    from mole.build import build_aux_losses, build_mole_model
     from mole.training.args import TrainArgs
     from mole.training.loop import loss_step
     from mole.training.optim import build_optimizer

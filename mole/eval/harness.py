@@ -165,7 +165,7 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
     return dest
 
 
-def _as_path_list(include_path: str | Path | Sequence[str | Path] | None) -> list[Path]:
+def include_paths(include_path: str | Path | Sequence[str | Path] | None) -> list[Path]:
     if include_path is None:
         return []
     if isinstance(include_path, (str, Path)):
@@ -339,7 +339,7 @@ def evaluate_model(
 
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    user_paths = _as_path_list(include_path)
+    user_paths = include_paths(include_path)
     rendered = render_shipped_tasks(output_dir / RENDERED_TASKS_SUBDIR, fixtures_dir, prompt)
     # Later include paths override earlier ones in lm-eval 0.4.x, so user tasks win.
     paths = [str(rendered), *map(str, user_paths)]

@@ -5,7 +5,7 @@ Only safetensors is read or written; nothing is unpickled.
 The file says what made it, in safetensors' header metadata (strings; the structured ones JSON):
 ``method``, ``router``, ``experts`` and ``adapter`` (the resolved config groups), ``base_model`` (its
 name) and ``base_shape`` (layers, widths, vocabulary), and ``mole_version``. A model built from a config
-carries the same fields (``model.mole_adapter_metadata``, set by :func:`mole.pipeline.build_mole_model`);
+carries the same fields (``model.mole_adapter_metadata``, set by :func:`mole.build.build_mole_model`);
 :func:`load_adapter` refuses a file whose fields differ from the model's, naming the first differing key,
 and a file with non-finite weights. A file without these fields (written before they existed) still
 loads, with a warning that it cannot be checked.

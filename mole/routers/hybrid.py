@@ -426,7 +426,7 @@ class HybridRouter(nn.Module):
             if task_encoder is None:
                 raise MoleConfigError(
                     "router=hybrid: a layer with a task router needs the model's task encoder "
-                    "(build the model with mole.pipeline, which creates model.mole_task_encoder)"
+                    "(build the model with mole.build, which creates model.mole_task_encoder)"
                 )
             self.task_gate = nn.Linear(task_encoder.width, num_experts, bias=bias)
             task_encoder.users += 1

@@ -22,7 +22,7 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from mole.config import compose_config
-from mole.pipeline import run_train
+from mole.recipes.train import run_train
 from mole.training import checkpoint as ckpt
 from mole.training.args import TrainArgs
 from mole.training.distributed import DistributedArgs
@@ -415,7 +415,6 @@ def _slurm_job_task(tmp_path: Path, monkeypatch, rank: int) -> tuple[Path, Path,
     from hydra.core.singleton import Singleton
     from hydra.types import HydraContext, RunMode
 
-    import mole.pipeline
     from mole import CONF_DIR
     from mole.cli import sweep
     from mole.cli import train as train_cli
@@ -428,8 +427,8 @@ def _slurm_job_task(tmp_path: Path, monkeypatch, rank: int) -> tuple[Path, Path,
     for key, value in {**_slurm_vars(rank), "SUBMITIT_EXECUTOR": "slurm"}.items():  # submitit's sbatch script sets it
         monkeypatch.setenv(key, value)
     calls = []
-    monkeypatch.setattr(mole.pipeline, "run_train",
-                        lambda cfg, run_dir: (logging.getLogger("mole.pipeline").info("training"),  # opens train.log
+    monkeypatch.setattr(train_cli, "run_train",
+                        lambda cfg, run_dir: (logging.getLogger("mole.recipes.train").info("training"),  # opens train.log
                                               calls.append((str(run_dir), os.environ.get("RANK")))))
     sweep_dir = tmp_path / "sweep"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -39,7 +39,7 @@ def _error_lines(err: str) -> list[str]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A finished tiny run (untrained: max_steps=0)."""
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     path = tmp_path_factory.mktemp("run_dir") / "finished"
     run_train(compose_config(TRAIN), path)
@@ -193,7 +193,7 @@ def test_mole_train_on_a_finished_run_without_a_readable_config_stops(finished, 
 
 
 def test_force_trains_over_a_finished_run(finished, tmp_path):
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)

@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from mole import CONF_DIR
+from mole.build import build_aux_losses, build_mole_model
 from mole.data import Collator, encode_records, load_datasets
 from mole.model.base import build_model
 from mole.model.blocks import BlockExperts
 from mole.model.state import load_adapter, save_adapter
-from mole.pipeline import build_aux_losses, build_mole_model, run_eval, run_train
+from mole.recipes.evaluate import run_eval
+from mole.recipes.train import run_train
 from mole.training import TrainArgs
 from mole.training.loop import loss_step
 from mole.training.optim import build_optimizer
