@@ -83,7 +83,7 @@ def _is_plain_lora(layer: MoLELinear) -> bool:
 
 
 def run_shape(model: nn.Module) -> RunShape:
-    from mole.adapters.baselines import saves_everything
+    from mole.model.state import saves_everything
 
     if saves_everything(model):
         return RunShape(single=False, full=True, mixlora="MixLoRA FFN experts in every decoder layer, not full fine-tuning")

@@ -24,9 +24,9 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from mole.model.state import FULL_FINETUNE_ATTR
 from mole.utils.errors import MoleConfigError
 
-FULL_FINETUNE_ATTR = "_mole_full_finetune"  # set on a model whose every parameter trains and is saved
 INITS = ("vocab", "normal")
 
 
@@ -39,11 +39,6 @@ class FullFineTune:
         for p in model.parameters():
             p.requires_grad_(True)
         object.__setattr__(model, FULL_FINETUNE_ATTR, True)
-
-
-def saves_everything(model: nn.Module) -> bool:
-    """Whether ``model`` was built for full fine-tuning (its checkpoint holds every parameter)."""
-    return bool(getattr(model, FULL_FINETUNE_ATTR, False))
 
 
 class PromptTuning(nn.Module):

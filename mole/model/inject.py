@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mole.model.blocks import hidden_size_of
 from mole.model.layer import MoLELinear
 from mole.utils.errors import MoleConfigError
 
@@ -199,8 +200,6 @@ def _hidden_size(model: nn.Module, layer: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if size:
         return int(size)
-    from mole.adapters.parallel import hidden_size_of
-
     return hidden_size_of(layer)
 
 

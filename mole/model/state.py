@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "mole-adapter-v1"
+FULL_FINETUNE_ATTR = "_mole_full_finetune"  # set on a model whose every parameter trains and is saved (full fine-tuning)
 #: the metadata fields compared on loading, in the order a mismatch is reported
 CHECKED_FIELDS = ("method", "base_model", "base_shape", "adapter", "experts", "router")
 _SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -87,13 +88,16 @@ def metadata_mismatch(stored: dict[str, str], expected: dict[str, str]) -> tuple
     return None
 
 
+def saves_everything(model: nn.Module) -> bool:
+    """Whether ``model`` was built for full fine-tuning (its checkpoint holds every parameter)."""
+    return bool(getattr(model, FULL_FINETUNE_ATTR, False))
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The saved parameters: the ``mole_`` ones, or every parameter under full fine-tuning.
 
     ``named_parameters`` lists a shared (tied) parameter once, so no two entries share storage.
     """
-    from mole.adapters.baselines import saves_everything
-
     everything = saves_everything(model)
     return {n: p.detach() for n, p in model.named_parameters() if everything or is_trainable_name(n)}
 
