@@ -24,7 +24,9 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from mole.model.inject import mark_trainable
 from mole.model.state import FULL_FINETUNE_ATTR
+from mole.routers.context import is_incremental
 from mole.utils.errors import MoleConfigError
 
 INITS = ("vocab", "normal")
@@ -75,15 +77,12 @@ class PromptTuning(nn.Module):
         self._prepended = False
         self._real_length = 0
         model.mole_prompt_tuning = self
-        from mole.model.inject import mark_trainable
 
         mark_trainable(model)  # only the virtual tokens (a ``mole_`` parameter) train
         model.register_forward_pre_hook(self._prepend, with_kwargs=True, prepend=True)
         model.register_forward_hook(self._drop_virtual, with_kwargs=True)
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
-        from mole.routers.context import is_incremental
-
         kwargs = {**dict(zip(self._names, args, strict=False)), **kwargs}  # positional arguments by name
         p = self.num_virtual_tokens
         embeds = kwargs.get("inputs_embeds")

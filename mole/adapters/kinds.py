@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from mole.utils.errors import MoleConfigError
@@ -37,8 +38,6 @@ class AdapterPlan:
 
 def adapter_kind(node: Any, key: str) -> str:
     """``linear``, ``block`` or ``model``, from the class or function named by ``node._target_``."""
-    from hydra.utils import get_object
-
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise MoleConfigError(f"{key}: missing _target_ (choose a file from conf/adapter/)")
     try:

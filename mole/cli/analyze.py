@@ -29,7 +29,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mole.analysis import analyze_run, loss_curves
 from mole.cli.common import compose_from_argv, log_to, report_user_errors, run_main
 from mole.run_dir import check_trust_flag, load_run_config
 from mole.utils.errors import MoleConfigError
@@ -85,6 +84,8 @@ def resolve_data(run_cfg, overrides: list[str]):
 
 @report_user_errors("mole-analyze")
 def run(args: list[str]) -> object:
+    from mole.analysis import analyze_run, loss_curves
+
     if args and args[0] == "curves":
         positional, options, data = _split_args(args[1:], CURVE_OPTIONS)
         if data or not positional:

@@ -21,7 +21,6 @@ from pathlib import Path
 from omegaconf.errors import MissingMandatoryValue
 
 from mole.cli.common import compose_from_argv, report_user_errors, run_main
-from mole.export import CLIENTS, FORMATS, check_out, export_run
 from mole.utils.errors import MoleConfigError
 
 PROG = "mole-export"
@@ -29,6 +28,8 @@ PROG = "mole-export"
 
 @report_user_errors(PROG)
 def run(args: list[str]) -> Path:
+    from mole.export import CLIENTS, FORMATS, check_out, export_run
+
     positional = None
     if args and "=" not in args[0]:
         positional, args = args[0], args[1:]

@@ -27,16 +27,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mole.cli.common import compose_from_argv, report_user_errors, run_main
-from mole.generate import (
-    GenerationSettings,
-    generate_texts,
-    load_run,
-    read_prompt_records,
-    record_prompt,
-    render,
-    resolve_device,
-    run_template,
-)
 from mole.run_dir import load_run_config
 from mole.utils.errors import MoleConfigError
 
@@ -60,6 +50,17 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], str | None]:
 @report_user_errors(PROG)
 def run(args: list[str]) -> list[str] | None:
 
+
+    from mole.generate import (
+        GenerationSettings,
+        generate_texts,
+        load_run,
+        read_prompt_records,
+        record_prompt,
+        render,
+        resolve_device,
+        run_template,
+    )
 
     overrides, prompts, positional = split_args(args)
     cfg = compose_from_argv(overrides, "generate")
@@ -129,6 +130,8 @@ def run(args: list[str]) -> list[str] | None:
 def _chat(model, tokenizer, settings, template: str) -> list[str]:
     """One prompt a line from stdin, each answered on its own (the run was trained on single turns);
     an empty line is skipped, ``/quit`` or end of input ends the loop."""
+    from mole.generate import generate_texts, render
+
     interactive = sys.stdin.isatty()
     if interactive:
         print("mole-generate chat: one prompt a line; /quit or Ctrl-D ends", file=sys.stderr)

@@ -23,7 +23,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mole.run_dir import RunDirectoryBusy, lock_run, write_text
-from mole.training.slurm import slurm_task
 
 FOLDER = ".hydra"
 PENDING_PREFIX = ".hydra-pending-"
@@ -88,6 +87,8 @@ def owned_run(run_dir: str | Path, pending: Path | None) -> Iterator[None]:
     """A sweep job's hold on its run directory: the lock (only the main task of a multi-task SLURM job takes
     it), then Hydra's notes moved into ``.hydra/``. On a busy directory the job's folder is removed and
     :class:`~mole.run_dir.RunDirectoryBusy` raised, with nothing of the owner's changed."""
+    from mole.training.slurm import slurm_task
+
     task = slurm_task()
     main = task is None or task.rank == 0
     lock = lock_run(run_dir) if main else None

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 
 from mole.cli.common import compose_from_argv, report_user_errors, run_main
-from mole.recipes.params import count_parameters
 from mole.utils.errors import MoleConfigError
 
 
 @report_user_errors("mole-params")
 def run(overrides: list[str]) -> dict:
+    from mole.recipes.params import count_parameters
+
     overrides, memory = _memory_flag(overrides)
     out = count_parameters(compose_from_argv(overrides, "train"), memory)
     print(json.dumps(out, indent=1))

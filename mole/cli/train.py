@@ -39,12 +39,7 @@ from mole import CONF_DIR
 from mole.cli import hydra_notes, sweep
 from mole.cli.common import hydra_error_line, report_user_errors
 from mole.cli.hydra_notes import owned_run, pending_folder, publish
-from mole.recipes.train import run_train
 from mole.run_dir import lock_run
-from mole.training.distributed import launched
-from mole.training.launch import LaunchError, launch, needs_launch
-from mole.training.signals import RunInterrupted
-from mole.training.slurm import slurm_task, writes_run_dir
 from mole.utils.errors import MoleConfigError, error_line, os_error_line
 from mole.utils.secrets import redact_text, redact_yaml_file, redacted_stderr
 
@@ -77,6 +72,8 @@ class RunDirectoryLock(Callback):
 def _redact_hydra_files(hydra_cfg) -> None:
     """Hydra saved the overrides and config (``.hydra/``, a sweep's ``multirun.yaml``) before the job
     started: redact secrets there."""
+    from mole.training.slurm import writes_run_dir
+
     if not writes_run_dir():  # a SLURM task other than task 0: it wrote none of them (hydra.output_subdir is null)
         return
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -90,6 +87,11 @@ def _redact_hydra_files(hydra_cfg) -> None:
 
 def _train_one(cfg: DictConfig, run_dir: str) -> None:
     """Train in this process, or start ``accelerate launch`` when the config asks for several processes."""
+    from mole.recipes.train import run_train
+    from mole.training.distributed import launched
+    from mole.training.launch import launch, needs_launch
+    from mole.training.slurm import slurm_task
+
     task = slurm_task()
     if task is not None:  # one task of a multi-task SLURM job: one process of the run (mole.training.slurm)
         task.export(cfg.get("distributed", {}).get("main_process_port"))
@@ -106,6 +108,8 @@ def _train_one(cfg: DictConfig, run_dir: str) -> None:
 
 @report_user_errors(PROG)
 def _single_run(cfg: DictConfig, run_dir: str) -> None:
+    from mole.training.launch import LaunchError
+
     try:
         _train_one(cfg, run_dir)
     except LaunchError as err:
@@ -123,6 +127,8 @@ def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int, pend
     stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end,
     from what each job recorded (:mod:`mole.cli.sweep`).
     """
+    from mole.training.slurm import writes_run_dir
+
     writer = writes_run_dir()  # a job of several SLURM tasks is recorded by task 0 (asked before the tasks meet)
     if writer:
         sweep.record_job(sweep_dir, job_num, run_dir)
@@ -154,6 +160,8 @@ def _not_machine_zero(argv: list[str]) -> bool:
     """Whether this command is a machine other than machine 0 of a run over several machines
     (``distributed.machine_rank=N``, or a SLURM task other than task 0): it writes nothing into the run
     directory, so Hydra is told to keep its ``.hydra/`` files and its log file out of it."""
+    from mole.training.slurm import slurm_task
+
     task = slurm_task()
     if task is not None:
         return task.rank != 0
@@ -182,6 +190,7 @@ def main() -> None:
     # Hydra raises its own errors (unknown config option or key) instead of printing them over many lines,
     # so they end in one line like every other user error (HYDRA_FULL_ERROR=1 keeps Hydra's full report)
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from mole.training.signals import RunInterrupted
 
     try:
         with redacted_stderr():  # Hydra prints a failed job's overrides, secrets and all

@@ -21,12 +21,17 @@ The embeddings, norms and LM head stay in ``model.dtype``; experts and routers a
 
 from __future__ import annotations
 
+import logging
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from mole.model.inject import decoder_layers
+from mole.model.smollm2 import load_smollm2, smollm2_config
 from mole.model.tokenizer import byte_tokenizer
 from mole.utils.errors import MoleConfigError
 
@@ -123,8 +128,6 @@ def hf_config(model_cfg: DictConfig) -> PretrainedConfig:
     """The transformers config of the model, without loading weights."""
     src = _source(model_cfg)
     if src == "smollm2":
-        from mole.model.smollm2 import smollm2_config
-
         return smollm2_config(model_cfg.get("cache_dir"))
     fields: dict[str, Any] = OmegaConf.to_container(model_cfg.get("config") or {}, resolve=True)  # type: ignore[assignment]
     if not fields or "model_type" not in fields:
@@ -151,9 +154,6 @@ def build_skeleton(model_cfg: DictConfig) -> torch.nn.Module:
 
 def _warn_remote_code(hf_id: str) -> None:
     """Say which code ``trust_remote_code=true`` lets transformers import."""
-    import logging
-    from pathlib import Path
-
     folder = Path(hf_id)
     if folder.is_dir():
         files = sorted(p.name for p in folder.glob("*.py"))
@@ -180,8 +180,6 @@ def build_model(model_cfg: DictConfig, seed: int | None = None):
         model = AutoModelForCausalLM.from_config(hf_config(model_cfg)).to(dtype)
         tokenizer = byte_tokenizer()
     elif src == "smollm2":
-        from mole.model.smollm2 import load_smollm2
-
         model, tokenizer = load_smollm2(model_cfg.get("cache_dir"), dtype=dtype)
     else:
         hf_id = model_cfg.get("hf_id")
@@ -229,9 +227,6 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     quantized model to another device moves its codes and scales). Returns the number replaced.
     """
     bnb = _bitsandbytes(kind)
-    import warnings
-
-    from mole.model.inject import decoder_layers
 
     # LLM.int8 computes in fp16 and says so at every call; that is the method, not a problem of the run
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mole.model.blocks import hidden_size_of
+from mole.model.blocks import hidden_size_of, inject_blocks
 from mole.model.layer import MoLELinear
+from mole.routers.context import install_context
+from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
 from mole.utils.errors import MoleConfigError
 
 if TYPE_CHECKING:
@@ -90,10 +92,6 @@ def inject_mole(
     Returns:
         An :class:`InjectionReport`.
     """
-    from mole.model.blocks import inject_blocks
-    from mole.routers.context import install_context
-    from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
-
     check_placement(placement, level)
     layers = decoder_layers(model)
     if len(experts_per_layer) != len(layers):

@@ -43,6 +43,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -296,8 +297,6 @@ def _discard(path: Path) -> None:
 
 def _build_cache(path: Path) -> None:
     """De-quantize + convert + save into a temp dir beside ``path``, then rename it into place."""
-    import time
-
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(path.parent)
     t0 = time.perf_counter()

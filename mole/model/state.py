@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+import mole
 from mole.model.inject import is_trainable_name
 from mole.utils.errors import MoleConfigError, io_error
 
@@ -40,10 +42,6 @@ _SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_s
 
 def adapter_metadata(cfg, model: nn.Module) -> dict[str, str]:
     """The header metadata of an adapter trained from ``cfg`` (a composed ``train`` config) on ``model``."""
-    from omegaconf import OmegaConf
-
-    import mole
-
     def group(name: str) -> Any:
         node = cfg.get(name)
         return OmegaConf.to_container(node, resolve=True) if node is not None else None

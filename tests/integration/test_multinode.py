@@ -418,6 +418,7 @@ def _slurm_job_task(tmp_path: Path, monkeypatch, rank: int) -> tuple[Path, Path,
     from mole import CONF_DIR
     from mole.cli import sweep
     from mole.cli import train as train_cli
+    from mole.recipes import train as train_recipe
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID", "SLURM_RESTART_COUNT"):
@@ -427,7 +428,7 @@ def _slurm_job_task(tmp_path: Path, monkeypatch, rank: int) -> tuple[Path, Path,
     for key, value in {**_slurm_vars(rank), "SUBMITIT_EXECUTOR": "slurm"}.items():  # submitit's sbatch script sets it
         monkeypatch.setenv(key, value)
     calls = []
-    monkeypatch.setattr(train_cli, "run_train",
+    monkeypatch.setattr(train_recipe, "run_train",
                         lambda cfg, run_dir: (logging.getLogger("mole.recipes.train").info("training"),  # opens train.log
                                               calls.append((str(run_dir), os.environ.get("RANK")))))
     sweep_dir = tmp_path / "sweep"
