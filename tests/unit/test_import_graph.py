@@ -181,6 +181,29 @@ def test_no_import_cycle_inside_mole():
     assert cycles(graph) == []
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+@pytest.mark.parametrize("layer, must_not_reach", [
+    # training is handed its evaluation (the model-selection score) by the train recipe
+    ("mole.training", ("mole.eval", "mole.report", "mole.recipes")),
+    # the builders construct; running, evaluating and writing the run directory are the recipes' part
+    ("mole.build", ("mole.training", "mole.eval", "mole.report", "mole.recipes", "mole.run_dir")),
+])
+def test_layers(layer, must_not_reach):
+    graph, _ = import_graph(function_bodies=True)
+    for module in [m for m in graph if m == layer or m.startswith(layer + ".")]:
+        bad = sorted(m for m in reachable(graph, module) if m.split(".")[:2] in [p.split(".") for p in must_not_reach])
+        assert bad == [], f"{module} imports {bad}"
+
+
 def allowed_late(where: str, module: str) -> bool:
     """A lazy third-party module anywhere; a heavy mole module inside a light one."""
     importer = where.split(":")[0]

@@ -115,7 +115,7 @@ def test_preset_trains_every_parameter_lowers_the_loss_and_round_trips(tiny_cfg,
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_and_evaluates_through_the_commands(tiny_cfg, tmp_path, preset):
     """What `mole-train method=<preset>` and `mole-eval checkpoint=<run>` run (the commands themselves are
-    exercised as subprocesses in test_pipeline.py): train with lm-eval at the end, then re-evaluate the
+    exercised as subprocesses in recipes/test_recipes.py): train with lm-eval at the end, then re-evaluate the
     saved checkpoint and get the same accuracy."""
     cfg = tiny_cfg(f"method={preset}", "eval=fixtures", "eval.tasks=[mole_yesno]", "eval.limit=6")
     metrics = run_train(cfg, tmp_path)
