@@ -12,7 +12,6 @@ The recipes (:mod:`mole.recipes`) put these together into the commands.
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any
 
 import torch
@@ -30,9 +29,6 @@ from mole.model.inject import InjectionReport, decoder_layers, inject_mole, is_t
 from mole.model.state import adapter_metadata
 from mole.routers.hybrid import attach_task_encoder, drop_unused_task_encoder, reads_raw_question
 from mole.utils.errors import MoleConfigError
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------------------------------------
 # model
