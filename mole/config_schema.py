@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from mole.config import CONF_DIR
 from mole.utils.errors import MoleConfigError
 
 _ABSENT = object()
@@ -195,3 +197,32 @@ def check_run_config(cfg: Any, path: Any) -> None:
         validate_config(cfg)
     except MoleConfigError as err:
         raise MoleConfigError(f"checkpoint: {path}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# run configs written by earlier layouts of the config tree
+
+
+def current_model_node(model_cfg: DictConfig) -> DictConfig:
+    """A ``model`` node in the current layout: ``source: smollm2`` (SmolLM2's own converter) is the general
+    GGUF source with ``conf/model/smollm2_135m.yaml``'s file and cache."""
+    if not isinstance(model_cfg, DictConfig) or model_cfg.get("source") != "smollm2":
+        return model_cfg
+    preset = OmegaConf.load(Path(CONF_DIR) / "model" / "smollm2_135m.yaml")
+    node = model_cfg.copy()
+    with open_dict(node):  # a composed config is in struct mode: these keys are new to it
+        node.source, node.gguf, node.cache_name = "gguf", preset.gguf, preset.cache_name
+    return node
+
+
+def current_layout(cfg: DictConfig) -> DictConfig:
+    """A stored run config read in the current layout of the config tree, so that a run written before a key
+    moved is still the same run (re-run, resume and evaluation compare and build from this)."""
+    if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig):
+        return cfg
+    if cfg.model.get("source") == "smollm2":
+        model = current_model_node(cfg.model)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.model = model
+    return cfg

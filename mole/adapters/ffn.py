@@ -43,6 +43,8 @@ from torch import Tensor, nn
 from mole.adapters.lora import check_lora_args
 from mole.adapters.parallel import hidden_size_of
 from mole.model.blocks import BlockExperts
+from mole.routers.mor import MoRRouter
+from mole.routers.topk import TopKRouter
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
@@ -51,9 +53,6 @@ FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 def max_active(router: nn.Module, num_experts: int) -> int:
     """How many experts ``router`` can give a non-zero gate per token: its top-k, else all ``num_experts``."""
-    from mole.routers.mor import MoRRouter
-    from mole.routers.topk import TopKRouter
-
     if isinstance(router, TopKRouter) or (isinstance(router, MoRRouter) and router.select == "topk"):
         return int(router.top_k)
     return num_experts

@@ -23,6 +23,8 @@ The embeddings, norms and LM head stay in ``model.dtype``; experts and routers a
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from mole.config import CONF_DIR
+from mole.config_schema import current_model_node
 from mole.model import gguf_file
+from mole.model.inject import decoder_layers
 from mole.model.tokenizer import byte_tokenizer
 from mole.utils.errors import MoleConfigError
 
@@ -94,19 +97,11 @@ def _source(model_cfg: DictConfig) -> str:
     return src
 
 
-def gguf_model_cfg(model_cfg: DictConfig) -> DictConfig:
-    """``model_cfg`` with ``source: smollm2`` read as ``source: gguf`` with conf/model/smollm2_135m.yaml's file."""
-    if model_cfg.get("source") != "smollm2":
-        return model_cfg
-    preset = OmegaConf.load(Path(CONF_DIR) / "model" / "smollm2_135m.yaml")
-    return OmegaConf.merge(model_cfg, {"source": "gguf", "gguf": preset.gguf, "cache_name": preset.cache_name})
-
-
 def hf_config(model_cfg: DictConfig) -> PretrainedConfig:
     """The transformers config of the model, without loading weights."""
     src = _source(model_cfg)
     if src in ("gguf", "smollm2"):
-        return gguf_file.config(gguf_model_cfg(model_cfg))
+        return gguf_file.config(current_model_node(model_cfg))
     fields: dict[str, Any] = OmegaConf.to_container(model_cfg.get("config") or {}, resolve=True)  # type: ignore[assignment]
     if not fields or "model_type" not in fields:
         raise MoleConfigError(f"model.config must give the architecture (model_type and shape) for model={model_cfg.get('name')}")
@@ -132,9 +127,6 @@ def build_skeleton(model_cfg: DictConfig) -> torch.nn.Module:
 
 def _warn_remote_code(hf_id: str) -> None:
     """Say which code ``trust_remote_code=true`` lets transformers import."""
-    import logging
-    from pathlib import Path
-
     folder = Path(hf_id)
     if folder.is_dir():
         files = sorted(p.name for p in folder.glob("*.py"))
@@ -161,7 +153,7 @@ def build_model(model_cfg: DictConfig, seed: int | None = None):
         model = AutoModelForCausalLM.from_config(hf_config(model_cfg)).to(dtype)
         tokenizer = byte_tokenizer()
     elif src in ("gguf", "smollm2"):
-        model, tokenizer = gguf_file.load(gguf_model_cfg(model_cfg), dtype=dtype)
+        model, tokenizer = gguf_file.load(current_model_node(model_cfg), dtype=dtype)
     else:
         hf_id = model_cfg.get("hf_id")
         if not hf_id:
@@ -208,9 +200,6 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     quantized model to another device moves its codes and scales). Returns the number replaced.
     """
     bnb = _bitsandbytes(kind)
-    import warnings
-
-    from mole.model.inject import decoder_layers
 
     # LLM.int8 computes in fp16 and says so at every call; that is the method, not a problem of the run
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

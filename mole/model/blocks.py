@@ -85,6 +85,18 @@ def block_of(layer: nn.Module, position: str) -> nn.Module:
     return block
 
 
+def hidden_size_of(layer: nn.Module) -> int:
+    """Width of a decoder layer's hidden states (Llama/Qwen2/Mistral layers carry ``hidden_size``)."""
+    size = getattr(layer, "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    norm = getattr(layer, "input_layernorm", None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, Tensor):
+        return int(weight.shape[0])
+    raise MoleConfigError(f"adapter: cannot tell the hidden size of {type(layer).__name__}")
+
+
 @dataclass
 class BlockSpec:
     """One configured block adapter: a factory ``(layer, num_experts) -> BlockExperts`` and its layers."""

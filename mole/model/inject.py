@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mole.model.blocks import hidden_size_of, inject_blocks
 from mole.model.layer import MoLELinear
+from mole.routers.context import install_context
+from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
 from mole.utils.errors import MoleConfigError
 
 if TYPE_CHECKING:
@@ -89,10 +92,6 @@ def inject_mole(
     Returns:
         An :class:`InjectionReport`.
     """
-    from mole.model.blocks import inject_blocks
-    from mole.routers.context import install_context
-    from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
-
     check_placement(placement, level)
     layers = decoder_layers(model)
     if len(experts_per_layer) != len(layers):
@@ -195,8 +194,6 @@ def _hidden_size(model: nn.Module, layer: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if size:
         return int(size)
-    from mole.adapters.parallel import hidden_size_of
-
     return hidden_size_of(layer)
 
 

@@ -584,7 +584,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Finished tiny runs (untrained: max_steps=0) of two methods, and an interrupted one with a checkpoint."""
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     root = tmp_path_factory.mktemp("bad_input") / "_runs"
     out = {}

@@ -21,8 +21,8 @@ from mole.adapters import FFNLoRAExperts, LoRAExperts
 from mole.adapters.ffn import max_active
 from mole.adapters.ffn import reference_forward as ffn_reference
 from mole.adapters.lora import gather_reference_forward, per_expert_dropout_loop_forward, reference_forward
+from mole.build import build_aux_losses, build_mole_model
 from mole.model.routing import collect_routing
-from mole.pipeline import build_aux_losses, build_mole_model
 from mole.routers import SoftRouter, TopKRouter
 from mole.routers.base import param_dtype, run_router
 from mole.routers.context import RoutingContext

@@ -8,9 +8,9 @@ import pytest
 from conftest import TINY, compose_tiny, partners
 
 from mole import CONF_DIR
+from mole.build import build_aux_losses, build_mole_model
 from mole.config import compose_config
 from mole.data import load_datasets
-from mole.pipeline import build_aux_losses, build_mole_model
 from mole.training import TrainArgs
 
 GROUPS = ["model", "method", "router", "experts", "adapter", "loss", "data", "trainer", "eval", "distributed", "paths"]

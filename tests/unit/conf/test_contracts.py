@@ -19,7 +19,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mole import CONF_DIR
-from mole.adapters.baselines import saves_everything
 from mole.adapters.kinds import (
     KINDS,
     PROTOCOLS,
@@ -29,12 +28,13 @@ from mole.adapters.kinds import (
     adapter_class,
     check_quantized_adapter,
 )
+from mole.build import build_aux_losses, build_mole_model
 from mole.losses import AuxLoss
 from mole.model.base import build_model
 from mole.model.blocks import BlockExperts, block_of
 from mole.model.inject import decoder_layers, is_trainable_name, mole_layers
 from mole.model.routing import collect_routing
-from mole.pipeline import build_aux_losses, build_mole_model
+from mole.model.state import saves_everything
 from mole.routers.base import Router, RouterNeeds, param_dtype, router_needs, run_router
 from mole.utils.errors import MoleConfigError
 from mole.utils.targets import target_of

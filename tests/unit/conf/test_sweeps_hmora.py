@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 from sweep_jobs import all_jobs, composer, sweep_file
 
-from mole.pipeline import build_mole_model, parameter_report
+from mole.build import build_mole_model, parameter_report
 from mole.training.args import TrainArgs
 
 SWEEPS = ["hmora_table2", "hmora_table3", "hmora_table4", "hmora_table9", "hmora_table10", "hmora_table11",

@@ -21,7 +21,7 @@ from sweep_jobs import (
     sweep_defaults,
 )
 
-from mole.pipeline import init_from_run
+from mole.recipes.train import init_from_run
 from mole.training.args import TrainArgs
 from mole.utils.errors import MoleConfigError
 

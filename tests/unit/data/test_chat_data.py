@@ -120,7 +120,7 @@ def test_training_and_evaluation_prompts_are_identical(tmp_path, template):
 
     from mole.eval.benchmarks import EvalSettings, render_benchmarks
     from mole.eval.harness import render_shipped_tasks
-    from mole.pipeline import eval_prompt
+    from mole.recipes.evaluate import eval_prompt
 
     tok = byte_tokenizer()
     prompt = eval_prompt(tok, template)
@@ -146,7 +146,7 @@ def test_training_and_evaluation_prompts_are_identical(tmp_path, template):
 
 
 def test_chat_run_trains_and_evaluates_with_its_template(tiny_cfg, tmp_path):
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     metrics = run_train(tiny_cfg("data=chat", "eval=fixtures", "eval.tasks=[mole_yesno]", "eval.limit=2",
                                  "trainer.max_steps=2"), tmp_path)

@@ -248,8 +248,8 @@ def test_exports_name_the_cache_as_their_base(written):
 
 
 def test_the_default_method_trains_on_a_gguf_model(written):
+    from mole.build import build_mole_model
     from mole.config import compose_config
-    from mole.pipeline import build_mole_model
 
     ref, _, path, cache_dir, _ = written
     cfg = compose_config(["model=smollm2_135m", f"model.gguf={path}", "model.cache_name=null",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mole.build import build_mole_model, parameter_report
 from mole.model.inject import mole_layers
-from mole.pipeline import build_mole_model, parameter_report
 from mole.utils.errors import MoleConfigError
 
 

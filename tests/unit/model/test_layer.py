@@ -8,10 +8,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from mole.adapters import LoRAExperts, reference_forward
+from mole.build import build_mole_model
 from mole.model.base import build_model
 from mole.model.inject import mole_layers
 from mole.model.layer import MoLELinear
-from mole.pipeline import build_mole_model
 from mole.routers import (
     CRWRouter,
     DynamicRouter,

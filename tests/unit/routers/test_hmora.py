@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import TINY
 
+from mole.build import build_aux_losses, build_mole_model, parameter_report
 from mole.config import compose_config
 from mole.data import Collator, encode_records, load_datasets
 from mole.model.routing import collect_routing
 from mole.model.state import load_adapter, save_adapter
-from mole.pipeline import build_aux_losses, build_mole_model, parameter_report
 from mole.routers.context import RoutingContext, routing_inputs
 from mole.routers.hybrid import HybridRouter, TaskEncoder, layer_alpha
 from mole.training import TrainArgs

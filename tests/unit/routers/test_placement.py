@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mole import CONF_DIR
+from mole.build import build_mole_model, parameter_report
 from mole.model.inject import mole_layers
 from mole.model.routing import collect_routing
-from mole.pipeline import build_mole_model, parameter_report
 from mole.utils.errors import MoleConfigError
 
 IDS = torch.randint(0, 500, (2, 7))
