@@ -167,8 +167,8 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
         expert_factory=None if plan.linear is None else _factory(plan.linear, "adapter"),
         router_factory=router_factory,
         adapter_dtype=adapter_dtype(cfg.model),
-        placement=cfg.router.get("placement", "linear"),
-        level=cfg.router.get("level", "token"),
+        placement=ex.get("placement", "linear"),
+        level=ex.get("level", "token"),
         blocks=[BlockSpec(key, _factory(node, key), layers) for key, node, layers in plan.blocks],
         **({"share_groups": [list(g) for g in share]} if share else {}),
     )

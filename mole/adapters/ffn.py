@@ -54,7 +54,7 @@ def max_active(router: nn.Module, num_experts: int) -> int:
     from mole.routers.mor import MoRRouter
     from mole.routers.topk import TopKRouter
 
-    if isinstance(router, TopKRouter) or (isinstance(router, MoRRouter) and router.select == "topk"):
+    if isinstance(router, (TopKRouter, MoRRouter)) and router.top_k is not None:
         return int(router.top_k)
     return num_experts
 
