@@ -45,6 +45,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mole.config_schema import upgrade_config
 from mole.utils.errors import MoleConfigError
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,8 @@ def finished_run(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
     hint = "give this run another directory (hydra.run.dir=DIR), or train over it with force=true"
     try:
         saved = OmegaConf.load(run_dir / CONFIG_FILE)
+        if isinstance(saved, DictConfig):  # written before keys moved: compared in today's layout
+            upgrade_config(saved)
     except Exception as err:  # noqa: BLE001 - a missing file or a YAML error, in their many types
         raise MoleConfigError(f"{run_dir} holds a finished run whose {CONFIG_FILE} cannot be read to compare with "
                               f"this config ({type(err).__name__}); {hint}") from None
@@ -343,7 +346,7 @@ def load_run_config(checkpoint: str | Path, *, trust_remote_code: bool = False, 
         raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
     from mole.config_schema import check_run_config
 
-    check_run_config(cfg, path)
+    check_run_config(upgrade_config(cfg), path)
     if own_run:
         return cfg
     stored = cfg.model.get("trust_remote_code", False)

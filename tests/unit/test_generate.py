@@ -19,7 +19,7 @@ from mole.pipeline import build_mole_model, run_train
 from mole.routers.context import routing_inputs
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
-CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("router.level=instance",))]
+CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("experts.level=instance",))]
 PROMPTS = ["Hello there, how", "Question: which is a planet? Answer:"]  # different lengths: left padding
 NEW_TOKENS = 4
 
