@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_tiny
 from omegaconf import OmegaConf
 
-from conftest import compose_tiny
 from mole.cli.common import hydra_error_line
 from mole.config_schema import upgrade_config
 from mole.pipeline import _factory
