@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compose_tiny
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mole.cli.common import hydra_error_line
 from mole.config_schema import upgrade_config
-from mole.pipeline import _factory
 from mole.routers import DynamicRouter, MoRRouter, TopPRouter, keep_top_k
 from mole.routers.select import Dynamic, Soft, TopK, TopP, dynamic_select, keep_top_p
 
@@ -19,9 +19,9 @@ E, D = 6, 16
 
 
 def _router(node: dict, equal_weights: bool = False) -> MoRRouter:
-    """A MoR router built from a router config node as the pipeline builds it, with fixed weights."""
+    """A MoR router built from a router config node as Hydra builds it, with fixed weights."""
     torch.manual_seed(0)
-    router = _factory(OmegaConf.create(node), "router")(in_features=D, num_experts=E)
+    router = instantiate(OmegaConf.create(node))(in_features=D, num_experts=E)
     assert router.equal_weights is equal_weights
     return router
 
@@ -84,7 +84,7 @@ def test_a_plain_router_and_mor_share_the_selection_defaults(router, name):
     mor = compose_tiny(["router=mor", f"router/selection={name}"]).router
     keys = set(mor.selection) - {"_target_", "_partial_"}
     assert keys and {k: plain[k] for k in keys} == {k: mor.selection[k] for k in keys}
-    built = _factory(plain, "router")(in_features=D, num_experts=E)
+    built = instantiate(plain)(in_features=D, num_experts=E)
     assert isinstance(built, {"topp": TopPRouter, "dynamic": DynamicRouter}[router])
     assert vars(built.selection) == vars(_router(OmegaConf.to_container(mor)).selection)
 
