@@ -14,6 +14,7 @@ from mole.cli.common import hydra_error_line
 from mole.config_schema import upgrade_config
 from mole.routers import DynamicRouter, MoRRouter, TopPRouter, keep_top_k
 from mole.routers.select import Dynamic, Soft, TopK, TopP, dynamic_select, keep_top_p
+from mole.run_dir import load_run_config
 
 E, D = 6, 16
 
@@ -117,3 +118,21 @@ def test_an_unknown_key_keeps_hydras_line():
     with pytest.raises(Exception) as err:  # noqa: PT011
         compose_tiny(["router.nope=1"])
     assert hydra_error_line(err.value).startswith("Could not override 'router.nope'")
+
+
+def test_a_run_directory_written_with_the_former_keys_loads_in_the_current_layout(tmp_path):
+    cfg = compose_tiny(["router=crw", "router/selection=topp", "router.selection.top_p=0.6", "experts.placement=layer"])
+    old = OmegaConf.to_container(cfg)
+    selection = old["router"].pop("selection")
+    old["router"].update(_target_="mole.routers.CRWRouter", select="topp", top_p=0.6, keep_top_k=None, top_k=2,
+                         renorm="sum", q=1.1, threshold=0.9, normalized_entropy=True,
+                         placement=old["experts"].pop("placement"), level=old["experts"].pop("level"))
+    for key in ("equal_weights", "main_top_k", "expert_balance"):
+        old["router"].pop(key)
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    loaded = load_run_config(tmp_path)
+    assert (loaded.experts.placement, loaded.experts.level) == ("layer", "token")
+    assert OmegaConf.to_container(loaded.router.selection) == {k: v for k, v in selection.items()
+                                                               if k not in ("top_p_keep_crossing", "renormalize")}
+    router = _router(OmegaConf.to_container(loaded.router), equal_weights=True)
+    assert vars(router.selection) == vars(_router(OmegaConf.to_container(cfg.router), equal_weights=True).selection)
