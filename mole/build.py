@@ -81,15 +81,12 @@ def _factory(node: DictConfig, group: str):
     return call
 
 
-PLACEMENT_KEYS = ("placement", "level")  # read by the injector, not passed to the router's constructor
-
-
 def _router_factory(model: torch.nn.Module, cfg: DictConfig, tokenizer=None):
     """``(router factory, {model attribute: module})``: the factory :func:`inject_mole` calls, passing the
     router what its class declares it needs (:class:`~mole.routers.base.RouterNeeds`), and the per-model
     modules it declares, built from their ``router.<key>`` nodes and registered on ``model`` first."""
     needs = router_needs(target_of(cfg.router, "router", "router"))
-    skip = (*PLACEMENT_KEYS, *(m.key for m in needs.model_modules))
+    skip = tuple(m.key for m in needs.model_modules)
     factory = _factory(OmegaConf.masked_copy(cfg.router, [k for k in cfg.router if k not in skip]), "router")
     built = {}
     for need in needs.model_modules:
@@ -152,8 +149,8 @@ def inject_from_config(model: torch.nn.Module, cfg: DictConfig, tokenizer=None) 
         expert_factory=None if plan.linear is None else _linear_factory(plan.linear),
         router_factory=router_factory,
         adapter_dtype=adapter_dtype(cfg.model),
-        placement=cfg.router.get("placement", "linear"),
-        level=cfg.router.get("level", "token"),
+        placement=ex.get("placement", "linear"),
+        level=ex.get("level", "token"),
         blocks=[BlockSpec(key, _factory(node, key), layers) for key, node, layers in plan.blocks],
         **({"share_groups": [list(g) for g in share]} if share else {}),
     )

@@ -293,7 +293,7 @@ def finished_run(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
         return None
     hint = "give this run another directory (hydra.run.dir=DIR), or train over it with force=true"
     try:
-        saved = OmegaConf.load(run_dir / CONFIG_FILE)
+        saved = OmegaConf.load(run_dir / CONFIG_FILE)  # compared in today's layout (config_differences)
     except Exception as err:  # noqa: BLE001 - a missing file or a YAML error, in their many types
         raise MoleConfigError(f"{run_dir} holds a finished run whose {CONFIG_FILE} cannot be read to compare with "
                               f"this config ({type(err).__name__}); {hint}") from None

@@ -53,7 +53,7 @@ FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 def max_active(router: nn.Module, num_experts: int) -> int:
     """How many experts ``router`` can give a non-zero gate per token: its top-k, else all ``num_experts``."""
-    if isinstance(router, TopKRouter) or (isinstance(router, MoRRouter) and router.select == "topk"):
+    if isinstance(router, (TopKRouter, MoRRouter)) and router.top_k is not None:
         return int(router.top_k)
     return num_experts
 

@@ -60,6 +60,9 @@ def hydra_error_line(err: Exception) -> str:
     skip = ("full_key:", "object_type=", "reference_type=")
 
     line = " ".join(ln.strip() for ln in paragraphs[0].splitlines() if not ln.strip().startswith(skip))
+    moved = _moved_key_line(line)
+    if moved is not None:
+        return redact_text(moved)
     for para in paragraphs[1:]:
         head, *rest = para.splitlines()
         if head.startswith("Available options in"):
@@ -70,6 +73,17 @@ def hydra_error_line(err: Exception) -> str:
                 options.append(ln.strip())
             line += f"; {head.rstrip(':').lower()}: {', '.join(options)}"
     return redact_text(line)
+
+
+def _moved_key_line(line: str) -> str | None:
+    """For Hydra's "Could not override 'KEY'" about a key that moved (:data:`mole.config_schema.MOVED_KEYS`, MoR's
+    selection keys), the line naming its new place."""
+    import re
+
+    from mole.config_schema import moved_key_line
+
+    found = re.match(r"Could not override '([^']+)'\.(?: To append to your config use \+[^=\s]+=(.*))?$", line)
+    return None if found is None else moved_key_line(found.group(1), found.group(2))
 
 
 def compose_from_argv(overrides: Sequence[str], config_name: str):

@@ -11,7 +11,7 @@ Three kinds live in :mod:`mole.adapters` (SPEC §1):
 
 They share :class:`BlockExperts`: E experts of one decoder layer, gated like a :class:`MoLELinear` —
 by their own router (reading the block's input), by a :class:`~mole.routers.placement.LayerRouter`
-slice (``router.placement=layer``, MoA), or not at all (one expert, ``router=none``).
+slice (``experts.placement=layer``, MoA), or not at all (one expert, ``router=none``).
 
 :func:`inject_blocks` is called by :func:`mole.model.inject.inject_mole` for each decoder layer *after*
 the layer's Linears are adapted and *before* a per-layer router is built, so block experts claim their

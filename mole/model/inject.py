@@ -156,7 +156,7 @@ def inject_mole(
                 if key not in shared:
                     made = make_router(idx, linear.in_features, n_exp)
                     if made is None:
-                        raise MoleConfigError("router.placement=shared needs a router (router=none builds none)")
+                        raise MoleConfigError("experts.placement=shared needs a router (router=none builds none)")
                     shared[key] = SharedRouter(place(made, linear), context)
                     routers += 1
                 source = shared[key]

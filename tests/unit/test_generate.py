@@ -20,7 +20,7 @@ from mole.recipes.train import run_train
 from mole.routers.context import routing_inputs
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
-CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("router.level=instance",))]
+CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("experts.level=instance",))]
 PROMPTS = ["Hello there, how", "Question: which is a planet? Answer:"]  # different lengths: left padding
 NEW_TOKENS = 4
 

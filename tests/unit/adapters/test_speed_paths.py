@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import shlex
+from functools import partial
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from mole.routers.base import param_dtype, run_router
 from mole.routers.context import RoutingContext
 from mole.routers.hybrid import TaskEncoder
 from mole.routers.mor import MoRRouter
+from mole.routers.select import Soft, TopK
 from mole.routers.threshold import ThresholdRouter
 from tests.conftest import assert_same_outputs_and_grads, compose_tiny
 
@@ -84,7 +86,7 @@ def _mixlora_layer(router: nn.Module, num_experts: int = 4):
     [
         (lambda: SoftRouter(8, 4), 4),  # every expert: k = E pairs per token
         (lambda: ThresholdRouter(8, 4, gate="sigmoid", tau_max=0.9, learnable=False), 4),
-        (lambda: MoRRouter(8, 4, n_routers=2, top_k=3), 3),
+        (lambda: MoRRouter(8, 4, n_routers=2, selection=partial(TopK, top_k=3)), 3),
     ],
 )
 def test_mixlora_static_pairs_equal_the_per_expert_loop(make_router, k):
@@ -110,8 +112,8 @@ def test_mixlora_tokens_without_experts_output_zero():
 
 def test_max_active_is_the_top_k_or_every_expert():
     assert max_active(TopKRouter(8, 6, top_k=2), 6) == 2
-    assert max_active(MoRRouter(8, 6, top_k=3), 6) == 3
-    assert max_active(MoRRouter(8, 6, select="soft"), 6) == 6
+    assert max_active(MoRRouter(8, 6, selection=partial(TopK, top_k=3)), 6) == 3
+    assert max_active(MoRRouter(8, 6, selection=Soft), 6) == 6
     assert max_active(SoftRouter(8, 6), 6) == 6
 
 

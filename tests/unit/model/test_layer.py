@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,6 +24,7 @@ from mole.routers import (
     TopKRouter,
     TopPRouter,
 )
+from mole.routers.select import Dynamic, Soft, TopK
 
 
 class _One(nn.Module):
@@ -61,14 +64,14 @@ def test_single_expert_equals_peft_lora_outputs_and_gradients():
 ROUTERS = {
     "soft": lambda d, e: SoftRouter(d, e),
     "topk": lambda d, e: TopKRouter(d, e, top_k=2),
-    "mor": lambda d, e: MoRRouter(d, e, n_routers=3, top_k=2),
-    "mor_soft": lambda d, e: MoRRouter(d, e, n_routers=2, top_k=None),
-    "crw": lambda d, e: CRWRouter(d, e, n_routers=2, top_k=2),
+    "mor": lambda d, e: MoRRouter(d, e, n_routers=3, selection=partial(TopK, top_k=2)),
+    "mor_soft": lambda d, e: MoRRouter(d, e, n_routers=2, selection=Soft),
+    "crw": lambda d, e: CRWRouter(d, e, n_routers=2, selection=partial(TopK, top_k=2)),
     "topp": lambda d, e: TopPRouter(d, e, top_p=0.6),
     "dynamic": lambda d, e: DynamicRouter(d, e),
     "sigmoid": lambda d, e: SigmoidRouter(d, e),
     "threshold": lambda d, e: ThresholdRouter(d, e, tau_max=0.5),
-    "mor_dynamic": lambda d, e: MoRRouter(d, e, n_routers=2, select="dynamic"),
+    "mor_dynamic": lambda d, e: MoRRouter(d, e, n_routers=2, selection=Dynamic),
 }
 
 

@@ -368,7 +368,7 @@ SINGLE = ["experts.targets=[q_proj,k_proj,v_proj,gate_proj,up_proj]", "experts.s
         ([QWEN, "method=hmora"], 6.31),
         ([QWEN, "method=hmora_lw"], 3.90),
         # Table 11 (each design alone on HMoRA)
-        ([QWEN, "method=hmora", "router.placement=shared"], 6.22),
+        ([QWEN, "method=hmora", "experts.placement=shared"], 6.22),
         ([QWEN, "method=hmora", *SINGLE], 4.77),
         ([QWEN, "method=hmora", "adapter=hydra"], 4.46),
         # Table 10 (constant and hierarchical a_l)

@@ -90,7 +90,7 @@ def test_dynamic_select_with_the_released_codes_rules():
 
 def test_dynamic_router_defaults_to_the_normalised_entropy():
     r = DynamicRouter(1, 6, q=2.0)  # threshold 0.9, top_p 0.75, keep_top_k 2
-    assert r.normalized_entropy is True
+    assert r.selection.normalized_entropy is True
     with torch.no_grad():
         r.gate.weight.zero_()  # every token uniform over 6 experts
     out = r(T([[1.0]]))
