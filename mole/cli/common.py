@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
@@ -12,7 +13,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from mole.config import compose_config
-from mole.config_schema import validate_config
+from mole.config_schema import moved_key_line, validate_config
 from mole.utils.errors import USER_ERRORS, MoleConfigError, error_line, os_error_line
 from mole.utils.secrets import RedactFilter, redact_text
 
@@ -78,10 +79,6 @@ def hydra_error_line(err: Exception) -> str:
 def _moved_key_line(line: str) -> str | None:
     """For Hydra's "Could not override 'KEY'" about a key that moved (:data:`mole.config_schema.MOVED_KEYS`, MoR's
     selection keys), the line naming its new place."""
-    import re
-
-    from mole.config_schema import moved_key_line
-
     found = re.match(r"Could not override '([^']+)'\.(?: To append to your config use \+[^=\s]+=(.*))?$", line)
     return None if found is None else moved_key_line(found.group(1), found.group(2))
 

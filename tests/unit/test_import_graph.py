@@ -114,7 +114,7 @@ def import_graph(package: Path = PACKAGE, function_bodies: bool = False) -> tupl
 # imported without torch (what a command loads before it knows it has work to do); a function of one of
 # them imports the heavy mole modules it calls
 LIGHT = ("mole", "mole.config", "mole.config_schema", "mole.run_dir", "mole.report", "mole.report_paper",
-         "mole.recipes", "mole.recipes.report", "mole.utils", "mole.utils.errors", "mole.utils.secrets",
+         "mole.recipes", "mole.recipes.report", "mole.utils", "mole.utils.errors", "mole.utils.secrets", "mole.utils.slurm",
          "mole.cli", "mole.cli.common", "mole.cli.sweep", "mole.cli.hydra_notes", "mole.cli.train", "mole.cli.eval",
          "mole.cli.params", "mole.cli.analyze", "mole.cli.generate", "mole.cli.export", "mole.cli.report")
 
