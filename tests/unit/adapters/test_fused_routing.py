@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mole.adapters.hydra import HydraLoRAExperts, _HydraLoRA, hydra_reference_forward
 from mole.adapters.lora import LoRAExperts, _StackedLoRA, reference_forward
-from mole.routers.base import _SoftmaxTopK, _TopKGates, keep_top_k, softmax_top_k
+from mole.routers.base import _SoftmaxTopK, _TopKGates, chosen_mask, keep_top_k, softmax_top_k
 from tests.conftest import assert_same_outputs_and_grads
 
 N, D_IN, D_OUT, E, R = 5, 4, 6, 3, 2
@@ -125,10 +125,10 @@ def test_softmax_top_k_passes_gradcheck_and_equals_softmax_then_top_k(renorm):
     assert torch.autograd.gradcheck(lambda z: _SoftmaxTopK.apply(z, 2, renorm == "softmax")[1], (logits,))
     assert torch.autograd.gradcheck(lambda z: _SoftmaxTopK.apply(z, 2, renorm == "softmax")[0], (logits,))
 
-    probs, gates, selected = softmax_top_k(logits, 2, renorm)
+    probs, gates, index = softmax_top_k(logits, 2, renorm)
     ref_probs = torch.softmax(logits, dim=-1)
     ref_gates, ref_selected = keep_top_k(ref_probs, 2, renorm)
-    assert torch.equal(selected, ref_selected)
+    assert torch.equal(chosen_mask(index, probs), ref_selected)
     out, ref = torch.cat([probs * w_p, gates * w_g]), torch.cat([ref_probs * w_p, ref_gates * w_g])
     assert_same_outputs_and_grads(out, ref, [logits])
 
