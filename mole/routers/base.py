@@ -292,17 +292,31 @@ def softmax_top_k(logits: Tensor, k: int, renorm: str) -> tuple[Tensor, Tensor, 
     function with a short backward of its own (:class:`_SoftmaxTopK`)."""
     if torch.compiler.is_compiling() or logits.dim() != 2:
         probs = torch.softmax(logits, dim=-1)
-        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
-        weights = torch.zeros_like(probs).scatter(-1, top_idx, _renormalised(top_vals, renorm == "softmax"))
-        return probs, weights, top_idx
+        top_idx, top_w = _kept(logits, probs, k, renorm == "softmax")
+        return probs, torch.zeros_like(probs).scatter(-1, top_idx, top_w), top_idx
     return _SoftmaxTopK.apply(logits, k, renorm == "softmax")
+
+
+def _kept(logits: Tensor, probs: Tensor, k: int, softmax_renorm: bool) -> tuple[Tensor, Tensor]:
+    """``(index, weights)`` ``(N, k)`` of the top-k of ``probs = softmax(logits)``, renormalised.
+
+    The sum renormalisation ``p_i / sum_kept p_j = exp(z_i) / sum_kept exp(z_j)`` is the softmax of the kept
+    logits, and softmax keeps the logits' order, so the kept set and weights come from the logits in two
+    operations (the same set as ``probs.topk``, up to how ties between probabilities that round to the same
+    value are broken). The softmax renormalisation (HMoRA eq. 15) is a softmax of the kept probabilities.
+    """
+    if softmax_renorm:
+        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        return top_idx, torch.softmax(top_vals, dim=-1)
+    top_z, top_idx = logits.topk(k, dim=-1)
+    return top_idx, torch.softmax(top_z, dim=-1)
 
 
 class _SoftmaxTopK(torch.autograd.Function):
     """``probs = softmax(logits)`` and the top-k weights of ``probs``, with one backward for both.
 
-    Forward: the softmax, ``topk``, the renormalisation and the scatter into zeros (5 operations; the kept
-    mask is left to whoever reads it). Backward, each a softmax's own backward (``g * (dL/dg - <g, dL/dg>)``,
+    Forward: the softmax, ``topk``, the renormalisation (:func:`_kept`) and the scatter into zeros (5
+    operations; the kept mask is left to whoever reads it). Backward, each a softmax's own backward (``g * (dL/dg - <g, dL/dg>)``,
     one operation):
 
     * ``renorm="sum"``: ``g = p 1[kept] / S`` is the softmax of the *logits* restricted to the kept set
@@ -318,8 +332,8 @@ class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, k: int, softmax_renorm: bool):
         probs = torch.softmax(logits, dim=-1)  # (N, M)
-        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
-        weights = torch.zeros_like(probs).scatter_(-1, top_idx, _renormalised(top_vals, softmax_renorm))  # (N, M)
+        top_idx, top_w = _kept(logits, probs, k, softmax_renorm)  # (N, k), (N, k)
+        weights = torch.zeros_like(probs).scatter_(-1, top_idx, top_w)  # (N, M)
         ctx.softmax_renorm = softmax_renorm
         ctx.mark_non_differentiable(top_idx)
         ctx.set_materialize_grads(False)
