@@ -502,16 +502,18 @@ class HybridRouter(nn.Module):
             dists.append(GateDist(p_task, "task", "sequence"))
             if s_task is not None:
                 balance.append(BalanceStats(p_task, s_task, self.top_k, "sequence"))
-            t = self._per_token(n, p_task.shape[0])
-            g_task, p_task_n = g_task.repeat_interleave(t, dim=0), p_task.repeat_interleave(t, dim=0)  # (N, E)
-            s_task = None if s_task is None else s_task.repeat_interleave(t, dim=0)
+            rows = p_task.shape[0]
+            t = self._per_token(n, rows)
             if gates is None:  # a_l > beta_high: task routing only
-                gates, probs, selected = g_task, p_task_n, s_task
-            else:  # eq. 7
+                gates, probs = g_task.repeat_interleave(t, dim=0), p_task.repeat_interleave(t, dim=0)  # (N, E)
+                selected = None if s_task is None else s_task.repeat_interleave(t, dim=0)
+            else:  # eq. 7, each sequence's task row broadcast over its T token rows (no (N, E) copy of it)
                 a, b = self._mix_weights()  # a_l, 1 - a_l
-                gates = a * g_task + b * gates
-                probs = a * p_task_n + b * probs
-                selected = None if index is None else chosen_mask(index, p_tok) | s_task
+                per_seq = lambda m: m.view(rows, t, -1)  # noqa: E731 - (N, E) -> (B, T, E)
+                gates = (a * g_task.unsqueeze(1) + b * per_seq(gates)).view(n, -1)
+                probs = (a * p_task.unsqueeze(1) + b * per_seq(probs)).view(n, -1)
+                if index is not None and s_task is not None:
+                    selected = (per_seq(chosen_mask(index, p_tok)) | s_task.unsqueeze(1)).view(n, -1)
                 index = None
         if mixed_topk:
             # released code: top-k of the mixed distribution, kept values renormalised (softmax or sum); its
