@@ -198,7 +198,7 @@ def stacked_lora(xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype :func:`apply_lora_function` runs the products in: autocast's where it is on, else ``weight``'s."""
     kind = x.device.type
-    # under torch.compile only is_autocast_enabled (folded to a constant; see mole.routers.base._autocast_enabled)
+    # under torch.compile only is_autocast_enabled (folded to a constant; see mole.routers.base.autocast_enabled)
     available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(kind)
     if available and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)

@@ -16,6 +16,7 @@ uniform routing: with ``sum`` over 210 routers and weight 0.01 the term is 2.1).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -25,7 +26,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from mole.routers.base import BalanceStats, RouterOutput
+from mole.routers.base import BalanceStats, RouterOutput, autocast_enabled
 from mole.utils.errors import MoleConfigError
 
 T = TypeVar("T")
@@ -178,7 +179,11 @@ def indexed_slots_balance(decisions: Sequence[BalanceStats], token_mask: Tensor 
     groups: dict[str, list[BalanceStats]] = {}
     for st in decisions:
         groups.setdefault(st.level, []).append(st)
-    totals = [_indexed_slots_balance(stats, token_mask if level == "token" else None) for level, stats in groups.items()]
+    # in fp32 whatever autocast says (its products would otherwise run in bf16)
+    kind = decisions[0].probs.device.type
+    with torch.autocast(kind, enabled=False) if autocast_enabled(kind) else contextlib.nullcontext():
+        totals = [_indexed_slots_balance(stats, token_mask if level == "token" else None)
+                  for level, stats in groups.items()]
     return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
 
 

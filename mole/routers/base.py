@@ -127,7 +127,7 @@ def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = N
     dtype = param_dtype(router)
     x = x if dtype is None else x.to(dtype)
     kind = x.device.type
-    if _autocast_enabled(kind):
+    if autocast_enabled(kind):
         with torch.autocast(device_type=kind, enabled=False):
             out = router(x)
     else:  # no autocast to leave: skip the context manager (one per routed Linear per forward)
@@ -137,7 +137,7 @@ def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = N
     return out
 
 
-def _autocast_enabled(kind: str) -> bool:
+def autocast_enabled(kind: str) -> bool:
     """Whether autocast is on for this device type. Under ``torch.compile`` only ``is_autocast_enabled``:
     Dynamo folds it to a constant, while ``torch.amp.is_autocast_available`` (an untraceable builtin
     before torch 2.13) broke the graph at every routed Linear; a device that reaches a compiled graph has
