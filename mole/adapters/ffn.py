@@ -167,17 +167,63 @@ class FFNLoRAExperts(BlockExperts):
         blocks = a * onehot.unsqueeze(2)  # (N, k, 2, E, r), zero outside the pair's expert
         g = gate_out.unsqueeze(1) + F.linear(blocks[:, :, 0].reshape(n, k, e * r), self.gate_B) * self.scaling  # (N, k, I)
         u = up_out.unsqueeze(1) + F.linear(blocks[:, :, 1].reshape(n, k, e * r), self.up_B) * self.scaling  # (N, k, I)
-        h = act(g) * u  # (N, k, I): expert e_(t,j)'s hidden activation for token t
         wk = w.unsqueeze(-1)  # (N, k, 1)
-        h_mix = (h * wk).sum(dim=1)  # (N, I)
+        if not torch.compiler.is_compiling() and is_silu(act):
+            # eager: the (N, k, I) activations are recomputed in the backward from g and u (see _PairHidden)
+            keep = self.dropout.mask(g) if isinstance(self.dropout, ExpertDropout) else None
+            h_mix, ad = _PairHidden.apply(g, u, w, self.down_A, keep)  # (N, I), (N, k, E*r)
+        else:
+            h = act(g) * u  # (N, k, I): expert e_(t,j)'s hidden activation for token t
+            h_mix = (h * wk).sum(dim=1)  # (N, I)
+            ad = F.linear(self.dropout(h), self.down_A)  # (N, k, E*r)
         # down LoRA, summed over a token's pairs before B: sum_j w_j s B_e A_e h_j = B_all (sum_j w_j s onehot_j A_all h_j)
-        ad = F.linear(self.dropout(h), self.down_A).view(n, k, e, r) * onehot * (wk.unsqueeze(-1) * self.scaling)
+        ad = ad.view(n, k, e, r) * onehot * (wk.unsqueeze(-1) * self.scaling)
         lora_down = F.linear(ad.sum(dim=1).reshape(n, e * r), self.down_B)  # (N, d)
         return h_mix, lora_down, gate_sum
 
     def extra_repr(self) -> str:
         return (f"d={self.in_features}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
                 f"rank={self.rank}, scaling={self.scaling:g}")
+
+
+def is_silu(act) -> bool:
+    """Whether the FFN's activation is SiLU (``F.silu``, ``nn.SiLU`` or transformers' ``SiLUActivation``)."""
+    return act is F.silu or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+class _PairHidden(torch.autograd.Function):
+    """The pairs' hidden activations ``h_j = silu(g_j) * u_j`` ``(N, k, I)``, mixed and down-projected:
+    ``h_mix = sum_j w_j h_j`` ``(N, I)`` and ``(keep * h) @ A_d^T`` ``(N, k, E*r)`` (``keep``: the scaled
+    dropout mask, or ``None``).
+
+    Autograd would keep five ``(N, k, I)`` tensors for the backward (``g``, ``silu(g)``, ``u``, ``h`` and the
+    dropped ``h``) beside the mask; this keeps ``g`` and ``u`` and recomputes the other three in the
+    backward (three elementwise passes), so a MixLoRA step holds about as much as the per-expert
+    implementations do. The same values and gradients as the autograd form (tests/unit/adapters).
+    """
+
+    @staticmethod
+    def forward(ctx, g: Tensor, u: Tensor, w: Tensor, down_a: Tensor, keep: Tensor | None):
+        h = F.silu(g) * u  # (N, k, I)
+        h_mix = torch.bmm(w.unsqueeze(1), h).squeeze(1)  # (N, I) sum_j w_j h_j
+        ad = torch.matmul(h if keep is None else h * keep, down_a.t())  # (N, k, E*r)
+        ctx.save_for_backward(g, u, w, down_a, keep)
+        return h_mix, ad
+
+    @staticmethod
+    def backward(ctx, grad_mix: Tensor, grad_ad: Tensor):
+        g, u, w, down_a, keep = ctx.saved_tensors
+        n, k, i = g.shape
+        s = F.silu(g)
+        h = s * u  # (N, k, I), recomputed
+        grad_h = grad_mix.unsqueeze(1) * w.unsqueeze(-1)  # (N, k, I) from h_mix
+        grad_w = torch.bmm(h, grad_mix.unsqueeze(-1)).squeeze(-1)  # (N, k) <h_j, dL/dh_mix>
+        from_ad = torch.matmul(grad_ad, down_a)  # (N, k, I) dL/d(keep * h)
+        grad_h = grad_h + from_ad if keep is None else torch.addcmul(grad_h, from_ad, keep)
+        hd = h if keep is None else h * keep
+        grad_down_a = torch.mm(grad_ad.reshape(n * k, -1).t(), hd.reshape(n * k, i))  # (E*r, I)
+        grad_g = torch.ops.aten.silu_backward(grad_h * u, g)
+        return grad_g, grad_h * s, grad_w, grad_down_a, None
 
 
 class MixLoRAFFN(nn.Module):

@@ -93,21 +93,28 @@ class LoRAExperts(nn.Module):
         # expert's A from the same distribution.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:
+    adds_to_output = True  # MoLELinear passes the frozen output as ``add_to``
+
+    def forward(self, x: Tensor, gates: Tensor | None = None, add_to: Tensor | None = None) -> Tensor:
         """Mixture of the experts' updates.
 
         Args:
             x: ``(N, d_in)`` token features.
             gates: ``(N, E)`` expert weights, or ``None`` for a single expert (weight 1).
+            add_to: ``(N, d_out)``, a tensor the update is added to (the frozen layer's output), or ``None``.
 
         Returns:
-            ``(N, d_out)``: ``sum_i g_i (alpha/r) B_i A_i dropout(x)``.
+            ``(N, d_out)``: ``sum_i g_i (alpha/r) B_i A_i dropout(x)`` (``+ add_to``, in ``add_to``'s dtype).
         """
         if not torch.compiler.is_compiling():
             # eager: the dropout's scale folded into the LoRA scale, and one autograd function with fewer
-            # dispatched operations than the products below (compiled code fuses them)
+            # dispatched operations than the products below (compiled code fuses them); the sum with
+            # ``add_to`` is its last product's, where the dtypes agree
             xd, c = self.dropout.unscaled(x) if isinstance(self.dropout, ExpertDropout) else (x, 1.0)
-            return stacked_lora(xd, self.lora_A, self.lora_B, gates, self.scaling * c, self.rank)
+            fused = add_to is not None and add_to.dtype == compute_dtype(x, self.lora_A)
+            delta = stacked_lora(xd, self.lora_A, self.lora_B, gates, self.scaling * c, self.rank,
+                                 add_to if fused else None)
+            return delta if add_to is None or fused else add_to + delta.to(add_to.dtype)
         h = F.linear(self.dropout(x), self.lora_A)  # (N, E*r)
         if gates is None:
             h = h * self.scaling
@@ -116,7 +123,10 @@ class LoRAExperts(nn.Module):
             # scale expert i's r columns by g_i * alpha / r
             h = (h.view(n, self.num_experts, self.rank) * (gates.to(h.dtype) * self.scaling).unsqueeze(-1))
             h = h.view(n, self.num_experts * self.rank)  # (N, E*r)
-        return F.linear(h, self.lora_B)  # (N, d_out)
+        if add_to is not None and add_to.dtype == compute_dtype(x, self.lora_A):
+            return torch.addmm(add_to, h, self.lora_B.t())  # (N, d_out), as the eager function sums
+        delta = F.linear(h, self.lora_B)  # (N, d_out)
+        return delta if add_to is None else add_to + delta.to(add_to.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -126,10 +136,11 @@ class LoRAExperts(nn.Module):
 
 
 class _StackedLoRA(torch.autograd.Function):
-    """``z = ((s * xd @ A^T) * repeat(g, r)) @ B^T`` with a backward of its own (see :func:`stacked_lora`)."""
+    """``z = ((s * xd @ A^T) * repeat(g, r)) @ B^T (+ base)`` with a backward of its own (see :func:`stacked_lora`)."""
 
     @staticmethod
-    def forward(ctx, xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling: float, rank: int) -> Tensor:
+    def forward(ctx, xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling: float, rank: int,
+                base: Tensor | None = None) -> Tensor:
         h = torch.addmm(xd.new_empty(()), xd, a.t(), beta=0, alpha=scaling)  # (N, E*r) = s * xd A^T, one product
         if gates is None:
             hs = h
@@ -138,7 +149,9 @@ class _StackedLoRA(torch.autograd.Function):
             hs = (h.view(n, -1, rank) * gates.unsqueeze(-1)).view(n, -1)  # (N, E*r) expert i's columns * g_i
         ctx.scaling, ctx.rank = scaling, rank
         ctx.save_for_backward(xd, a, b, gates, h, hs)
-        return torch.mm(hs, b.t())  # (N, d_out)
+        if base is None:
+            return torch.mm(hs, b.t())  # (N, d_out)
+        return torch.addmm(base, hs, b.t())  # (N, d_out) base + the update, one product
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -157,7 +170,9 @@ class _StackedLoRA(torch.autograd.Function):
                 grad_g = torch.bmm(grad_hs.view(n * e, 1, r), h.view(n * e, r, 1)).view(n, e)
             grad_h = (grad_hs.view(n, e, r) * gates.unsqueeze(-1)).view(n, e * r)
         grad_x, grad_a = down_projection_grads(grad_h, xd, a, s, need_x, need_a)
-        return grad_x, grad_a, grad_b, grad_g, None, None
+        if len(ctx.needs_input_grad) == 6:  # apply() without base
+            return grad_x, grad_a, grad_b, grad_g, None, None
+        return grad_x, grad_a, grad_b, grad_g, None, None, grad if ctx.needs_input_grad[6] else None  # base's: the output's
 
 
 def down_projection_grads(grad_h: Tensor, xd: Tensor, a: Tensor, scaling: float, need_x: bool,
@@ -169,9 +184,11 @@ def down_projection_grads(grad_h: Tensor, xd: Tensor, a: Tensor, scaling: float,
     return grad_x, grad_a
 
 
-def stacked_lora(xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling: float, rank: int) -> Tensor:
+def stacked_lora(xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling: float, rank: int,
+                 base: Tensor | None = None) -> Tensor:
     """``sum_i g_i s B_i A_i xd`` ``(N, d_out)`` for stacked ``A`` ``(E*r, d_in)``, ``B`` ``(d_out, E*r)``, gates
-    ``(N, E)`` (``None``: one expert of weight 1); the products of :meth:`LoRAExperts.forward`.
+    ``(N, E)`` (``None``: one expert of weight 1); the products of :meth:`LoRAExperts.forward`. With ``base``
+    ``(N, d_out)`` (in the dtype the products run in), ``base +`` that sum, as the last product's ``addmm``.
 
     The same function as the autograd of those products, in fewer dispatched operations (each one kernel
     launch on a GPU): the scale rides on the first product (``addmm``'s ``alpha``), the gates' gradient is
@@ -179,7 +196,17 @@ def stacked_lora(xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None, scaling
     backward 6, against 4 and 8). Under autocast the operands go in cast to autocast's dtype, as the
     products would cast them, and the products then run in that dtype.
     """
-    return apply_lora_function(_StackedLoRA, xd, a, b, gates, scaling, rank)
+    return apply_lora_function(_StackedLoRA, xd, a, b, gates, scaling, rank, base)
+
+
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype :func:`apply_lora_function` runs the products in: autocast's where it is on, else ``weight``'s."""
+    kind = x.device.type
+    # under torch.compile only is_autocast_enabled (folded to a constant; see mole.routers.base.autocast_enabled)
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(kind)
+    if available and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
 
 
 def apply_lora_function(fn: type[torch.autograd.Function], xd: Tensor, a: Tensor, b: Tensor, gates: Tensor | None,

@@ -16,6 +16,7 @@ uniform routing: with ``sum`` over 210 routers and weight 0.01 the term is 2.1).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -25,7 +26,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor
 
-from mole.routers.base import BalanceStats, RouterOutput
+from mole.routers.base import BalanceStats, RouterOutput, autocast_enabled
 from mole.utils.errors import MoleConfigError
 
 T = TypeVar("T")
@@ -190,6 +191,55 @@ def balance_losses(
     return m * (frac * mean_prob).sum(dim=-1)
 
 
+def indexed_slots_balance(decisions: Sequence[BalanceStats], token_mask: Tensor | None = None) -> Tensor:
+    """``sum_r`` :func:`balance_loss` of routing decisions that carry their chosen columns (``index``, a fixed
+    k), in one set of operations whatever their number of choices M (MoLA's layers route over 2 to 8 experts).
+
+    The decisions' probabilities are put side by side, ``(N, sum_r M_r)`` (or ``(B, ...)`` for sequence
+    rows); one scatter marks every decision's slots; one product each with the row weights gives the slot
+    counts and the probability sums. With ``n`` real rows, ``L_r = M_r sum_i counts_i / (k_r n) * psum_i / n``
+    (eq. 17-19), so the sum over decisions is ``sum_j c_j counts_j psum_j / n^2`` with ``c_j = M_r / k_r`` of
+    column j's decision (``0`` when no row is real, as every count then is).
+    """
+    groups: dict[str, list[BalanceStats]] = {}
+    for st in decisions:
+        groups.setdefault(st.level, []).append(st)
+    # in fp32 whatever autocast says (its products would otherwise run in bf16)
+    kind = decisions[0].probs.device.type
+    with torch.autocast(kind, enabled=False) if autocast_enabled(kind) else contextlib.nullcontext():
+        totals = [_indexed_slots_balance(stats, token_mask if level == "token" else None)
+                  for level, stats in groups.items()]
+    return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
+
+
+def _indexed_slots_balance(stats: list[BalanceStats], row_weight: Tensor | None) -> Tensor:
+    probs = torch.cat([st.probs.float() for st in stats], dim=-1) if len(stats) > 1 else stats[0].probs.float()
+    rows, device = probs.shape[0], probs.device
+    widths = [st.probs.shape[-1] for st in stats]
+    starts = [0]
+    for m in widths[:-1]:
+        starts.append(starts[-1] + m)
+    # every decision's chosen columns, shifted to its place among the side-by-side columns: one stack and one
+    # add per distinct k
+    parts = []
+    for k in dict.fromkeys(st.k for st in stats):
+        members = [(st, start) for st, start in zip(stats, starts, strict=True) if st.k == k]
+        index = torch.stack([st.index for st, _ in members], dim=1)  # (N, R_k, k)
+        shift = torch.tensor([start for _, start in members], device=device).view(1, -1, 1)
+        parts.append((index + shift).view(rows, -1))
+    index = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (N, sum_r k_r)
+    slots = torch.zeros_like(probs).scatter_(1, index, 1.0)  # (N, sum M) 1 where a slot went
+    scale = torch.tensor([m / st.k for st, m in zip(stats, widths, strict=True) for _ in range(m)], device=device)
+    if row_weight is None:
+        counts, psum = slots.sum(dim=0), probs.sum(dim=0)  # (sum M,)
+        n = probs.new_tensor(float(rows))
+    else:
+        w = row_weight.to(device=device, dtype=probs.dtype).view(1, rows)  # (1, N)
+        counts, psum = torch.mm(w, slots).view(-1), torch.mm(w, probs).view(-1)  # (sum M,)
+        n = w.sum()
+    return torch.dot(counts * scale, psum) / n.clamp_min(1.0).square()
+
+
 class BalanceLoss(AuxTerm):
     """The ``loss.balance`` term: ``weight *`` :func:`balance_loss` over every routing decision, reduced over
     routers by ``reduce``.
@@ -234,6 +284,8 @@ class BalanceLoss(AuxTerm):
             terms = len(parts)
         elif self.reduce == "pooled":
             total = self._pooled(decisions, token_mask)
+        elif self.load == "slots" and decisions and all(st.index is not None and st.k is not None for st in decisions):
+            total = reduce_over_routers(indexed_slots_balance(decisions, token_mask), len(decisions), self.reduce)
         else:
             total = reduce_over_routers(self._summed(decisions, token_mask), len(decisions), self.reduce)
         if total is None:

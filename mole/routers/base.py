@@ -32,12 +32,16 @@ class BalanceStats:
             ``selected``.
         level: ``"token"`` when rows are the batch's tokens (padding rows are masked out by the
             losses), ``"sequence"`` when rows are sequences (instance-level and task routers).
+        index: ``(N, k)`` the chosen columns, where the router has them (top-k): ``selected`` may then be
+            ``None`` and is built from ``index`` on first read, so that a step whose losses count the slots
+            from ``index`` (:class:`mole.losses.BalanceLoss`) never builds the mask.
     """
 
     probs: Tensor
-    selected: Tensor
+    selected: Tensor | None
     k: int | None
     level: str = "token"
+    index: Tensor | None = None
 
 
 @dataclass
@@ -66,6 +70,8 @@ class RouterOutput:
         balance: the decisions a load-balancing loss should balance (empty for soft routing).
         dists: the distributions the entropy losses act on (CGJS, Tsallis); empty means
             ``[GateDist(probs)]``, a single token router (see :meth:`distributions`).
+        index: ``(N, k)`` the chosen experts (top-k routers); ``selected`` is then built from it on first
+            read (see :class:`BalanceStats`).
     """
 
     gates: Tensor
@@ -73,10 +79,38 @@ class RouterOutput:
     selected: Tensor | None = None
     balance: list[BalanceStats] = field(default_factory=list)
     dists: list[GateDist] = field(default_factory=list)
+    index: Tensor | None = None
 
     def distributions(self) -> list[GateDist]:
         """The router distributions behind these gates (one token router unless stated otherwise)."""
         return self.dists or [GateDist(self.probs)]
+
+
+def chosen_mask(index: Tensor, like: Tensor) -> Tensor:
+    """The bool mask of ``like``'s shape ``(N, M)`` that is True at the columns ``index`` ``(N, k)`` names."""
+    return torch.zeros(like.shape, dtype=torch.bool, device=like.device).scatter_(-1, index, True)
+
+
+def _selected_from_index(cls: type) -> type:
+    """Make ``cls.selected`` (a dataclass field) a property that, when it was given as ``None`` and ``cls.index``
+    is set, is built from the index on first read. Set after the dataclass is made, so that the generated
+    ``__init__`` keeps ``selected``'s default and assigns through the setter."""
+
+    def get(self) -> Tensor | None:
+        selected = self.__dict__.get("_selected")
+        if selected is None and self.index is not None:
+            selected = self.__dict__["_selected"] = chosen_mask(self.index, self.probs)
+        return selected
+
+    def put(self, value: Tensor | None) -> None:
+        self.__dict__["_selected"] = value
+
+    cls.selected = property(get, put, doc="``(N, M)`` bool, the chosen set (built from ``index`` when not given).")
+    return cls
+
+
+_selected_from_index(BalanceStats)
+_selected_from_index(RouterOutput)
 
 
 def real_rows(t: Tensor, level: str, token_mask: Tensor | None) -> Tensor:
@@ -96,7 +130,7 @@ def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = N
     dtype = param_dtype(router)
     x = x if dtype is None else x.to(dtype)
     kind = x.device.type
-    if _autocast_enabled(kind):
+    if autocast_enabled(kind):
         with torch.autocast(device_type=kind, enabled=False):
             out = router(x)
     else:  # no autocast to leave: skip the context manager (one per routed Linear per forward)
@@ -106,7 +140,7 @@ def run_router(router: nn.Module, x: Tensor, sink: list[RouterOutput] | None = N
     return out
 
 
-def _autocast_enabled(kind: str) -> bool:
+def autocast_enabled(kind: str) -> bool:
     """Whether autocast is on for this device type. Under ``torch.compile`` only ``is_autocast_enabled``:
     Dynamo folds it to a constant, while ``torch.amp.is_autocast_available`` (an untraceable builtin
     before torch 2.13) broke the graph at every routed Linear; a device that reaches a compiled graph has
@@ -278,15 +312,16 @@ def keep_top_k(probs: Tensor, k: int, renorm: str) -> tuple[Tensor, Tensor]:
     """
     if torch.compiler.is_compiling() or probs.dim() != 2:
         top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
-        if renorm == "sum":
-            top_w = top_vals / top_vals.sum(dim=-1, keepdim=True)
-        else:
-            top_w = torch.softmax(top_vals, dim=-1)
-        weights = torch.zeros_like(probs).scatter(-1, top_idx, top_w)  # (N, M)
+        weights = torch.zeros_like(probs).scatter(-1, top_idx, _renormalised(top_vals, renorm == "softmax"))  # (N, M)
         selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_idx, True)  # (N, M)
         return weights, selected
     # eager: the same weights, with a backward of its own in fewer dispatched operations (compiled code fuses)
     return _TopKGates.apply(probs, k, renorm == "softmax")
+
+
+def _renormalised(top_vals: Tensor, softmax_renorm: bool) -> Tensor:
+    """The kept ``(N, k)`` probabilities renormalised: a softmax over them (HMoRA eq. 15) or divided by their sum."""
+    return torch.softmax(top_vals, dim=-1) if softmax_renorm else top_vals / top_vals.sum(dim=-1, keepdim=True)
 
 
 class _TopKGates(torch.autograd.Function):
@@ -294,13 +329,21 @@ class _TopKGates(torch.autograd.Function):
 
     Both renormalisations have the Jacobian of a softmax restricted to the kept set: for ``g = p 1[kept] / S``
     (``S`` the kept sum), ``dL/dp = 1[kept] / S * (dL/dg - <g, dL/dg>)``; for ``g = softmax`` over the kept
-    ``p``, ``dL/dp = g * (dL/dg - <g, dL/dg>)``. So the backward is three operations on ``(N, M)`` (a batched
-    dot product, a subtraction, a product) instead of autograd's gather, division and scatter chain.
+    ``p``, ``dL/dp = g * (dL/dg - <g, dL/dg>)``, which is softmax's own backward (one operation, zero outside
+    the kept set since ``g`` is). So the backward is one to three operations on ``(N, M)`` instead of
+    autograd's gather, division and scatter chain.
     """
 
     @staticmethod
     def forward(ctx, probs: Tensor, k: int, softmax_renorm: bool):
-        weights, selected, factor = _top_k_dense(probs, k, softmax_renorm)
+        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)  # (N, M)
+        if softmax_renorm:
+            weights = torch.zeros_like(probs).scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1))  # (N, M)
+            factor = None
+        else:
+            factor = selected / top_vals.sum(dim=-1, keepdim=True)  # (N, M) 1[kept] / S
+            weights = probs * factor
         ctx.mark_non_differentiable(selected)
         ctx.set_materialize_grads(False)  # no zero tensor for the mask's (absent) gradient
         ctx.save_for_backward(weights, factor)
@@ -311,59 +354,78 @@ class _TopKGates(torch.autograd.Function):
         if grad is None:
             return None, None, None
         weights, factor = ctx.saved_tensors
-        return _top_k_grad(weights, factor, grad), None, None
-
-
-def _top_k_dense(probs: Tensor, k: int, softmax_renorm: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(weights, selected, factor)`` of :func:`keep_top_k` on ``(N, M)`` probabilities; ``factor`` is what
-    the backward multiplies by (``1[kept] / S``, or the weights themselves for the softmax renormalisation)."""
-    top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
-    selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)  # (N, M)
-    if softmax_renorm:
-        weights = torch.zeros_like(probs).scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1))  # (N, M)
-        return weights, selected, weights  # dL/dp = g * (dL/dg - <g, dL/dg>)
-    factor = selected / top_vals.sum(dim=-1, keepdim=True)  # (N, M) 1[kept] / S
-    return probs * factor, selected, factor
-
-
-def _top_k_grad(weights: Tensor, factor: Tensor, grad: Tensor, grad_probs: Tensor | None = None) -> Tensor:
-    """``dL/dp = factor * (dL/dg - <g, dL/dg>)`` (plus ``grad_probs``, a gradient reaching ``p`` directly)."""
-    n, m = weights.shape
-    dot = torch.bmm(weights.view(n, 1, m), grad.reshape(n, m, 1)).view(n, 1)  # (N, 1) <g, dL/dg>
-    if grad_probs is None:
-        return (grad - dot) * factor
-    return torch.addcmul(grad_probs, grad - dot, factor)
+        if factor is None:  # g = softmax over the kept p: dL/dp = g * (dL/dg - <g, dL/dg>)
+            return torch._softmax_backward_data(grad, weights, -1, weights.dtype), None, None
+        n, m = weights.shape
+        dot = torch.bmm(weights.view(n, 1, m), grad.reshape(n, m, 1)).view(n, 1)  # (N, 1) <g, dL/dg>
+        return (grad - dot) * factor, None, None
 
 
 def softmax_top_k(logits: Tensor, k: int, renorm: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(probs, weights, selected)``: ``probs = softmax(logits)`` and :func:`keep_top_k` of it, in one
-    autograd function in eager mode (the gradient reaching ``probs`` from an auxiliary loss and the one from
-    the weights join in one ``addcmul`` before the softmax's backward)."""
+    """``(probs, weights, index)``: ``probs = softmax(logits)``, :func:`keep_top_k`'s weights of it and the
+    ``(N, k)`` kept columns (the kept mask is ``chosen_mask(index, probs)``); in eager mode one autograd
+    function with a short backward of its own (:class:`_SoftmaxTopK`)."""
     if torch.compiler.is_compiling() or logits.dim() != 2:
         probs = torch.softmax(logits, dim=-1)
-        return probs, *keep_top_k(probs, k, renorm)
+        top_idx, top_w = _kept(logits, probs, k, renorm == "softmax")
+        return probs, torch.zeros_like(probs).scatter(-1, top_idx, top_w), top_idx
     return _SoftmaxTopK.apply(logits, k, renorm == "softmax")
 
 
+def _kept(logits: Tensor, probs: Tensor, k: int, softmax_renorm: bool) -> tuple[Tensor, Tensor]:
+    """``(index, weights)`` ``(N, k)`` of the top-k of ``probs = softmax(logits)``, renormalised.
+
+    The sum renormalisation ``p_i / sum_kept p_j = exp(z_i) / sum_kept exp(z_j)`` is the softmax of the kept
+    logits, and softmax keeps the logits' order, so the kept set and weights come from the logits in two
+    operations (the same set as ``probs.topk``, up to how ties between probabilities that round to the same
+    value are broken). The softmax renormalisation (HMoRA eq. 15) is a softmax of the kept probabilities.
+    """
+    if softmax_renorm:
+        top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k), (N, k)
+        return top_idx, torch.softmax(top_vals, dim=-1)
+    top_z, top_idx = logits.topk(k, dim=-1)
+    return top_idx, torch.softmax(top_z, dim=-1)
+
+
 class _SoftmaxTopK(torch.autograd.Function):
-    """``softmax`` then :class:`_TopKGates`, with one backward for both."""
+    """``probs = softmax(logits)`` and the top-k weights of ``probs``, with one backward for both.
+
+    Forward: the softmax, ``topk``, the renormalisation (:func:`_kept`) and the scatter into zeros (5
+    operations; the kept mask is left to whoever reads it). Backward, each a softmax's own backward (``g * (dL/dg - <g, dL/dg>)``,
+    one operation):
+
+    * ``renorm="sum"``: ``g = p 1[kept] / S`` is the softmax of the *logits* restricted to the kept set
+      (``exp(z_i) / sum_kept exp(z_j)``), so ``dL/dz`` from the weights is softmax's backward at ``g``;
+    * ``renorm="softmax"``: ``g`` is a softmax of the kept ``p``: softmax's backward at ``g`` gives ``dL/dp``
+      (zero outside the kept set), which joins the gradient an auxiliary loss sends to ``p``, and then
+      softmax's backward at ``p``.
+
+    One operation (sum) or two (softmax) without an auxiliary loss on ``probs``, three with one; autograd's
+    gather, division and scatter chain took more than twice as many.
+    """
 
     @staticmethod
     def forward(ctx, logits: Tensor, k: int, softmax_renorm: bool):
         probs = torch.softmax(logits, dim=-1)  # (N, M)
-        weights, selected, factor = _top_k_dense(probs, k, softmax_renorm)
-        ctx.mark_non_differentiable(selected)
+        top_idx, top_w = _kept(logits, probs, k, softmax_renorm)  # (N, k), (N, k)
+        weights = torch.zeros_like(probs).scatter_(-1, top_idx, top_w)  # (N, M)
+        ctx.softmax_renorm = softmax_renorm
+        ctx.mark_non_differentiable(top_idx)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(probs, weights, factor)
-        return probs, weights, selected
+        ctx.save_for_backward(probs, weights)
+        return probs, weights, top_idx
 
     @staticmethod
-    def backward(ctx, grad_probs: Tensor | None, grad: Tensor | None, _grad_selected: Tensor | None):
-        probs, weights, factor = ctx.saved_tensors
-        if grad is None:
-            grad_p = grad_probs
-        else:
-            grad_p = _top_k_grad(weights, factor, grad, grad_probs)
-        if grad_p is None:
-            return None, None, None
-        return torch._softmax_backward_data(grad_p, probs, -1, probs.dtype), None, None
+    def backward(ctx, grad_probs: Tensor | None, grad: Tensor | None, _grad_index: Tensor | None):
+        probs, weights = ctx.saved_tensors
+        grad_z = None  # dL/dlogits through the weights (sum renormalisation)
+        if grad is not None:
+            from_weights = torch._softmax_backward_data(grad, weights, -1, weights.dtype)
+            if not ctx.softmax_renorm:
+                grad_z = from_weights
+            else:  # dL/dp through the weights, joined with the auxiliary loss's
+                grad_probs = from_weights if grad_probs is None else grad_probs + from_weights
+        if grad_probs is not None:
+            from_probs = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_z = from_probs if grad_z is None else grad_z + from_probs
+        return grad_z, None, None

@@ -67,7 +67,9 @@ from mole.routers.base import (
     RouterOutput,
     check_renorm,
     check_top_k,
+    chosen_mask,
     keep_top_k,
+    softmax_top_k,
 )
 from mole.routers.context import RoutingContext, install_context
 from mole.routers.select import check_flag
@@ -480,39 +482,44 @@ class HybridRouter(nn.Module):
 
     def forward(self, x: Tensor) -> RouterOutput:
         n = x.shape[0]  # N = B * T tokens
-        gates = probs = selected = None
+        gates = probs = selected = index = None
         balance: list[BalanceStats] = []
         dists: list[GateDist] = []
         mixed_topk = self.topk_after_mix and self.top_k is not None and self.token_gate is not None and self.task_gate is not None
         if self.token_gate is not None:
-            p_tok = torch.softmax(self.token_gate(self.dropout(x)).float(), dim=-1)  # (N, E), eq. 14
-            g_tok, s_tok = (p_tok, None) if mixed_topk else self._select(p_tok)  # (N, E)
+            z_tok = self.token_gate(self.dropout(x)).float()  # (N, E)
+            if mixed_topk or self.top_k is None:
+                p_tok = g_tok = torch.softmax(z_tok, dim=-1)  # (N, E), eq. 14
+            else:  # eq. 14-16 in one function; the kept experts as an index (N, k), their mask built where read
+                p_tok, g_tok, index = softmax_top_k(z_tok, self.top_k, self.renorm)
+                balance.append(BalanceStats(p_tok, None, self.top_k, "token", index=index))
             dists.append(GateDist(p_tok, "token", "token"))
-            if s_tok is not None:
-                balance.append(BalanceStats(p_tok, s_tok, self.top_k, "token"))
-            gates, probs, selected = g_tok, p_tok, s_tok
+            gates, probs = g_tok, p_tok
         if self.task_gate is not None:
             p_task = self.task_probs(self._task_encoder.representation().to(x.device))  # (B, E)
             g_task, s_task = (p_task, None) if mixed_topk else self._select(p_task)  # (B, E)
             dists.append(GateDist(p_task, "task", "sequence"))
             if s_task is not None:
                 balance.append(BalanceStats(p_task, s_task, self.top_k, "sequence"))
-            t = self._per_token(n, p_task.shape[0])
-            g_task, p_task_n = g_task.repeat_interleave(t, dim=0), p_task.repeat_interleave(t, dim=0)  # (N, E)
-            s_task = None if s_task is None else s_task.repeat_interleave(t, dim=0)
+            rows = p_task.shape[0]
+            t = self._per_token(n, rows)
             if gates is None:  # a_l > beta_high: task routing only
-                gates, probs, selected = g_task, p_task_n, s_task
-            else:  # eq. 7
+                gates, probs = g_task.repeat_interleave(t, dim=0), p_task.repeat_interleave(t, dim=0)  # (N, E)
+                selected = None if s_task is None else s_task.repeat_interleave(t, dim=0)
+            else:  # eq. 7, each sequence's task row broadcast over its T token rows (no (N, E) copy of it)
                 a, b = self._mix_weights()  # a_l, 1 - a_l
-                gates = a * g_task + b * gates
-                probs = a * p_task_n + b * probs
-                selected = None if selected is None else selected | s_task
+                per_seq = lambda m: m.view(rows, t, -1)  # noqa: E731 - (N, E) -> (B, T, E)
+                gates = (a * g_task.unsqueeze(1) + b * per_seq(gates)).view(n, -1)
+                probs = (a * p_task.unsqueeze(1) + b * per_seq(probs)).view(n, -1)
+                if index is not None and s_task is not None:
+                    selected = (per_seq(chosen_mask(index, p_tok)) | s_task.unsqueeze(1)).view(n, -1)
+                index = None
         if mixed_topk:
             # released code: top-k of the mixed distribution, kept values renormalised (softmax or sum); its
             # balance loss counts the mixture's choices against the token router's probabilities
             gates, selected = keep_top_k(probs, self.top_k, self.renorm)  # (N, E), (N, E)
             balance.append(BalanceStats(p_tok, selected, self.top_k, "token"))
-        return RouterOutput(gates=gates, probs=probs, selected=selected, balance=balance, dists=dists)
+        return RouterOutput(gates=gates, probs=probs, selected=selected, balance=balance, dists=dists, index=index)
 
     def extra_repr(self) -> str:
         extra = ", topk_after_mix" * self.topk_after_mix + ", learned a_l" * (self.a_logit is not None)

@@ -119,10 +119,9 @@ class MoRRouter(nn.Module):
             main_probs = torch.softmax(main_logits.float(), dim=-1)  # (N, R), eq. 5
             if self.main_top_k is None or self.main_top_k == R:
                 weights = main_probs  # eq. 6 over all sub-routers (their weights already sum to 1)
-                # NOTE(deviation): top-1 slot for the balance loss, see the module docstring
-                chosen = torch.zeros_like(main_probs, dtype=torch.bool).scatter_(
-                    -1, main_probs.argmax(dim=-1, keepdim=True), True)  # (N, R), each token's top sub-router
-                balance.append(BalanceStats(main_probs, chosen, 1))
+                # NOTE(deviation): top-1 slot for the balance loss, see the module docstring; each token's top
+                # sub-router (N, 1), its mask built only where read (the balance loss counts from the index)
+                balance.append(BalanceStats(main_probs, None, 1, index=main_probs.argmax(dim=-1, keepdim=True)))
             else:
                 weights, chosen = keep_top_k(main_probs, self.main_top_k, "sum")  # eq. 6
                 balance.append(BalanceStats(main_probs, chosen, self.main_top_k))

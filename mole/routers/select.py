@@ -111,7 +111,9 @@ def keep_top_p(
             in_prefix = upto <= p + TOP_P_TOLERANCE
         keep_sorted = in_prefix | (rank < min_k)  # (N, M) in sorted order
         selected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # (N, M) in expert order
-    weights = torch.where(selected, probs, torch.zeros_like(probs))  # (N, M)
+    # the kept probabilities (finite, so the product is where(selected, probs, 0)): one operation forward
+    # and one backward, against where's zeros, scalar and second where
+    weights = probs * selected  # (N, M)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(_TINY)
     return weights, selected
@@ -224,7 +226,7 @@ def threshold_select(gates: Tensor, tau: Tensor | float, renorm: bool, subtract:
     """
     selected = gates >= tau  # (N, M)
     weights = gates - tau if subtract else gates
-    weights = torch.where(selected, weights, torch.zeros_like(weights))  # (N, M)
+    weights = weights * selected  # (N, M) where(selected, weights, 0) for finite weights, in one operation
     if renorm:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(_TINY)
     return weights, selected

@@ -40,11 +40,12 @@ class TopKRouter(LinearGate):
         self.top_k, self.renorm = top_k, renorm
 
     def forward(self, x: Tensor) -> RouterOutput:
-        # p = softmax(W_g x) and its top-k, renormalised: (N, E) each
-        probs, gates, selected = softmax_top_k(self.logits(x), self.top_k, self.renorm)
+        # p = softmax(W_g x) and its top-k, renormalised: (N, E) each; the kept experts (N, k), whose mask
+        # is built only where read (the balance loss counts the slots from the index)
+        probs, gates, index = softmax_top_k(self.logits(x), self.top_k, self.renorm)
         return RouterOutput(
             gates=gates,
             probs=probs,
-            selected=selected,
-            balance=[BalanceStats(probs, selected, self.top_k)],
+            index=index,
+            balance=[BalanceStats(probs, None, self.top_k, index=index)],
         )

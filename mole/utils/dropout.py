@@ -94,6 +94,20 @@ class ExpertDropout(nn.Dropout):
         keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # float path: 0 or 1/(1-p)
         return x * keep
 
+    def mask(self, x: Tensor) -> Tensor | None:
+        """The multiplier :meth:`forward` would apply to ``x`` (``1 / (1 - p')`` where kept, 0 where dropped),
+        drawn from the same random stream (on the CPU), or ``None`` where :meth:`forward` is the identity.
+        Elsewhere it is ``F.dropout`` of ones: the same distribution, not the same draw as ``F.dropout(x)``."""
+        if not self.training or self.p == 0.0:
+            return None
+        if (x.device.type != "cpu" or self.inplace or self.p >= 1.0 or not x.dtype.is_floating_point
+                or torch.compiler.is_compiling()):
+            return F.dropout(torch.ones_like(x), self.p, True)
+        q = quantized_drop_prob(self.p)
+        if q is not None:
+            return _mask16(x.shape, q, x.dtype, x.device)
+        return torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+
     def unscaled(self, x: Tensor) -> tuple[Tensor, float]:
         """``(x * keep, c)`` with ``keep`` the 0/1 mask and ``c`` the scale of the kept values (``1 / (1 - p')``):
         ``c * (x * keep)`` is :meth:`forward`'s output, for a caller that folds ``c`` into a scale of its

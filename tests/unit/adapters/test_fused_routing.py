@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mole.adapters.hydra import HydraLoRAExperts, _HydraLoRA, hydra_reference_forward
 from mole.adapters.lora import LoRAExperts, _StackedLoRA, reference_forward
-from mole.routers.base import _SoftmaxTopK, _TopKGates, keep_top_k, softmax_top_k
+from mole.routers.base import _SoftmaxTopK, _TopKGates, chosen_mask, keep_top_k, softmax_top_k
 from tests.conftest import assert_same_outputs_and_grads
 
 N, D_IN, D_OUT, E, R = 5, 4, 6, 3, 2
@@ -125,10 +125,10 @@ def test_softmax_top_k_passes_gradcheck_and_equals_softmax_then_top_k(renorm):
     assert torch.autograd.gradcheck(lambda z: _SoftmaxTopK.apply(z, 2, renorm == "softmax")[1], (logits,))
     assert torch.autograd.gradcheck(lambda z: _SoftmaxTopK.apply(z, 2, renorm == "softmax")[0], (logits,))
 
-    probs, gates, selected = softmax_top_k(logits, 2, renorm)
+    probs, gates, index = softmax_top_k(logits, 2, renorm)
     ref_probs = torch.softmax(logits, dim=-1)
     ref_gates, ref_selected = keep_top_k(ref_probs, 2, renorm)
-    assert torch.equal(selected, ref_selected)
+    assert torch.equal(chosen_mask(index, probs), ref_selected)
     out, ref = torch.cat([probs * w_p, gates * w_g]), torch.cat([ref_probs * w_p, ref_gates * w_g])
     assert_same_outputs_and_grads(out, ref, [logits])
 
@@ -187,3 +187,39 @@ def test_experts_take_gates_broadcast_from_one_row_per_sequence(kind):
     gates = row.expand(N, E)
     ref_fn = reference_forward if kind == "lora" else hydra_reference_forward
     assert_same_outputs_and_grads(m(x, gates), ref_fn(m, x, gates), [x, m.lora_A, m.lora_B, row])
+
+
+def test_stacked_lora_adds_a_base_output_in_its_last_product():
+    x, gates = _inputs()
+    a = torch.randn(E * R, D_IN, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(D_OUT, E * R, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(N, D_OUT, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: _StackedLoRA.apply(*t[:4], 1.5, R, t[4]), (x, a, b, gates, base))
+    torch.testing.assert_close(_StackedLoRA.apply(x, a, b, gates, 1.5, R, base),
+                               base + _StackedLoRA.apply(x, a, b, gates, 1.5, R))
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_a_routed_layer_equals_its_frozen_output_plus_the_update(base_dtype):
+    """The layer hands its frozen output to the experts, which add their update in their last product where
+    the dtypes agree; with a bf16 base and fp32 experts the update is added in the base's dtype as before."""
+    from torch import nn
+
+    from mole.model.layer import MoLELinear
+    from mole.routers.soft import SoftRouter
+
+    torch.manual_seed(0)
+    layer = MoLELinear(nn.Linear(D_IN, D_OUT).to(base_dtype).requires_grad_(False),
+                       LoRAExperts(D_IN, D_OUT, E, R), SoftRouter(D_IN, E))
+    nn.init.normal_(layer.mole_experts.lora_B)
+    x = torch.randn(2, 3, D_IN, dtype=base_dtype, requires_grad=True)
+    out = layer(x)
+    flat = x.reshape(-1, D_IN).float()
+    delta = reference_forward(layer.mole_experts, flat, layer.mole_router(flat).gates).view(2, 3, D_OUT)
+    ref = layer.base_layer(x) + delta.to(base_dtype)
+    assert out.dtype == base_dtype
+    params = [x, layer.mole_experts.lora_A, layer.mole_experts.lora_B, layer.mole_router.gate.weight]
+    if base_dtype == torch.float32:
+        assert_same_outputs_and_grads(out, ref, params)
+    else:  # the same operations in the same order: bitwise equal
+        assert torch.equal(out, ref)
