@@ -9,7 +9,7 @@ Resolvers (registered when :mod:`mole` is imported):
   keeps its first bytes and ends with a digest of the whole.
 * ``${mul:A,B}`` — A * B, for shapes derived from other keys.
 * ``${mole_writer:VALUE,OTHERWISE}`` — ``VALUE``, or ``OTHERWISE`` in a process that must not write the run
-  directory: a SLURM task other than task 0, a rank other than 0 (:func:`mole.training.slurm.writer_value`).
+  directory: a SLURM task other than task 0, a rank other than 0 (:func:`mole.utils.slurm.writer_value`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+
+from mole.utils.secrets import redact_overrides
+from mole.utils.slurm import writer_value
 
 MAX_NAME_BYTES = 255
 
@@ -35,8 +39,6 @@ CONF_DIR = _conf_dir()
 
 
 def _slug(text: str | None) -> str:
-    from mole.utils.secrets import redact_overrides
-
     text = redact_overrides((text or "").strip(), "redacted")  # a secret on the command line never names a directory
     name = text.replace("/", "_").replace(" ", "") or "default"
     if len(name.encode()) > MAX_NAME_BYTES:  # file systems refuse longer names: keep a prefix, add a digest of the rest
@@ -46,14 +48,12 @@ def _slug(text: str | None) -> str:
 
 
 def _fixture(name: str) -> str:
-    from mole.data.sources import fixture_path
+    from mole.data.sources import fixture_path  # the package mole.data imports torch: not at `import mole`
 
     return fixture_path(name)
 
 
 def _writer(value, otherwise=None):
-    from mole.training.slurm import writer_value
-
     return writer_value(value, otherwise)
 
 
@@ -66,8 +66,6 @@ def register_resolvers() -> None:
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with overrides, as the command would, without running an app."""
-    from hydra import compose, initialize_config_dir
-
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

@@ -16,12 +16,15 @@ touched) without changing how the YAML tree composes.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from mole.config import CONF_DIR
 from mole.utils.errors import MoleConfigError
 
 _ABSENT = object()
@@ -124,6 +127,11 @@ RULES: dict[str, Rule] = {
     "router.top_p": UNIT_OPEN_CLOSED,
     "router.tau_max": Rule("number", lo=0, hi=1, lo_open=True, nullable=True),
     "router.q": Rule("number", lo=0, lo_open=True, expected="a positive number (the Tsallis entropic index)"),
+    "router.selection.top_k": POSITIVE_INT,
+    "router.selection.top_p": UNIT_OPEN_CLOSED,
+    "router.selection.keep_top_k": POSITIVE_INT,
+    "router.selection.q": Rule("number", lo=0, lo_open=True, expected="a positive number (the Tsallis entropic index)"),
+    "router.selection.threshold": NON_NEGATIVE,
     "loss.balance.weight": NON_NEGATIVE,
     "loss.tsallis.q": Rule("number", lo=0, lo_open=True, expected="a positive number (the Tsallis entropic index)"),
     # what text
@@ -154,6 +162,73 @@ RULES: dict[str, Rule] = {
 }
 
 
+#: Keys that moved to where they are read: ``old -> new``. The injector reads the router's placement and
+#: level, so they sit with the experts layout; MoR/CRW's selection is a node of its own (conf/router/selection/).
+MOVED_KEYS: dict[str, str] = {
+    "router.placement": "experts.placement",
+    "router.level": "experts.level",
+    "router.select": "router/selection",
+}
+#: MoR/CRW's former flat selection keys, now under ``router.selection`` (other routers keep theirs flat).
+SELECTION_KEYS = ("top_k", "renorm", "top_p", "keep_top_k", "q", "threshold", "normalized_entropy")
+MOR_TARGETS = ("mole.routers.MoRRouter", "mole.routers.CRWRouter", "mole.routers.mor.MoRRouter",
+               "mole.routers.mor.CRWRouter")
+
+
+def moved_key_line(key: str, value: str | None) -> str | None:
+    """The error line for an override of a key the config no longer has because it moved, else ``None``."""
+    shown = "VALUE" if value is None else value
+    if key == "router.select":
+        return (f"router.select is now the config group router/selection (topk, soft, topp or dynamic): "
+                f"use router/selection={shown}")
+    if key in MOVED_KEYS:
+        return f"{key} moved to {MOVED_KEYS[key]} (read by the injector, not the router): use {MOVED_KEYS[key]}={shown}"
+    name = key.removeprefix("router.")
+    if key.startswith("router.") and name in SELECTION_KEYS:
+        return (f"{key}: the chosen router has no such key; router=mor and router=crw take their selection's keys "
+                f"under router.selection (use router.selection.{name}={shown}, with router/selection=topk, soft, "
+                "topp or dynamic)")
+    return None
+
+
+def upgrade_config(cfg: DictConfig) -> DictConfig:
+    """A run config written before the moves of :data:`MOVED_KEYS`, in the current layout (in place).
+
+    ``router.placement`` / ``router.level`` move to ``experts``; a MoR/CRW router's ``select`` and flat
+    selection keys become its ``selection`` node with the values the old constructor used (``top_k: null``
+    was soft routing; ``keep_top_k: null`` was 1 for top-p and 2 for the entropy-switched selection).
+    """
+    router, experts = cfg.get("router"), cfg.get("experts")
+    if not isinstance(router, DictConfig):
+        return cfg
+    with open_dict(cfg):
+        for key in ("placement", "level"):
+            if key in router:
+                value = router.pop(key)
+                if isinstance(experts, DictConfig) and key not in experts:
+                    experts[key] = value
+        if router.get("_target_") in MOR_TARGETS and "selection" not in router:
+            old = {k: router.pop(k) for k in (*SELECTION_KEYS, "select") if k in router}
+            select = old.get("select", "topk")
+            if select == "topk" and old.get("top_k", 2) is None:
+                select = "soft"
+            node: dict[str, Any] = {"_target_": f"mole.routers.select.{_SELECTION_CLASSES.get(select, select)}",
+                                    "_partial_": True}
+            if select == "topk":
+                node.update(top_k=old.get("top_k", 2), renorm=old.get("renorm", "sum"))
+            elif select in ("topp", "dynamic"):
+                keep = old.get("keep_top_k")
+                node.update(top_p=old.get("top_p", 0.75), keep_top_k=(1 if select == "topp" else 2) if keep is None else keep)
+                if select == "dynamic":
+                    node.update(q=old.get("q", 1.1), threshold=old.get("threshold", 0.9),
+                                normalized_entropy=old.get("normalized_entropy", True))
+            router.selection = node
+    return cfg
+
+
+_SELECTION_CLASSES = {"topk": "TopK", "soft": "Soft", "topp": "TopP", "dynamic": "Dynamic"}
+
+
 def absent_defaults() -> dict[str, Any]:
     """``{key: value}`` for the keys whose absence from a config means that value (:attr:`Rule.default`)."""
     return {key: rule.default for key, rule in RULES.items() if rule.default is not _ABSENT}
@@ -171,6 +246,9 @@ def _value(cfg: DictConfig, key: str) -> Any:
 
 def validate_config(cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
     """Check the keys of :data:`RULES` that ``cfg`` has; the first bad one raises a MoleConfigError."""
+    for old in MOVED_KEYS:  # set with a leading + on the command line
+        if _value(cfg, old) is not _ABSENT:
+            raise MoleConfigError(moved_key_line(old, None))
     for key, rule in (RULES if rules is None else rules).items():
         value = _value(cfg, key)
         if value is _ABSENT or (value == "???" and isinstance(value, str)):
@@ -195,3 +273,39 @@ def check_run_config(cfg: Any, path: Any) -> None:
         validate_config(cfg)
     except MoleConfigError as err:
         raise MoleConfigError(f"checkpoint: {path}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# run configs written by earlier layouts of the config tree
+
+
+def current_model_node(model_cfg: DictConfig) -> DictConfig:
+    """A ``model`` node in the current layout: ``source: smollm2`` (SmolLM2's own converter) is the general
+    GGUF source with ``conf/model/smollm2_135m.yaml``'s file and cache."""
+    if not isinstance(model_cfg, DictConfig) or model_cfg.get("source") != "smollm2":
+        return model_cfg
+    preset = OmegaConf.load(Path(CONF_DIR) / "model" / "smollm2_135m.yaml")
+    node = model_cfg.copy()
+    with open_dict(node):  # a composed config is in struct mode: these keys are new to it
+        node.source, node.gguf, node.cache_name = "gguf", preset.gguf, preset.cache_name
+    return node
+
+
+def current_layout(cfg: DictConfig) -> DictConfig:
+    """A copy of a stored run config in the current layout of the config tree (:func:`upgrade_config`, and
+    ``model.source: smollm2`` as the GGUF source), so that a run written before a key moved is still the
+    same run: re-running, resuming and evaluating compare and build from this."""
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    cfg = upgrade_config(copy.deepcopy(cfg))  # upgrade_config edits nested nodes, which copy() shares
+    if isinstance(cfg.get("model"), DictConfig) and cfg.model.get("source") == "smollm2":
+        model = current_model_node(cfg.model)
+        with open_dict(cfg):
+            cfg.model = model
+    return cfg
+    if cfg.model.get("source") == "smollm2":
+        model = current_model_node(cfg.model)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.model = model
+    return cfg

@@ -33,12 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from mole.model.inject import is_trainable_name, mole_layers
+from mole.adapters.ffn import FFNLoRAExperts
+from mole.build import build_mole_model, inject_from_config
+from mole.config_schema import current_model_node
+from mole.data.prompts import format_prompt
+from mole.generate import load_run
+from mole.model.base import build_model
+from mole.model.gguf_file import cache_path
+from mole.model.inject import decoder_layers, is_trainable_name, mole_layers
 from mole.model.layer import MoLELinear
+from mole.model.state import saves_everything
+from mole.routers.topk import TopKRouter
+from mole.run_dir import load_run_config
 from mole.utils.errors import MoleConfigError
 
 FORMATS = ("peft", "merged", "mixlora", "hf")
@@ -83,8 +95,6 @@ def _is_plain_lora(layer: MoLELinear) -> bool:
 
 
 def run_shape(model: nn.Module) -> RunShape:
-    from mole.adapters.baselines import saves_everything
-
     if saves_everything(model):
         return RunShape(single=False, full=True, mixlora="MixLoRA FFN experts in every decoder layer, not full fine-tuning")
     linears = mole_layers(model)
@@ -96,10 +106,6 @@ def run_shape(model: nn.Module) -> RunShape:
 
 def _mixlora_misfit(model: nn.Module, linears) -> str | None:
     """Why the run does not fit MixLoRA's layout (``None`` when it does)."""
-    from mole.adapters.ffn import FFNLoRAExperts
-    from mole.model.inject import decoder_layers
-    from mole.routers.topk import TopKRouter
-
     layers = decoder_layers(model)
     experts = [getattr(getattr(layer, "mlp", None), "mole_experts", None) for layer in layers]
     if not all(isinstance(e, FFNLoRAExperts) for e in experts):
@@ -127,8 +133,6 @@ def _mixlora_misfit(model: nn.Module, linears) -> str | None:
 
 
 def _layer_prefix(model: nn.Module, i: int) -> str:
-    from mole.model.inject import decoder_layers
-
     layers = decoder_layers(model)
     for name, m in model.named_modules():
         if m is layers:
@@ -158,15 +162,13 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _base_name(cfg: DictConfig) -> str:
-    """What ``base_model_name_or_path`` can name: the Hub id, SmolLM2's converted directory, else mole's
+    """What ``base_model_name_or_path`` can name: the Hub id, a GGUF model's converted directory, else mole's
     model name (a model built from its config: the loader is handed the base model itself)."""
     src = cfg.model.get("source")
     if src == "hub":
         return str(cfg.model.get("hf_id"))
-    if src == "smollm2" and cfg.model.get("cache_dir"):
-        from mole.model.smollm2 import smollm2_cache_path
-
-        return str(smollm2_cache_path(cfg.model.cache_dir))
+    if src in ("gguf", "smollm2") and cfg.model.get("cache_dir"):
+        return str(cache_path(current_model_node(cfg.model)))
     return str(cfg.model.get("name"))
 
 
@@ -225,8 +227,6 @@ def write_merged(model: nn.Module, tokenizer, out: Path) -> None:
 
 
 def write_mixlora(model: nn.Module, cfg: DictConfig, out: Path) -> None:
-    from mole.model.inject import decoder_layers
-
     layers = decoder_layers(model)
     state: dict[str, torch.Tensor] = {}
     attn = []
@@ -303,8 +303,6 @@ def inject_run(model: nn.Module, run: dict) -> None:
     the mixture's buffers that a state dict leaves out (constants computed from the config, e.g. HMoRA's
     ``a_l``) are made persistent here and saved by :func:`write_hf`.
     """
-    from mole.pipeline import inject_from_config
-
     cfg = OmegaConf.create(dict(run))
     inject_from_config(model, cfg, tokenizer=None)
     for name, module in model.named_modules():
@@ -314,8 +312,6 @@ def inject_run(model: nn.Module, run: dict) -> None:
 
 
 def write_hf(model: nn.Module, tokenizer, cfg: DictConfig, out: Path) -> None:
-    import transformers
-
     base = type(model)
     base_class = base.__name__
     if getattr(transformers, base_class, None) is not base:
@@ -355,10 +351,6 @@ def load_export(fmt: str, out: str | Path, cfg: DictConfig, trust_remote_code: b
 
     ``hf`` runs the directory's modeling file, so it loads only with ``trust_remote_code`` (what the user typed).
     """
-    from transformers import AutoModelForCausalLM
-
-    from mole.model.base import build_model
-
     out = str(out)
     if fmt == "merged":
         return AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
@@ -374,7 +366,6 @@ def load_export(fmt: str, out: str | Path, cfg: DictConfig, trust_remote_code: b
         import mixlora
     except ImportError:
         raise MoleConfigError("check=true for format=mixlora needs the mixlora package (pip install --no-deps mixlora==0.2.3)") from None
-    from safetensors.torch import load_file
 
     config = mixlora.MixLoraConfig.from_config(json.loads(Path(out, "adapter_config.json").read_text()))
     config.adapter_name_, config.dtype_ = "default", next(base.parameters()).dtype
@@ -389,8 +380,6 @@ def load_export(fmt: str, out: str | Path, cfg: DictConfig, trust_remote_code: b
 
 def logit_difference(model: nn.Module, loaded: nn.Module, tokenizer) -> float:
     """The largest ``|logit|`` difference between two models on a fixed left-padded batch of two prompts."""
-    from mole.data.prompts import format_prompt
-
     texts = [format_prompt("Name a planet."), format_prompt("Which is larger, 7 or 12?", "Answer in one word.")]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -425,16 +414,12 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = 
     Returns ``(out, difference)``: with ``check``, the largest logit difference between the run and the
     export loaded by its client (:func:`load_export`), else ``None``.
     """
-    from mole.generate import load_run
-    from mole.pipeline import load_run_config
-
     if check and fmt == "hf" and not trust_remote_code:
         raise MoleConfigError("check=true with format=hf loads the export's modeling_mole.py, which runs code: "
                               "add trust_remote_code=true to allow it")
     out = check_out(out)
     if fmt not in FORMATS:
         raise MoleConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-    from mole.pipeline import build_mole_model
 
     cfg = load_run_config(checkpoint)
     skeleton, _, _ = build_mole_model(cfg, meta=True)  # the run's structure, no weights: a wrong format costs no load

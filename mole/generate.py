@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
+from mole.build import build_mole_model
+from mole.data.prompts import TEMPLATES, format_prompt
+from mole.data.sources import load_json_list
+from mole.model.state import ADAPTER_FILE, load_adapter
+from mole.run_dir import load_run_config
 from mole.utils.errors import MoleConfigError
 
 RAW_TEMPLATE = "none"  # template=none: the prompt text as given, no template around it
@@ -116,9 +123,6 @@ def load_run(checkpoint: str | Path, device: str = "auto"):
     Returns:
         ``(model, tokenizer, cfg)``.
     """
-    from mole.model.state import ADAPTER_FILE, load_adapter
-    from mole.pipeline import build_mole_model, load_run_config
-
     run_dir = Path(checkpoint)
     cfg = load_run_config(run_dir)
     if not (run_dir / ADAPTER_FILE).is_file():
@@ -144,8 +148,6 @@ def resolve_device(device: str) -> torch.device:
 
 def run_template(cfg: DictConfig, template: str | None) -> str:
     """The template prompts are wrapped in: ``template`` if given, else the one the run was trained with."""
-    from mole.data.prompts import TEMPLATES
-
     name = template if template is not None else (cfg.get("data") or {}).get("template", "alpaca")
     if name != RAW_TEMPLATE and name not in TEMPLATES:
         raise MoleConfigError(f"template must be one of {[*TEMPLATES, RAW_TEMPLATE]} (or null: the run's own), got {name!r}")
@@ -154,8 +156,6 @@ def run_template(cfg: DictConfig, template: str | None) -> str:
 
 def render(instruction: str, input: str = "", template: str = "alpaca") -> str:  # noqa: A002
     """The text the model is conditioned on: the record's prompt in ``template`` (``none``: the text itself)."""
-    from mole.data.prompts import format_prompt
-
     if template == RAW_TEMPLATE:
         return f"{instruction}\n{input}" if input else instruction
     return format_prompt(instruction, input, template)
@@ -168,8 +168,6 @@ def render(instruction: str, input: str = "", template: str = "alpaca") -> str: 
 def read_prompt_records(path: str | Path, key: str = "input") -> list[dict[str, Any]]:
     """Records of a ``.json`` list or ``.jsonl`` file: LLM-Adapters ones (``instruction``, optional
     ``input``) or ``{"prompt": ...}`` (used as given, no template). Other fields are kept for the output."""
-    from mole.data.sources import load_json_list
-
     path = Path(path).expanduser()
     where = f"{key}: {path}"
     if not path.is_file():
@@ -209,8 +207,6 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 
 def generation_config(tokenizer, settings: GenerationSettings):
     """A complete ``GenerationConfig`` (nothing inherited from the base model's defaults)."""
-    from transformers import GenerationConfig
-
     sampling = {}
     if settings.sample:
         sampling = {"temperature": settings.temperature if settings.temperature is not None else 1.0,
@@ -243,8 +239,6 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
     Prompts are tokenised as in training (special tokens added), left-padded in batches of
     ``settings.batch_size``, and decoded with ``model.generate`` and its KV cache.
     """
-    from tqdm.auto import tqdm
-
     config = generation_config(tokenizer, settings)
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)

@@ -48,6 +48,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mole.build import build_aux_losses, build_mole_model
+from mole.model.base import quantization
+from mole.model.inject import decoder_layers, is_trainable_name
+from mole.training.args import TrainArgs
+from mole.training.distributed import DistributedArgs
+from mole.training.loop import loss_step
+from mole.training.optim import build_optimizer
 from mole.utils.errors import MoleConfigError
 
 GIB = 2**30
@@ -213,8 +220,6 @@ def quantized_weight_bytes(model: nn.Module, quantization: str) -> tuple[int, in
     """``(quantized, unquantized)``: bytes of the base Linear weights inside the decoder layers as
     ``quantization`` stores them, and as ``model.dtype`` does (bitsandbytes quantizes those; the
     embeddings, norms and LM head stay in ``model.dtype``)."""
-    from mole.model.inject import decoder_layers, is_trainable_name
-
     quantized = plain = 0
     for layer in decoder_layers(model):
         for name, m in layer.named_modules():
@@ -230,10 +235,6 @@ def activation_bytes(model: nn.Module, cfg: DictConfig, batch_size: int, seq_len
     """Trace one forward + loss of ``model`` (built on the meta device, converted to fake tensors in
     place) on a ``batch_size x seq_len`` batch; the account places each saved tensor as ``(layer, kind)``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from mole.model.inject import decoder_layers
-    from mole.pipeline import build_aux_losses
-    from mole.training.loop import loss_step
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     _fake_model(model, mode)
@@ -262,11 +263,6 @@ def estimate_memory(cfg: DictConfig, batch_size: int | None = None, seq_len: int
 
     ``batch_size`` and ``seq_len`` default to ``trainer.batch_size`` and ``data.cutoff_len``.
     """
-    from mole.model.base import quantization
-    from mole.pipeline import build_mole_model
-    from mole.training.args import TrainArgs
-    from mole.training.distributed import DistributedArgs
-
     b = _positive(batch_size if batch_size is not None else cfg.trainer.get("batch_size"), "trainer.batch_size")
     t = _positive(seq_len if seq_len is not None else cfg.data.get("cutoff_len", 256), "data.cutoff_len")
     targs = TrainArgs.from_config(cfg.trainer)
@@ -404,11 +400,6 @@ def measure_config(cfg: DictConfig, batch_size: int, seq_len: int, profile: bool
     ``profile``: then run a second step (gradients cleared, AdamW states kept) under the profiler and add
     ``allocator_peak``: the parameters, buffers and AdamW states plus :func:`allocator_peak` of that step.
     """
-    from mole.pipeline import build_aux_losses, build_mole_model
-    from mole.training.args import TrainArgs
-    from mole.training.loop import loss_step
-    from mole.training.optim import build_optimizer
-
     targs = TrainArgs.from_config(cfg.trainer)
     model, _, _ = build_mole_model(cfg)
     model.train()

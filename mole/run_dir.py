@@ -43,9 +43,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from mole.utils.errors import MoleConfigError
+from mole.config_schema import absent_defaults, check_run_config, current_layout
+from mole.utils.errors import MoleConfigError, io_error
+from mole.utils.secrets import is_secret_key, redacted_yaml
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,6 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as err:  # disk full, no permission: one line, and no half-written file left behind
-        from mole.utils.errors import io_error
-
         raise io_error(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -174,7 +175,6 @@ def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
         return {"pid": os.getpid(), "host": socket.gethostname()}
     if not (Path(run_dir) / LOCK_FILE).is_file():
         return None
-    from filelock import FileLock, Timeout
 
     probe = FileLock(str(Path(run_dir) / LOCK_FILE), timeout=0)
     try:
@@ -200,8 +200,6 @@ class RunLock:
         self._held = False
 
     def acquire(self) -> RunLock:
-        from filelock import FileLock, Timeout
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.run_dir / LOCK_FILE), timeout=0)
         try:
@@ -259,6 +257,7 @@ def lock_run(run_dir: str | Path) -> RunLock | None:
 def config_differences(saved: DictConfig, current: DictConfig, ignored: tuple[str, ...] = (),
                        defaults: dict[str, Any] | None = None) -> list[str]:
     """Dotted keys whose (resolved) values differ, except ``ignored`` ones (``"a.b"`` a key, ``"a."`` a subtree).
+    Both configs are read in the current layout of the config tree (:func:`~mole.config_schema.current_layout`).
 
     ``defaults``: ``{key: value}`` for keys whose absence means that value (a config written before the key
     existed): absent on one side and that value on the other is no difference.
@@ -272,8 +271,8 @@ def config_differences(saved: DictConfig, current: DictConfig, ignored: tuple[st
             return out
         return {prefix[:-1]: node}
 
-    a = flat(OmegaConf.to_container(saved, resolve=True))
-    b = flat(OmegaConf.to_container(current, resolve=True))
+    a = flat(OmegaConf.to_container(current_layout(saved), resolve=True))
+    b = flat(OmegaConf.to_container(current_layout(current), resolve=True))
     for key, value in (defaults or {}).items():
         if (key in a) != (key in b):
             a.setdefault(key, value)
@@ -288,19 +287,16 @@ def finished_run(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
     ``None`` when there is no finished run there, or ``force=true`` asks to train over it. A finished run
     made with another config is an error naming the keys that differ (secrets are not compared).
     """
-    from mole.utils.secrets import is_secret_key, redacted_yaml
-
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     if not metrics or not metrics.get("finished") or cfg.get("force", False):
         return None
     hint = "give this run another directory (hydra.run.dir=DIR), or train over it with force=true"
     try:
-        saved = OmegaConf.load(run_dir / CONFIG_FILE)
+        saved = OmegaConf.load(run_dir / CONFIG_FILE)  # compared in today's layout (config_differences)
     except Exception as err:  # noqa: BLE001 - a missing file or a YAML error, in their many types
         raise MoleConfigError(f"{run_dir} holds a finished run whose {CONFIG_FILE} cannot be read to compare with "
                               f"this config ({type(err).__name__}); {hint}") from None
-    from mole.config_schema import absent_defaults
 
     current = OmegaConf.create(redacted_yaml(cfg))
     differences = [k for k in config_differences(saved, current, RERUN_IGNORED_KEYS, absent_defaults())
@@ -334,15 +330,13 @@ def load_run_config(checkpoint: str | Path, *, trust_remote_code: bool = False, 
     try:
         cfg = OmegaConf.load(path)
     except OSError as err:
-        from mole.utils.errors import io_error
-
         raise io_error(path, err, "read") from None
     except Exception as err:  # noqa: BLE001 - yaml errors come in many types
         raise MoleConfigError(f"checkpoint: {path} is not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig):
         raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
-    from mole.config_schema import check_run_config
 
+    cfg = current_layout(cfg)
     check_run_config(cfg, path)
     if own_run:
         return cfg

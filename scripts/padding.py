@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def train_both(encoded: list[dict], lengths: list[int], args, vocab: int, pad_id: int) -> dict:
     """Paired rounds of random-batch and length-grouped training; prints tokens/s and the loss curves."""
+    from mole.build import build_aux_losses, build_mole_model
     from mole.data.collate import Collator
-    from mole.pipeline import build_aux_losses, build_mole_model
     from mole.training.args import TrainArgs
     from mole.training.loop import loss_step
     from mole.training.optim import build_optimizer

@@ -129,18 +129,18 @@ def hmora_task_input(data_dir: str, per_set: int = 64) -> list[Row]:
     over SmolLM2's embeddings, the relative change of H_task and the mean cosine similarity of H_task between
     records of different benchmarks (how much the shared template makes different tasks look alike).
     """
-    import os
     from pathlib import Path
 
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
+    from mole.config import compose_config
     from mole.data.collate import question_ids
     from mole.data.prompts import record_prompt
     from mole.data.sources import read_records
-    from mole.model.smollm2 import smollm2_cache_path
+    from mole.model.gguf_file import cache_path
 
-    cache = smollm2_cache_path(os.environ.get("MOLE_CACHE_DIR", Path.home() / ".cache" / "mole"))
+    cache = cache_path(compose_config(["model=smollm2_135m"]).model)
     tok = AutoTokenizer.from_pretrained(cache, local_files_only=True)
     with safe_open(str(cache / "model.safetensors"), "pt") as f:
         weight = f.get_tensor("model.embed_tokens.weight").double()

@@ -38,6 +38,30 @@ def compose_tiny(overrides, base=TINY):
         return compose_config([o for o in full if o != NO_DROPOUT])
 
 
+# options that need a partner choice to compose and build on their own (block and whole-model adapters are
+# handled by partners(): they adapt no Linear unless told to)
+PARTNERS = {("router", "none"): ["experts=single"], ("experts", "single"): ["router=none"],
+            ("data", "local"): ["data.path=${mole_fixture:mc_train.json}"],
+            ("adapter", "dora"): ["experts=single", "router=none"]}
+
+
+def partners(group: str, option: str) -> list[str]:
+    """The overrides ``group=option`` needs beside it to build a model: :data:`PARTNERS`, ``experts.targets=[]``
+    for block and whole-model adapters, ``data.smoke=true`` for the papers' data sets (their shipped fixtures)."""
+    from omegaconf import OmegaConf
+
+    from mole import CONF_DIR
+    from mole.adapters.kinds import adapter_kind
+
+    if (group, option) in PARTNERS:
+        return list(PARTNERS[(group, option)])
+    if group == "adapter" and adapter_kind(OmegaConf.load(Path(CONF_DIR) / "adapter" / f"{option}.yaml"), "adapter") != "linear":
+        return ["experts.targets=[]"]
+    if group == "data" and option != "fixtures":
+        return ["data.smoke=true"]
+    return []
+
+
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 

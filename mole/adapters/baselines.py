@@ -24,26 +24,29 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from mole.model.inject import mark_trainable
+from mole.model.state import FULL_FINETUNE_ATTR
+from mole.routers.context import is_incremental
 from mole.utils.errors import MoleConfigError
 
-FULL_FINETUNE_ATTR = "_mole_full_finetune"  # set on a model whose every parameter trains and is saved
 INITS = ("vocab", "normal")
 
 
 class FullFineTune:
     """Full fine-tuning: mark every parameter of ``model`` trainable (and saved)."""
 
-    adapter_kind = "model"
+    adapter_kind = "model"  # the contract: mole.adapters.kinds.ModelAdapter
+    reads_base_weights = True  # it trains them
+    saves_everything = True
 
     def __init__(self, model: nn.Module):
         for p in model.parameters():
             p.requires_grad_(True)
-        object.__setattr__(model, FULL_FINETUNE_ATTR, True)
 
 
-def saves_everything(model: nn.Module) -> bool:
-    """Whether ``model`` was built for full fine-tuning (its checkpoint holds every parameter)."""
-    return bool(getattr(model, FULL_FINETUNE_ATTR, False))
+def mark_saves_everything(model: nn.Module) -> None:
+    """Record on ``model`` that its checkpoint holds every parameter (a model adapter's ``saves_everything``)."""
+    object.__setattr__(model, FULL_FINETUNE_ATTR, True)
 
 
 class PromptTuning(nn.Module):
@@ -59,7 +62,9 @@ class PromptTuning(nn.Module):
     get the attention mask (and explicit position ids) extended by P so they line up with the cache.
     """
 
-    adapter_kind = "model"
+    adapter_kind = "model"  # the contract: mole.adapters.kinds.ModelAdapter
+    reads_base_weights = False
+    saves_everything = False
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int = 20, init: str = "vocab"):
         super().__init__()
@@ -80,15 +85,12 @@ class PromptTuning(nn.Module):
         self._prepended = False
         self._real_length = 0
         model.mole_prompt_tuning = self
-        from mole.model.inject import mark_trainable
 
         mark_trainable(model)  # only the virtual tokens (a ``mole_`` parameter) train
         model.register_forward_pre_hook(self._prepend, with_kwargs=True, prepend=True)
         model.register_forward_hook(self._drop_virtual, with_kwargs=True)
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
-        from mole.routers.context import is_incremental
-
         kwargs = {**dict(zip(self._names, args, strict=False)), **kwargs}  # positional arguments by name
         p = self.num_virtual_tokens
         embeds = kwargs.get("inputs_embeds")

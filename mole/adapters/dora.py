@@ -48,7 +48,9 @@ class DoRAExpert(nn.Module):
         base_layer: the frozen ``nn.Linear`` (its weight defines ``W``; held by reference, not owned).
     """
 
-    wants_base_output = True  # MoLELinear passes the frozen output W x + b as ``base_out``
+    adapter_kind = "linear"  # the contract: mole.adapters.kinds.LinearAdapter
+    reads_base_output = True  # MoLELinear passes the frozen output W x + b as ``base_out``
+    reads_base_weights = True  # W's norm, from the frozen Linear (``base_layer``)
 
     def __init__(
         self,

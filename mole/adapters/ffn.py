@@ -43,6 +43,8 @@ from torch import Tensor, nn
 from mole.adapters.lora import check_lora_args
 from mole.adapters.parallel import hidden_size_of
 from mole.model.blocks import BlockExperts
+from mole.routers.mor import MoRRouter
+from mole.routers.topk import TopKRouter
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
@@ -51,10 +53,7 @@ FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 def max_active(router: nn.Module, num_experts: int) -> int:
     """How many experts ``router`` can give a non-zero gate per token: its top-k, else all ``num_experts``."""
-    from mole.routers.mor import MoRRouter
-    from mole.routers.topk import TopKRouter
-
-    if isinstance(router, TopKRouter) or (isinstance(router, MoRRouter) and router.select == "topk"):
+    if isinstance(router, (TopKRouter, MoRRouter)) and router.top_k is not None:
         return int(router.top_k)
     return num_experts
 
@@ -72,6 +71,7 @@ class FFNLoRAExperts(BlockExperts):
     """
 
     attr_name = "mole_experts"
+    reads_base_weights = True  # each expert is the whole FFN: W_gate x, W_up x and W_down from the frozen block
     position = "ffn"
 
     def __init__(

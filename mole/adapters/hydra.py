@@ -41,6 +41,10 @@ class HydraLoRAExperts(nn.Module):
         scaling: ``"lora"`` (``alpha / r``) or ``"rslora"`` (``alpha / sqrt(r)``), as :class:`LoRAExperts`.
     """
 
+    adapter_kind = "linear"  # the contract: mole.adapters.kinds.LinearAdapter
+    reads_base_output = False
+    reads_base_weights = False
+
     def __init__(
         self,
         in_features: int,

@@ -1,6 +1,8 @@
 """What an ``adapter`` config asks for: Linear experts, block experts, or a whole-model baseline.
 
-The class named by ``adapter._target_`` says its kind through ``adapter_kind`` (default ``"linear"``):
+The class named by ``adapter._target_`` declares its kind in the class attribute ``adapter_kind`` and
+follows that kind's protocol (:class:`LinearAdapter`, :class:`BlockAdapter`, :class:`ModelAdapter`;
+``tests/unit/conf/test_contracts.py`` checks every ``conf/adapter/*.yaml`` against them):
 
 * ``linear`` (``lora``, ``dora``, ...): one expert set per adapted Linear (``experts.targets``,
   ``experts.single_targets``). May add block experts under ``blocks`` — a mapping name -> block adapter
@@ -15,14 +17,75 @@ The class named by ``adapter._target_`` says its kind through ``adapter_kind`` (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
+from mole.config import CONF_DIR
+from mole.model.base import quantization
 from mole.utils.errors import MoleConfigError
+from mole.utils.targets import target_of
 
-KINDS = ("linear", "block", "model")
 EXTRA_KEYS = ("blocks", "linear", "layers")  # read here, never passed to a constructor
+
+
+@runtime_checkable
+class LinearAdapter(Protocol):
+    """``adapter_kind = "linear"``: E experts on one adapted Linear ``d_in -> d_out``.
+
+    Built as ``cls(in_features, out_features, num_experts, **config keys)``, plus ``base_layer`` (the frozen
+    ``nn.Linear``) when ``reads_base_weights``; called by :class:`~mole.model.layer.MoLELinear` as
+    ``experts(x (N, d_in), gates (N, E) or None)`` (plus ``base_out=`` the frozen ``W x + b`` ``(N, d_out)``
+    when ``reads_base_output``) and returns the ``(N, d_out)`` update added to the frozen output. Every
+    trainable parameter has one dtype; a fresh set leaves the layer's output unchanged.
+    """
+
+    adapter_kind: str  # "linear"
+    reads_base_output: bool  # forward gets base_out = W x + b (DoRA), so W x is not computed twice
+    reads_base_weights: bool  # needs the frozen weights in floating point (refused on a quantized base)
+    num_experts: int
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: Tensor, gates: Tensor | None = None, **base_out: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class BlockAdapter(Protocol):
+    """``adapter_kind = "block"``: E experts on a whole block of one decoder layer (:mod:`mole.model.blocks`).
+
+    Built as ``cls(layer=decoder layer, num_experts=E, **config keys)``; an instance of
+    :class:`~mole.model.blocks.BlockExperts` (which gates it by its router or a layer router's columns);
+    :meth:`attach` hooks it into the layer under ``attr_name`` on the block at ``position``.
+    """
+
+    adapter_kind: str  # "block"
+    reads_base_weights: bool
+    num_experts: int
+    in_features: int  # width of the block's input, what its router reads
+    position: str  # "ffn" or "attn"
+    attr_name: str  # the mole_* attribute it is registered under
+
+    def attach(self, layer: nn.Module) -> None: ...
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """``adapter_kind = "model"``: applied once to the whole model, built as ``cls(model=model, **config keys)``.
+
+    ``saves_everything``: every parameter trains, so the checkpoint holds the whole model (full fine-tuning);
+    otherwise only ``mole_*`` parameters train and are saved.
+    """
+
+    adapter_kind: str  # "model"
+    reads_base_weights: bool
+    saves_everything: bool
+
+
+PROTOCOLS: dict[str, type] = {"linear": LinearAdapter, "block": BlockAdapter, "model": ModelAdapter}
+KINDS = tuple(PROTOCOLS)
 
 
 @dataclass
@@ -35,20 +98,21 @@ class AdapterPlan:
     model: DictConfig | None = None  # a whole-model baseline
 
 
-def adapter_kind(node: Any, key: str) -> str:
-    """``linear``, ``block`` or ``model``, from the class or function named by ``node._target_``."""
-    from hydra.utils import get_object
-
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise MoleConfigError(f"{key}: missing _target_ (choose a file from conf/adapter/)")
-    try:
-        target = get_object(node._target_)
-    except Exception as err:  # noqa: BLE001 - import and attribute errors come in many types
-        raise MoleConfigError(f"{key}._target_={node._target_!r} cannot be imported: {err}") from None
-    kind = getattr(target, "adapter_kind", "linear")
+def adapter_class(node: Any, key: str) -> Any:
+    """The class named by ``node._target_``, checked to declare a known ``adapter_kind``."""
+    target = target_of(node, key, "adapter")
+    kind = getattr(target, "adapter_kind", None)
     if kind not in KINDS:
-        raise MoleConfigError(f"{key}._target_={node._target_!r} has an unknown adapter_kind {kind!r}")
-    return kind
+        raise MoleConfigError(
+            f"{key}._target_={node._target_!r} declares adapter_kind={kind!r}; an adapter class declares one of "
+            f"{list(KINDS)} (see mole.adapters.kinds)"
+        )
+    return target
+
+
+def adapter_kind(node: Any, key: str) -> str:
+    """``linear``, ``block`` or ``model``, as the class named by ``node._target_`` declares."""
+    return adapter_class(node, key).adapter_kind
 
 
 def _strip(node: DictConfig) -> DictConfig:
@@ -102,3 +166,36 @@ def plan_adapter(node: DictConfig, targets: list[str], single_targets: list[str]
                 raise MoleConfigError(f"{key}: _target_ must be a block adapter (parallel_adapter, prompt, ffn_expert)")
             plan.blocks.append((key, _strip(sub), sub.get("layers")))
     return plan
+
+
+def check_quantized_adapter(cfg: DictConfig) -> None:
+    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point (stored as
+    integer codes in a quantized base): a class in the ``adapter`` tree that declares ``reads_base_weights``."""
+    quant = quantization(cfg.model)
+    if quant == "none":
+        return
+    for key, node in _target_nodes(cfg.get("adapter"), "adapter"):
+        target = target_of(node, key, "adapter")
+        if getattr(target, "reads_base_weights", False):
+            name = node._target_.rsplit(".", 1)[-1]
+            raise MoleConfigError(
+                f"model.quantization={quant} cannot be used with {_option_of(node._target_, key)} ({name} reads or "
+                "trains the base weights, which are stored quantized); use model.quantization=none"
+            )
+
+
+def _target_nodes(node: Any, key: str):
+    """``(key, node)`` of every ``_target_`` node in a config tree, the tree itself first."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield key, node
+        for k in node:
+            yield from _target_nodes(node.get(k), f"{key}.{k}")
+
+
+def _option_of(target: str, key: str) -> str:
+    """``adapter=<file>`` when a file of ``conf/adapter/`` builds ``target`` at its top, else ``<key>._target_=...``."""
+    for path in sorted((Path(CONF_DIR) / "adapter").glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return f"adapter={path.stem}"
+    return f"{key}._target_={target}"

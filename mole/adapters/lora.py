@@ -67,6 +67,10 @@ class LoRAExperts(nn.Module):
         scaling: ``"lora"`` (``alpha / r``) or ``"rslora"`` (``alpha / sqrt(r)``); see :func:`lora_scaling`.
     """
 
+    adapter_kind = "linear"  # the contract: mole.adapters.kinds.LinearAdapter
+    reads_base_output = False
+    reads_base_weights = False
+
     def __init__(
         self,
         in_features: int,

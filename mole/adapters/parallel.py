@@ -29,23 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.model.blocks import POSITIONS, BlockExperts, block_of
+from mole.model.blocks import POSITIONS, BlockExperts, block_of, hidden_size_of
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-
-
-def hidden_size_of(layer: nn.Module) -> int:
-    """Width of a decoder layer's hidden states (Llama/Qwen2/Mistral layers carry ``hidden_size``)."""
-    size = getattr(layer, "hidden_size", None)
-    if isinstance(size, int):
-        return size
-    norm = getattr(layer, "input_layernorm", None)
-    weight = getattr(norm, "weight", None)
-    if isinstance(weight, Tensor):
-        return int(weight.shape[0])
-    raise MoleConfigError(f"adapter: cannot tell the hidden size of {type(layer).__name__}")
 
 
 class ParallelAdapterExperts(BlockExperts):

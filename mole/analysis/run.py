@@ -27,11 +27,24 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from mole.analysis import plots
 from mole.analysis.collect import RoutingCollector, sinks_by_module
 from mole.analysis.data import TASK_KEY, task_records
+from mole.analysis.plots import plot_loss_curves, tsne_embedding
+from mole.build import build_mole_model
+from mole.data import Collator
+from mole.data.collate import encode_record, question_ids
+from mole.model.base import quantization
+from mole.model.compile import compile_for_run
+from mole.model.state import ADAPTER_FILE, load_adapter
+from mole.routers.context import routing_inputs
+from mole.routers.hybrid import reads_raw_question
+from mole.run_dir import load_run_config, write_json
+from mole.training.loop import prompt_mask, question_inputs
 from mole.utils.errors import MoleConfigError
 
 log = logging.getLogger(__name__)
@@ -50,8 +63,6 @@ def _positive_int(value: Any, key: str) -> int:
 
 def check_routed(cfg: DictConfig, run_dir: Path) -> None:
     """A run whose model has routers, else one line: routing analyses need a mixture with a router."""
-    from mole.pipeline import build_mole_model
-
     _, _, report = build_mole_model(cfg, meta=True)  # shapes only: cheap for any model
     if sum(report.routers_per_layer) == 0:
         method = cfg.get("method_name") or "this method"
@@ -90,17 +101,6 @@ def analyze_run(
         figures: draw the PNGs (``False``: JSON and Markdown only).
         trust_remote_code: the command line's permission for a Hub model's own code (never the run's).
     """
-    from mole.data import Collator
-    from mole.data.collate import encode_record, question_ids
-    from mole.model.base import quantization
-    from mole.model.compile import compile_for_run
-    from mole.model.state import ADAPTER_FILE, load_adapter
-    from mole.pipeline import build_mole_model
-    from mole.routers.context import routing_inputs
-    from mole.routers.hybrid import reads_raw_question
-    from mole.run_dir import load_run_config
-    from mole.training.loop import prompt_mask, question_inputs
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, trust_remote_code=trust_remote_code)
     adapter = run_dir / ADAPTER_FILE
@@ -179,7 +179,6 @@ def _tsne(collector: RoutingCollector, seed: int) -> dict:
     if vectors.shape[0] < 5:
         entry["skipped"] = f"t-SNE needs at least 5 sequences, got {vectors.shape[0]}"
         return entry
-    from mole.analysis.plots import tsne_embedding
 
     entry["embedding"] = [[round(float(v), 4) for v in row] for row in tsne_embedding(vectors, seed)]
     return entry
@@ -215,17 +214,14 @@ def task_pairs_markdown(task_routers: list[dict]) -> str:
 
 def write_outputs(result: dict, out_dir: Path, figures: bool = True) -> list[Path]:
     """``analysis.json``, ``task_pairs.md`` (task routers only) and the figures; returns the paths written."""
-    from mole.run_dir import write_json as _write_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / ANALYSIS_FILE]
-    _write_json(out_dir / ANALYSIS_FILE, result)
+    write_json(out_dir / ANALYSIS_FILE, result)
     if result["task_routers"]:
         (out_dir / "task_pairs.md").write_text(task_pairs_markdown(result["task_routers"]))
         written.append(out_dir / "task_pairs.md")
     if not figures or not result["layers"]:
         return written
-    from mole.analysis import plots
 
     name = f"{result.get('method') or ''} ({Path(result['run_dir']).name})".strip()
     layers = result["layers"]
@@ -234,8 +230,6 @@ def write_outputs(result: dict, out_dir: Path, figures: bool = True) -> list[Pat
     written.append(plots.plot_active_experts(layers, out_dir / "active_experts.png", f"activated experts: {name}"))
     tsne = result["tsne"]
     if "embedding" in tsne:
-        import numpy as np
-
         where = f"layer {tsne['layer']} {tsne['module']}"
         written.append(plots.plot_tsne(np.asarray(tsne["embedding"]), tsne["labels"], out_dir / "tsne.png",
                                        f"t-SNE of gate vectors, {where}: {name}"))
@@ -298,7 +292,6 @@ def loss_curves(run_dirs: list[str | Path], out: str | Path, key: str = "loss", 
     for run_dir in run_dirs:
         label, steps, values = read_curve(run_dir, key)
         curves.append((label, steps, smooth(values, window)))
-    from mole.analysis.plots import plot_loss_curves
 
     ylabel = {"loss": "training loss (LM + auxiliary)", "lm_loss": "training LM loss"}[key]
     if window > 1:

@@ -9,7 +9,7 @@ What it does (docs/speed.md):
 * builds ONE random base model (CPU: a small Llama from ``conf/model/tiny_llama.yaml`` widened; GPU: the
   shape of ``conf/model/llama3_2_1b.yaml``, random weights, bf16), and makes each variant from a copy of
   it (the module tree copied, the frozen weights shared) through mole's own config composition and
-  :func:`mole.pipeline.inject_from_config` — the presets of ``conf/method/`` exactly as
+  :func:`mole.build.inject_from_config` — the presets of ``conf/method/`` exactly as
   ``mole-train method=...`` builds them, aux losses included;
 * times full training steps (forward, LM loss + auxiliary routing losses, backward, AdamW step; every
   variant, the peft baseline included, with the AdamW that mole's trainer builds: fused where possible)

@@ -16,6 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mole.bench.variants import BASELINE, Setup, Variant
 from mole.memory import SavedTensorAccount, tensor_bytes
 
+try:
+    import resource  # POSIX only
+except ImportError:
+    resource = None
+
 
 def keep_freed_memory() -> str | None:
     """On glibc, keep freed heap memory in the process instead of returning it to the OS (``mallopt``).
@@ -45,9 +50,7 @@ def keep_freed_memory() -> str | None:
 
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
-    try:
-        import resource
-    except ImportError:
+    if resource is None:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

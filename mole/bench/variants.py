@@ -13,10 +13,10 @@ from torch import nn
 
 from mole.bench.compiling import compile_model
 from mole.bench.loops import lora_gather_loop, lora_loramoe_loop, lora_reference, swap_in_loops
+from mole.build import build_aux_losses, inject_from_config
 from mole.config import compose_config
 from mole.losses.lm import lm_loss
 from mole.memory import padded_batch
-from mole.pipeline import build_aux_losses, inject_from_config
 from mole.training.args import TrainArgs
 from mole.training.loop import loss_step
 from mole.training.optim import adamw, build_optimizer

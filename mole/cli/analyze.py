@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from mole.cli.common import compose_from_argv, log_to, report_user_errors, run_main
+from mole.run_dir import check_trust_flag, load_run_config
 from mole.utils.errors import MoleConfigError
 
 USAGE = ("usage: mole-analyze RUN_DIR [data=NAME] [data.KEY=VALUE ...] [split=val|train|all] [per_task=N] "
@@ -64,8 +67,6 @@ def _split_args(args: list[str], allowed: set[str]) -> tuple[list[str], dict[str
 def resolve_data(run_cfg, overrides: list[str]):
     """The ``data`` node to analyse: ``data=NAME`` composes that group file (plus ``data.*`` overrides);
     otherwise ``data.*`` overrides apply to the run's own data config; nothing given: the run's own."""
-    from omegaconf import OmegaConf
-
     if not overrides:
         return None
     if any(o.split("=", 1)[0] == "data" for o in overrides):
@@ -96,7 +97,6 @@ def run(args: list[str]) -> object:
     positional, options, data = _split_args(args, ANALYZE_OPTIONS)
     if len(positional) != 1:
         raise MoleConfigError(USAGE)
-    from mole.run_dir import check_trust_flag, load_run_config
 
     run_dir = Path(positional[0])
     options["trust_remote_code"] = check_trust_flag(options.get("trust_remote_code", False))

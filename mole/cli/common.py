@@ -8,13 +8,17 @@ from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from mole.config import compose_config
+from mole.config_schema import validate_config
 from mole.utils.errors import USER_ERRORS, MoleConfigError, error_line, os_error_line
+from mole.utils.secrets import RedactFilter, redact_text
 
 
 def fail(prog: str, line: str, status: int = 2):
     """Print ``prog: error: <line>`` (secrets redacted) on one line, log it when a log is open, and exit."""
-    from mole.utils.secrets import redact_text
-
     line = redact_text(" ".join(line.split("\n")))
     if logging.getLogger().handlers:  # into the run's log too, when there is one
         logging.getLogger(prog).error("%s", line)
@@ -54,9 +58,11 @@ def hydra_error_line(err: Exception) -> str:
     if not paragraphs:
         return type(err).__name__
     skip = ("full_key:", "object_type=", "reference_type=")
-    from mole.utils.secrets import redact_text
 
     line = " ".join(ln.strip() for ln in paragraphs[0].splitlines() if not ln.strip().startswith(skip))
+    moved = _moved_key_line(line)
+    if moved is not None:
+        return redact_text(moved)
     for para in paragraphs[1:]:
         head, *rest = para.splitlines()
         if head.startswith("Available options in"):
@@ -69,20 +75,24 @@ def hydra_error_line(err: Exception) -> str:
     return redact_text(line)
 
 
+def _moved_key_line(line: str) -> str | None:
+    """For Hydra's "Could not override 'KEY'" about a key that moved (:data:`mole.config_schema.MOVED_KEYS`, MoR's
+    selection keys), the line naming its new place."""
+    import re
+
+    from mole.config_schema import moved_key_line
+
+    found = re.match(r"Could not override '([^']+)'\.(?: To append to your config use \+[^=\s]+=(.*))?$", line)
+    return None if found is None else moved_key_line(found.group(1), found.group(2))
+
+
 def compose_from_argv(overrides: Sequence[str], config_name: str):
     """Compose ``conf/<config_name>.yaml`` with command-line overrides; Hydra's errors become one line."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mole.config import compose_config
-
     try:
         cfg = compose_config(list(overrides), config_name=config_name)
     except (HydraException, OmegaConfBaseException) as err:
         raise MoleConfigError(hydra_error_line(err)) from None
     if config_name == "train":
-        from mole.config_schema import validate_config
-
         validate_config(cfg)
     return cfg
 
@@ -93,7 +103,6 @@ def log_to(console: bool = True, file: Path | None = None) -> None:
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(file))
-    from mole.utils.secrets import RedactFilter
 
     for handler in handlers:
         handler.addFilter(RedactFilter())

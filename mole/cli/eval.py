@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
 from mole.cli.common import compose_from_argv, log_to, report_user_errors, run_main
+from mole.run_dir import check_trust_flag
+from mole.utils.errors import MoleConfigError
 
 
 @report_user_errors("mole-eval")
 def run(overrides: list[str]) -> dict:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
-
     from mole.model.state import ADAPTER_FILE
-    from mole.pipeline import prepare_eval, run_eval
-    from mole.run_dir import check_trust_flag
-    from mole.utils.errors import MoleConfigError
+    from mole.recipes.evaluate import prepare_eval, run_eval
 
     cfg = compose_from_argv(overrides, "evaluate")
     try:

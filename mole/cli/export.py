@@ -18,17 +18,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from omegaconf.errors import MissingMandatoryValue
+
 from mole.cli.common import compose_from_argv, report_user_errors, run_main
+from mole.utils.errors import MoleConfigError
 
 PROG = "mole-export"
 
 
 @report_user_errors(PROG)
 def run(args: list[str]) -> Path:
-    from omegaconf.errors import MissingMandatoryValue
-
     from mole.export import CLIENTS, FORMATS, check_out, export_run
-    from mole.utils.errors import MoleConfigError
 
     positional = None
     if args and "=" not in args[0]:

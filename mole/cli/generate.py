@@ -23,7 +23,12 @@ import os
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
 from mole.cli.common import compose_from_argv, report_user_errors, run_main
+from mole.run_dir import load_run_config
+from mole.utils.errors import MoleConfigError
 
 PROG = "mole-generate"
 VERBATIM = "prompt="
@@ -44,8 +49,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], str | None]:
 
 @report_user_errors(PROG)
 def run(args: list[str]) -> list[str] | None:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
+
 
     from mole.generate import (
         GenerationSettings,
@@ -57,8 +61,6 @@ def run(args: list[str]) -> list[str] | None:
         resolve_device,
         run_template,
     )
-    from mole.pipeline import load_run_config
-    from mole.utils.errors import MoleConfigError
 
     overrides, prompts, positional = split_args(args)
     cfg = compose_from_argv(overrides, "generate")

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mole.run_dir import RunDirectoryBusy, lock_run, write_text
+from mole.utils.slurm import slurm_task
+
 FOLDER = ".hydra"
 PENDING_PREFIX = ".hydra-pending-"
 KEY = "hydra.output_subdir"
@@ -49,8 +52,6 @@ def pending_folder(hydra_cfg) -> Path | None:
 
 def publish(pending: Path, run_dir: str | Path) -> Path:
     """Move the notes to ``RUN_DIR/.hydra/`` (replacing an earlier run's), saying ``output_subdir: .hydra``."""
-    from mole.run_dir import write_text
-
     notes = pending / "hydra.yaml"
     if notes.is_file():
         cfg = OmegaConf.load(notes)
@@ -87,9 +88,6 @@ def owned_run(run_dir: str | Path, pending: Path | None) -> Iterator[None]:
     """A sweep job's hold on its run directory: the lock (only the main task of a multi-task SLURM job takes
     it), then Hydra's notes moved into ``.hydra/``. On a busy directory the job's folder is removed and
     :class:`~mole.run_dir.RunDirectoryBusy` raised, with nothing of the owner's changed."""
-    from mole.run_dir import RunDirectoryBusy, lock_run
-    from mole.training.slurm import slurm_task
-
     task = slurm_task()
     main = task is None or task.rank == 0
     lock = lock_run(run_dir) if main else None

@@ -26,16 +26,10 @@ from mole.utils.errors import MoleConfigError
 
 @report_user_errors("mole-params")
 def run(overrides: list[str]) -> dict:
-    from mole.pipeline import build_mole_model, parameter_report
+    from mole.recipes.params import count_parameters
 
     overrides, memory = _memory_flag(overrides)
-    cfg = compose_from_argv(overrides, "train")
-    model, _, report = build_mole_model(cfg, meta=True)
-    out = {"model": cfg.model.get("name"), "method": cfg.get("method_name"), **parameter_report(model, report)}
-    if memory:
-        from mole.memory import estimate_memory
-
-        out["memory"] = estimate_memory(cfg)
+    out = count_parameters(compose_from_argv(overrides, "train"), memory)
     print(json.dumps(out, indent=1))
     return out
 

@@ -11,13 +11,12 @@ metric, time per step, wall time, and a failed job's one-line error. A value a r
 from __future__ import annotations
 
 from mole.cli.common import report_user_errors, run_main
+from mole.recipes.report import write_report
 from mole.utils.errors import MoleConfigError
 
 
 @report_user_errors("mole-report")
 def run(args: list[str]) -> None:
-    from mole.report import write_report
-
     positional = [a for a in args if "=" not in a]
     options = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(options) - {"out"})

@@ -27,14 +27,22 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from mole import CONF_DIR
-from mole.cli import sweep
+from mole.cli import hydra_notes, sweep
 from mole.cli.common import hydra_error_line, report_user_errors
+from mole.cli.hydra_notes import owned_run, pending_folder, publish
+from mole.run_dir import lock_run
+from mole.utils.errors import MoleConfigError, error_line, os_error_line
+from mole.utils.secrets import redact_text, redact_yaml_file, redacted_stderr
+from mole.utils.slurm import slurm_task, writes_run_dir
 
 PROG = "mole-train"
 log = logging.getLogger(PROG)
@@ -47,9 +55,6 @@ class RunDirectoryLock(Callback):
     (:func:`mole.cli.hydra_notes.owned_run`): Hydra has written its notes by then, into a folder of their own."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        from mole.run_dir import lock_run
-        from mole.utils.errors import MoleConfigError
-
         # a machine other than machine 0 of a multi-machine run neither owns nor writes the directory
         self.lock = None if _not_machine_zero(sys.argv[1:]) else lock_run(config.hydra.run.dir)
         if self.lock is None:
@@ -68,9 +73,6 @@ class RunDirectoryLock(Callback):
 def _redact_hydra_files(hydra_cfg) -> None:
     """Hydra saved the overrides and config (``.hydra/``, a sweep's ``multirun.yaml``) before the job
     started: redact secrets there."""
-    from mole.training.slurm import writes_run_dir
-    from mole.utils.secrets import redact_yaml_file
-
     if not writes_run_dir():  # a SLURM task other than task 0: it wrote none of them (hydra.output_subdir is null)
         return
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -84,13 +86,12 @@ def _redact_hydra_files(hydra_cfg) -> None:
 
 def _train_one(cfg: DictConfig, run_dir: str) -> None:
     """Train in this process, or start ``accelerate launch`` when the config asks for several processes."""
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
     from mole.training.distributed import launched
     from mole.training.launch import launch, needs_launch
-    from mole.training.slurm import slurm_task
 
     task = slurm_task()
-    if task is not None:  # one task of a multi-task SLURM job: one process of the run (mole.training.slurm)
+    if task is not None:  # one task of a multi-task SLURM job: one process of the run (mole.utils.slurm)
         task.export(cfg.get("distributed", {}).get("main_process_port"))
     if launched() and int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one rank of `accelerate launch -m mole.cli.train`: rank 0 logs
@@ -124,10 +125,6 @@ def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int, pend
     stop the sweep at once. So a job never raises here; :func:`main` reports the failures at the end,
     from what each job recorded (:mod:`mole.cli.sweep`).
     """
-    from mole.cli.hydra_notes import owned_run
-    from mole.training.slurm import writes_run_dir
-    from mole.utils.errors import error_line
-
     writer = writes_run_dir()  # a job of several SLURM tasks is recorded by task 0 (asked before the tasks meet)
     if writer:
         sweep.record_job(sweep_dir, job_num, run_dir)
@@ -144,8 +141,6 @@ def _sweep_job(cfg: DictConfig, run_dir: str, sweep_dir: str, job_num: int, pend
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
-    from mole.cli.hydra_notes import pending_folder, publish
-
     hydra_cfg = HydraConfig.get()
     _redact_hydra_files(hydra_cfg)
     pending = pending_folder(hydra_cfg)
@@ -161,8 +156,6 @@ def _not_machine_zero(argv: list[str]) -> bool:
     """Whether this command is a machine other than machine 0 of a run over several machines
     (``distributed.machine_rank=N``, or a SLURM task other than task 0): it writes nothing into the run
     directory, so Hydra is told to keep its ``.hydra/`` files and its log file out of it."""
-    from mole.training.slurm import slurm_task
-
     task = slurm_task()
     if task is not None:
         return task.rank != 0
@@ -172,25 +165,14 @@ def _not_machine_zero(argv: list[str]) -> bool:
 
 def _check_options(argv: list[str]) -> None:
     """An option Hydra does not know ends with one line (argparse would print its whole usage first)."""
-    from hydra._internal.utils import get_args_parser
-
     unknown = [a for a in get_args_parser().parse_known_args(argv)[1] if a.startswith("-")]
     if unknown:
-        from mole.utils.secrets import redact_text
-
         print(f"{PROG}: error: unrecognized option {redact_text(' '.join(unknown))}; overrides are key=value "
               f"(see {PROG} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def main() -> None:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mole.cli import hydra_notes
-    from mole.utils.errors import error_line, os_error_line
-    from mole.utils.secrets import redact_text, redacted_stderr
-
     _check_options(sys.argv[1:])
     token = sweep.start()
     launcher_error = None

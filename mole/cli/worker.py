@@ -3,7 +3,7 @@
     accelerate launch --num_processes N ... -m mole.cli.worker RUN_DIR [CONFIG_DIR]
 
 Reads ``RUN_DIR/config.yaml`` (written once by the launching ``mole-train``; only YAML is read) and
-trains its shard through :func:`mole.pipeline.run_train`. Rank 0 logs to the console and appends to
+trains its shard through :func:`mole.recipes.train.run_train`. Rank 0 logs to the console and appends to
 ``RUN_DIR/train.log`` and writes the run's files; the other ranks log warnings only and write nothing.
 """
 
@@ -18,6 +18,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mole.cli.common import log_to
+from mole.recipes.train import run_train
+from mole.run_dir import load_run_config
+from mole.training.launch import read_secrets
+from mole.training.signals import RunInterrupted
 from mole.utils.errors import MoleConfigError
 
 PROG = "mole-train"
@@ -35,11 +39,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         log_to(console=True)
         logging.getLogger().setLevel(logging.WARNING)
-
-    from mole.pipeline import run_train
-    from mole.run_dir import load_run_config
-    from mole.training.launch import read_secrets
-    from mole.training.signals import RunInterrupted
 
     try:
         # machines other than machine 0 read their own config (compared with machine 0's at start-up)

@@ -14,6 +14,7 @@ from mole.data.sources import (
     read_records,
     split_validation,
 )
+from mole.data.truncation import check_truncation
 from mole.utils.errors import MoleConfigError
 
 __all__ = [
@@ -131,9 +132,6 @@ def encode_datasets(data_cfg: DictConfig, tokenizer, train_records, val_records,
     A training split with nothing to learn, or a validation split that loses every record, is an error
     naming the file and the cutoff.
     """
-    from mole.data.truncation import check_truncation
-    from mole.utils.errors import MoleConfigError
-
     cutoff = data_cfg.get("cutoff_len", 256)
     if not isinstance(cutoff, int) or isinstance(cutoff, bool) or cutoff < 1:
         raise MoleConfigError(f"data.cutoff_len must be a positive integer (tokens per example), got {cutoff!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mole.data.prompts import chat_prompt, check_chat_template, format_prompt, record_messages, record_question
 from mole.data.truncation import DROPPED, IGNORE_INDEX, TruncationStats, check_truncation, truncate
@@ -169,8 +170,6 @@ def length_grouped_sampler(lengths: Sequence[int], batch_size: int, generator: t
     """Batches of similar length in a random order: ``transformers``' ``LengthGroupedSampler`` (a random
     permutation cut into mega-batches of up to 50 batches, each sorted by length). It draws its order from
     ``generator`` when an epoch starts, as a shuffling sampler does, so checkpoints resume it exactly."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
     return LengthGroupedSampler(batch_size, lengths=list(lengths), generator=generator)
 
 

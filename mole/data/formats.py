@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mole.utils.errors import MoleConfigError
+
 Record = dict[str, str]
 _LETTERS = "ABCDEFGHIJ"
 
@@ -235,8 +237,6 @@ CONVERTERS: dict[str, Callable[[dict], Record | None]] = {
 
 def converter(name: str, key: str = "data.hf_format") -> Callable[[dict], Record | None]:
     """The converter called ``name``; a MoleConfigError naming ``key`` for an unknown one."""
-    from mole.utils.errors import MoleConfigError
-
     try:
         return CONVERTERS[name]
     except KeyError:

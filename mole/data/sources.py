@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mole.utils.errors import MoleConfigError
+from mole.data.formats import converter
+from mole.utils.errors import MoleConfigError, io_error
 
 REQUIRED = ("instruction", "output")
 #: Roles of a ``messages`` record (``data.format=messages``), OpenAI style.
@@ -85,8 +86,6 @@ _PACKED = ((b"\x1f\x8b", "gzip-compressed", "gunzip"), (b"BZh", "bzip2-compresse
 
 def _read_text(path: Path, where: str) -> str:
     """The file's text (UTF-8, a BOM allowed); one-line errors for unreadable, compressed or non-UTF-8 files."""
-    from mole.utils.errors import io_error
-
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -228,8 +227,6 @@ def load_hf_records(
     A Hub name needs the network (or a filled ``datasets`` cache); a builder such as ``json`` with
     ``data.hf_kwargs.data_files`` works offline.
     """
-    from mole.data.formats import converter
-
     convert = converter(fmt, key.rsplit(".", 1)[0] + ".hf_format") if fmt else None
     fields = fields or {k: k for k in ("instruction", "input", "output", "answer")}
     ds = _load_hf(name, config, split, kwargs, key)

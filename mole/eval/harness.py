@@ -55,9 +55,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 
-from mole.data.prompts import alpaca_jinja
+import mole
+from mole.data.prompts import alpaca_jinja, record_question
+from mole.routers.context import routing_inputs
+from mole.routers.hybrid import TaskEncoder
 from mole.utils.errors import MoleConfigError
 
 logger = logging.getLogger(__name__)
@@ -80,8 +85,6 @@ _PLACEHOLDER_FILE_RE = re.compile(re.escape(FIXTURES_PLACEHOLDER) + r"/([^\"'\s]
 
 def default_fixtures_dir() -> Path:
     """``mole/data/fixtures`` of the installed (editable) package."""
-    import mole
-
     return Path(mole.__file__).resolve().parent / "data" / "fixtures"
 
 
@@ -165,7 +168,7 @@ def render_shipped_tasks(dest_dir: Path, fixtures_dir: Path | None = None,
     return dest
 
 
-def _as_path_list(include_path: str | Path | Sequence[str | Path] | None) -> list[Path]:
+def include_paths(include_path: str | Path | Sequence[str | Path] | None) -> list[Path]:
     if include_path is None:
         return []
     if isinstance(include_path, (str, Path)):
@@ -218,9 +221,6 @@ def _local_task_names(task_manager: Any) -> list[str]:
 def _preserve_rng_state() -> Iterator[None]:
     """simple_evaluate() reseeds python/numpy/torch global RNGs (0/1234/1234); undo that so an
     evaluation in the middle of training does not reset dropout masks, shuffling, etc."""
-    import numpy as np
-    import torch
-
     py_state, np_state = random.getstate(), np.random.get_state()
     torch_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -339,7 +339,7 @@ def evaluate_model(
 
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    user_paths = _as_path_list(include_path)
+    user_paths = include_paths(include_path)
     rendered = render_shipped_tasks(output_dir / RENDERED_TASKS_SUBDIR, fixtures_dir, prompt)
     # Later include paths override earlier ones in lm-eval 0.4.x, so user tasks win.
     paths = [str(rendered), *map(str, user_paths)]
@@ -423,8 +423,6 @@ def evaluate_model(
 
 def _reads_raw_questions(model: Any) -> bool:
     """Whether the model's task encoder reads the raw question (``router.task_encoder.input=raw``)."""
-    from mole.routers.hybrid import TaskEncoder
-
     return any(isinstance(m, TaskEncoder) and m.input == "raw" for m in model.modules())
 
 
@@ -454,11 +452,6 @@ def _raw_question_lm(hflm: type) -> type:
     them as the routing context's ``task_inputs``. A row with no question (a document without those fields,
     a context cut on the left) gives the task encoder all its tokens, as under ``input=templated``.
     """
-    import torch
-
-    from mole.data.prompts import record_question
-    from mole.routers.context import routing_inputs
-
     class RawQuestionLM(hflm):
         _questions: dict[tuple[int, ...], list[int]] = {}
 

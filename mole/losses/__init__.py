@@ -2,10 +2,11 @@
 
 from mole.losses.cgjs import CGJSLoss, cgjs_loss, cgjs_losses
 from mole.losses.lm import lm_loss
-from mole.losses.routing import BalanceLoss, balance_loss, balance_losses
+from mole.losses.routing import AuxLoss, BalanceLoss, balance_loss, balance_losses
 from mole.losses.tsallis import TsallisLoss, mean_tsallis_entropy
 
 __all__ = [
+    "AuxLoss",
     "BalanceLoss",
     "CGJSLoss",
     "TsallisLoss",

@@ -20,7 +20,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -62,18 +62,43 @@ def reduce_over_routers(total: Tensor | None, count: int, reduce: str) -> Tensor
     return total / max(count, 1)
 
 
-class AuxTerm:
-    """What every auxiliary term shares: its weight, its ``reduce`` rule and the one-time log line.
+@runtime_checkable
+class AuxLoss(Protocol):
+    """An auxiliary term of the objective ``L = L_lm + sum_terms weight * term`` (a ``conf/loss/*.yaml`` entry).
 
-    A term may also compute part of itself once per optimizer step over all its micro-batches: it then
-    has ``per_step`` true and a ``step_loss(model, batches)`` (:meth:`mole.losses.CGJSLoss.step_loss`), which
-    the training loop calls at the step's last micro-batch.
+    The contract (``tests/unit/conf/test_contracts.py`` checks every ``conf/loss/*.yaml`` against it):
+
+    * Built as ``target(**config keys)`` under ``loss.<name>``; configuration errors are
+      :class:`~mole.utils.errors.MoleConfigError` naming the ``loss.<name>.*`` key.
+    * ``term(outputs, token_mask)`` takes the forward's router outputs (a sequence of
+      :class:`~mole.routers.base.RouterOutput`, one per routing module) and the ``(B*T,)`` bool mask of real
+      tokens, and returns the *unweighted* value as a 0-dim float tensor (0 when nothing applies); the
+      training loop multiplies it by ``weight``.
+    * ``per_step`` true: part of the term is computed once per optimizer step over all its micro-batches by
+      ``step_loss(model, batches)`` (:meth:`mole.losses.CGJSLoss.step_loss`), which the loop calls at the
+      step's last micro-batch; otherwise ``step_loss`` returns ``None``.
     """
+
+    weight: float
+    per_step: bool
+
+    def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor: ...
+
+    def step_loss(self, model, batches) -> Tensor | None: ...
+
+
+class AuxTerm:
+    """What every auxiliary term shares (:class:`AuxLoss`): its weight, its ``reduce`` rule, the one-time log
+    line, and no per-step part unless a term defines one."""
 
     name = "aux"
     weight: float
     reduce: str
     per_step = False
+
+    def step_loss(self, model, batches) -> Tensor | None:
+        """The part computed once per optimizer step (``per_step`` terms); ``None``: none."""
+        return None
 
     def report_once(self, routers: int, terms: int | None = None) -> None:
         """Log, once per term, its effective weight per router and in all (no host read: values stay on the

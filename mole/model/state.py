@@ -5,7 +5,7 @@ Only safetensors is read or written; nothing is unpickled.
 The file says what made it, in safetensors' header metadata (strings; the structured ones JSON):
 ``method``, ``router``, ``experts`` and ``adapter`` (the resolved config groups), ``base_model`` (its
 name) and ``base_shape`` (layers, widths, vocabulary), and ``mole_version``. A model built from a config
-carries the same fields (``model.mole_adapter_metadata``, set by :func:`mole.pipeline.build_mole_model`);
+carries the same fields (``model.mole_adapter_metadata``, set by :func:`mole.build.build_mole_model`);
 :func:`load_adapter` refuses a file whose fields differ from the model's, naming the first differing key,
 and a file with non-finite weights. A file without these fields (written before they existed) still
 loads, with a warning that it cannot be checked.
@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+import mole
 from mole.model.inject import is_trainable_name
 from mole.utils.errors import MoleConfigError, io_error
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "mole-adapter-v1"
+FULL_FINETUNE_ATTR = "_mole_full_finetune"  # set on a model whose every parameter trains and is saved (full fine-tuning)
 #: the metadata fields compared on loading, in the order a mismatch is reported
 CHECKED_FIELDS = ("method", "base_model", "base_shape", "adapter", "experts", "router")
 _SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -39,10 +42,6 @@ _SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_s
 
 def adapter_metadata(cfg, model: nn.Module) -> dict[str, str]:
     """The header metadata of an adapter trained from ``cfg`` (a composed ``train`` config) on ``model``."""
-    from omegaconf import OmegaConf
-
-    import mole
-
     def group(name: str) -> Any:
         node = cfg.get(name)
         return OmegaConf.to_container(node, resolve=True) if node is not None else None
@@ -87,13 +86,16 @@ def metadata_mismatch(stored: dict[str, str], expected: dict[str, str]) -> tuple
     return None
 
 
+def saves_everything(model: nn.Module) -> bool:
+    """Whether ``model`` was built for full fine-tuning (its checkpoint holds every parameter)."""
+    return bool(getattr(model, FULL_FINETUNE_ATTR, False))
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The saved parameters: the ``mole_`` ones, or every parameter under full fine-tuning.
 
     ``named_parameters`` lists a shared (tied) parameter once, so no two entries share storage.
     """
-    from mole.adapters.baselines import saves_everything
-
     everything = saves_everything(model)
     return {n: p.detach() for n, p in model.named_parameters() if everything or is_trainable_name(n)}
 

@@ -13,6 +13,9 @@ from functools import lru_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from mole.data.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+from mole.data.sources import FIXTURES_DIR
+
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 VOCAB_SIZE = 1024
 #: A ChatML-style chat template over the special tokens, so that ``data.template=chat`` runs on the tiny models.
@@ -23,9 +26,6 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> list[str]:
-    from mole.data.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-    from mole.data.sources import FIXTURES_DIR
-
     texts = [ALPACA_NO_INPUT, ALPACA_WITH_INPUT]
     for path in sorted(FIXTURES_DIR.glob("*.json")):
         for rec in json.loads(path.read_text(encoding="utf-8")):

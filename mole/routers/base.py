@@ -1,14 +1,17 @@
-"""The router contract: what every gating function returns, and the selection helpers they share.
+"""The router contract: what every gating function returns and declares, and the selection helpers they share.
 
 A router maps token features ``x`` of shape ``(N, d_in)`` to gates ``g`` of shape ``(N, E)``. Gates are
 *dense*: an expert that was not chosen has a gate of exactly 0, so the stacked expert computation
 ``sum_i g_i B_i A_i x`` (see :mod:`mole.adapters.lora`) is exact for soft and sparse routers alike.
+:class:`Router` writes the contract down; ``tests/unit/conf/test_contracts.py`` checks every
+``conf/router/*.yaml`` against it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -113,21 +116,99 @@ def _autocast_enabled(kind: str) -> bool:
     return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
-# attributes holding a module's first parameter, looked up before the generic (slower) parameters() walk
-_DTYPE_ATTRS = ("lora_A", "gate", "sub_routers", "token_gate", "task_gate")
-
-
 def param_dtype(module: nn.Module) -> torch.dtype | None:
-    """The dtype of ``module``'s parameters (``None`` without any), cheaply: called on every forward."""
-    for name in _DTYPE_ATTRS:
-        found = module._parameters.get(name)
-        if found is None:
-            sub = module._modules.get(name)
-            found = None if sub is None else sub._parameters.get("weight")
-        if found is not None:
-            return found.dtype
+    """The dtype of ``module``'s parameters (``None`` without any), cheaply: called on every forward.
+
+    The module's own first parameter, else its children's first (a router's Linear, whatever it is named),
+    else the first of the whole tree. Every parameter of a router or expert set has one dtype (the injector
+    casts them together to ``model.adapter_dtype``).
+    """
+    for p in module._parameters.values():
+        if p is not None:
+            return p.dtype
+    for child in module._modules.values():
+        if child is not None:
+            for p in child._parameters.values():
+                if p is not None:
+                    return p.dtype
     p = next(module.parameters(), None)
     return None if p is None else p.dtype
+
+
+LAYER_INPUTS = ("layer_idx", "num_layers", "context")  # what the injector knows about the layer a router serves
+
+
+@dataclass(frozen=True)
+class ModelModule:
+    """A module built once per model and handed to every router of a kind (HMoRA's task encoder).
+
+    Attributes:
+        key: the ``router`` config key holding its settings (``null``: not built) and the keyword argument
+            under which the router's constructor receives it.
+        attr: the model attribute it is registered under (``mole_*``: it trains and is saved).
+        build: ``(model, node, tokenizer=..., dtype=...) -> nn.Module``; ``tokenizer`` is ``None`` on the
+            meta device, ``dtype`` is ``model.adapter_dtype``.
+
+    The built module counts the routers that read it in ``users``; the builder removes it from the model
+    when no router did (every layer's router could do without it).
+    """
+
+    key: str
+    attr: str
+    build: Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class RouterNeeds:
+    """What a router's constructor takes besides ``in_features`` and ``num_experts`` and its config keys.
+
+    Attributes:
+        layer_inputs: facts about the layer it serves, among :data:`LAYER_INPUTS`: ``layer_idx`` (0-based),
+            ``num_layers``, ``context`` (the model's :class:`~mole.routers.context.RoutingContext`).
+        model_modules: modules built once per model that it reads (:class:`ModelModule`).
+    """
+
+    layer_inputs: tuple[str, ...] = ()
+    model_modules: tuple[ModelModule, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.layer_inputs) - set(LAYER_INPUTS))
+        if unknown:
+            raise ValueError(f"RouterNeeds.layer_inputs: unknown {unknown}; known are {list(LAYER_INPUTS)}")
+
+
+NEEDS_NOTHING = RouterNeeds()
+
+
+def router_needs(target: object) -> RouterNeeds:
+    """What the router class (or constructor function) named by ``router._target_`` declares in its ``needs``
+    class attribute; a router without one needs nothing beyond its config keys."""
+    needs = getattr(target, "needs", NEEDS_NOTHING)
+    if not isinstance(needs, RouterNeeds):
+        raise TypeError(f"{target!r}.needs must be a mole.routers.base.RouterNeeds, got {type(needs).__name__}")
+    return needs
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Anything that maps ``(N, d_in)`` token features to a :class:`RouterOutput` over its experts.
+
+    The contract (``tests/unit/conf/test_contracts.py`` checks it for every ``conf/router/*.yaml``):
+
+    * Built as ``target(in_features=d_in, num_experts=E, **config keys, **declared needs)``; a constructor
+      may return ``None`` where a layer needs no router (``router=none``, one expert).
+    * ``needs`` (class attribute, a :class:`RouterNeeds`; absent: nothing) declares the per-layer facts
+      and per-model modules the constructor takes.
+    * ``x`` arrives in the router's parameters' dtype (:func:`param_dtype`; all of one dtype) and outside
+      autocast (:func:`run_router`); the output follows :class:`RouterOutput`: ``gates`` and ``probs`` are
+      fp32 ``(N, E)``, ``gates`` exactly 0 where ``selected`` is False, ``selected`` a bool ``(N, E)`` or
+      ``None`` (every expert active).
+    * Configuration errors are :class:`~mole.utils.errors.MoleConfigError` naming the ``router.*`` key.
+    """
+
+    num_experts: int
+
+    def __call__(self, x: Tensor) -> RouterOutput: ...
 
 
 class LinearGate(nn.Module):
@@ -142,6 +223,8 @@ class LinearGate(nn.Module):
         dropout: dropout on the router's input.
     """
 
+    needs: ClassVar[RouterNeeds] = NEEDS_NOTHING
+
     def __init__(self, in_features: int, num_experts: int, dropout: float = 0.0):
         super().__init__()
         self.num_experts = num_experts
@@ -151,14 +234,6 @@ class LinearGate(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """``(N, E)`` fp32 logits for ``(N, d_in)`` features."""
         return self.gate(self.dropout(x)).float()
-
-
-class Router(Protocol):
-    """Anything that maps ``(N, d_in)`` token features to a :class:`RouterOutput` over its experts."""
-
-    num_experts: int
-
-    def __call__(self, x: Tensor) -> RouterOutput: ...
 
 
 RENORMS = ("sum", "softmax")

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mole.routers.base import BalanceStats, LinearGate, RouterOutput
-from mole.routers.select import check_flag, check_keep_top_k, check_q, check_threshold, check_top_p, dynamic_select
+from mole.routers.select import Dynamic
 
 
 class DynamicRouter(LinearGate):
@@ -64,20 +64,10 @@ class DynamicRouter(LinearGate):
         dropout: float = 0.0,
     ):
         super().__init__(in_features, num_experts, dropout)
-        check_q(q)
-        check_threshold(threshold)
-        check_top_p(top_p)
-        check_keep_top_k(keep_top_k, num_experts)
-        check_flag(top_p_keep_crossing, "router.top_p_keep_crossing")
-        check_flag(renormalize, "router.renormalize")
-        self.keep_crossing, self.renormalize = top_p_keep_crossing, renormalize
-        self.q, self.threshold, self.top_p = float(q), float(threshold), float(top_p)
-        self.keep_top_k, self.normalized_entropy = keep_top_k, bool(normalized_entropy)
+        self.selection = Dynamic(num_experts, q, threshold, top_p, keep_top_k, normalized_entropy,
+                                 top_p_keep_crossing, renormalize)
 
     def forward(self, x: Tensor) -> RouterOutput:
         probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
-        gates, selected = dynamic_select(
-            probs, self.q, self.threshold, self.top_p, self.keep_top_k, self.normalized_entropy,
-            keep_crossing=self.keep_crossing, renormalize=self.renormalize,
-        )  # (N, E), (N, E)
+        gates, selected = self.selection(probs)  # (N, E), (N, E)
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=[BalanceStats(probs, selected, None)])

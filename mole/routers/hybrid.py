@@ -58,7 +58,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.routers.base import BalanceStats, GateDist, RouterOutput, check_renorm, check_top_k, keep_top_k
+from mole.routers.base import (
+    LAYER_INPUTS,
+    BalanceStats,
+    GateDist,
+    ModelModule,
+    RouterNeeds,
+    RouterOutput,
+    check_renorm,
+    check_top_k,
+    keep_top_k,
+)
 from mole.routers.context import RoutingContext, install_context
 from mole.routers.select import check_flag
 from mole.utils.dropout import ExpertDropout
@@ -316,8 +326,8 @@ def task_token_id(tokenizer, token: str) -> int:
     return int(tid)
 
 
-def attach_task_encoder(model: nn.Module, node, tokenizer=None, dtype: torch.dtype | None = None) -> TaskEncoder:
-    """Build the model's task encoder from ``router.task_encoder`` and register it as ``model.mole_task_encoder``.
+def build_task_encoder(model: nn.Module, node, tokenizer=None, dtype: torch.dtype | None = None) -> TaskEncoder:
+    """The model's task encoder from ``router.task_encoder`` (registered by the builder as ``model.mole_task_encoder``).
 
     Args:
         model: the base model (its input embedding gives the width and ``e_task``'s initialisation).
@@ -335,8 +345,12 @@ def attach_task_encoder(model: nn.Module, node, tokenizer=None, dtype: torch.dty
     embedding = model.get_input_embeddings()
     encoder = TaskEncoder(embedding, install_context(model), init_token_id=token_id, **node)
     encoder.to(device=embedding.weight.device, dtype=dtype or embedding.weight.dtype)
-    setattr(model, TASK_ENCODER_ATTR, encoder)
     return encoder
+
+
+# one encoder per model, read by every task router; HMoRA Table 10's row eps=0, mu=-2 (a = 0.12 everywhere:
+# token routing only) counts 5.04%, the trainable parameters without it: the builder drops it when unused
+TASK_ENCODER = ModelModule(key="task_encoder", attr=TASK_ENCODER_ATTR, build=build_task_encoder)
 
 
 def reads_raw_question(router_cfg) -> bool:
@@ -344,17 +358,6 @@ def reads_raw_question(router_cfg) -> bool:
     data then carries each example's question token ids."""
     encoder = (router_cfg or {}).get("task_encoder") or {}
     return encoder.get("input", "templated") == "raw"
-
-
-def drop_unused_task_encoder(model: nn.Module) -> None:
-    """Remove ``model.mole_task_encoder`` when no layer built a task router (every ``a_l < beta_low``).
-
-    HMoRA Table 10's row ``eps=0, mu=-2`` (a = 0.12 everywhere: token routing only) counts 5.04%,
-    the trainable parameters without the task encoder.
-    """
-    encoder = getattr(model, TASK_ENCODER_ATTR, None)
-    if isinstance(encoder, TaskEncoder) and encoder.users == 0:
-        delattr(model, TASK_ENCODER_ATTR)
 
 
 class HybridRouter(nn.Module):
@@ -378,6 +381,9 @@ class HybridRouter(nn.Module):
             parameter initialised at eq. 8's ``-eps + 2 eps l / L + mu`` (released code).
         bias: give both routers' Linears a bias (released code).
     """
+
+    # a_l depends on the layer; the task router reads the model's one task encoder (router.task_encoder)
+    needs = RouterNeeds(layer_inputs=LAYER_INPUTS, model_modules=(TASK_ENCODER,))
 
     def __init__(
         self,
@@ -426,7 +432,7 @@ class HybridRouter(nn.Module):
             if task_encoder is None:
                 raise MoleConfigError(
                     "router=hybrid: a layer with a task router needs the model's task encoder "
-                    "(build the model with mole.pipeline, which creates model.mole_task_encoder)"
+                    "(router.task_encoder must be set: it builds model.mole_task_encoder)"
                 )
             self.task_gate = nn.Linear(task_encoder.width, num_experts, bias=bias)
             task_encoder.users += 1

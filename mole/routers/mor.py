@@ -10,17 +10,15 @@ Source: Xia et al., "Mixture of Routers", arXiv:2503.23362.
 * A load-balancing loss on the main router keeps sub-router use balanced (Sec. 3.2).
 
 MoR is a plug-in: it replaces the router of any method, so the selection applied to the combined scores
-``F'`` is the plugged method's (``select``):
+``F'`` is the plugged method's: ``selection``, one of the selection rules the plain routers use
+(:mod:`mole.routers.select`; config group ``conf/router/selection/``):
 
-* ``topk`` (default): the top-k experts, renormalised (MoLA + MoR); ``top_k=None`` keeps every expert.
-* ``soft``: every expert with its score (LoRAMoE + MoR).
-* ``topp``: top-p on ``F'`` (:func:`mole.routers.select.keep_top_p`), at least ``keep_top_k`` experts.
-* ``dynamic``: DynMoLE's entropy-switched soft / top-p routing on ``F'``
-  (:func:`mole.routers.select.dynamic_select`; ``q``, ``threshold``, ``top_p``, ``keep_top_k``,
-  ``normalized_entropy`` as in :class:`mole.routers.dynamic.DynamicRouter`).
+* :class:`~mole.routers.select.TopK` (default, ``top_k: 2``, ``renorm: sum``): MoLA + MoR.
+* :class:`~mole.routers.select.Soft`: every expert with its score (LoRAMoE + MoR).
+* :class:`~mole.routers.select.TopP`: top-p on ``F'``, at least ``keep_top_k`` experts.
+* :class:`~mole.routers.select.Dynamic`: DynMoLE's entropy-switched soft / top-p routing on ``F'``.
 
-``keep_top_k=None`` takes each selection's own default: 1 for ``topp`` (plain top-p), 2 for ``dynamic``
-(DynMoLE). ``F'`` is a mixture of distributions, so it sums to 1 like a softmax row.
+``F'`` is a mixture of distributions, so it sums to 1 like a softmax row.
 
 Decisions where the paper is silent, marked NOTE(deviation) below:
 
@@ -36,25 +34,20 @@ Decisions where the paper is silent, marked NOTE(deviation) below:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mole.routers.base import BalanceStats, RouterOutput, check_renorm, check_top_k, keep_top_k
-from mole.routers.select import (
-    check_keep_top_k,
-    check_q,
-    check_threshold,
-    check_top_p,
-    dynamic_select,
-    keep_top_p,
-)
+from mole.routers.base import BalanceStats, RouterOutput, check_top_k, keep_top_k
+from mole.routers.select import TopK
 from mole.utils.dropout import ExpertDropout
 from mole.utils.errors import MoleConfigError
 
-SELECTS = ("topk", "soft", "topp", "dynamic")
-# keep_top_k=None: the least number of experts each selection keeps by default
-DEFAULT_KEEP_TOP_K = {"topp": 1, "dynamic": 2}
+# the selection when none is given: MoLA + MoR's top-2, renormalised by the sum (MoR eq. 2)
+DEFAULT_SELECTION = partial(TopK, top_k=2, renorm="sum")
 
 
 class MoRRouter(nn.Module):
@@ -64,19 +57,14 @@ class MoRRouter(nn.Module):
         in_features: width of the token features.
         num_experts: number of experts E.
         n_routers: number of sub-routers (the paper sweeps 2, 3, 4).
-        top_k: experts kept per token from the combined scores (``select="topk"``); ``None`` keeps all.
-        renorm: renormalisation of the kept top-k expert scores, ``"sum"`` or ``"softmax"``.
         main_top_k: sub-routers the main router keeps per token; ``None`` keeps all.
         expert_balance: also expose the expert choice to the balance loss (MoLA's own loss), besides
             the main router's choice of sub-routers.
         equal_weights: CRW (eq. 7): weigh sub-routers equally and build no main router.
         dropout: dropout on the routers' input.
-        select: selection on the combined scores: ``"topk"``, ``"soft"``, ``"topp"`` or ``"dynamic"``.
-        top_p: top-p target (``topp``, ``dynamic``).
-        keep_top_k: least number of experts (``topp``, ``dynamic``); ``None`` for 1 (topp) / 2 (dynamic).
-        q: Tsallis entropic index (``dynamic``).
-        threshold: entropy above which a token goes to every expert (``dynamic``).
-        normalized_entropy: compare the entropy divided by its maximum with ``threshold`` (``dynamic``).
+        selection: the selection on the combined scores, a callable ``(num_experts, key=...)`` returning a
+            selection rule of :mod:`mole.routers.select` (a class or a ``functools.partial`` of one, as
+            Hydra builds ``router.selection``); ``None``: top-2, renormalised by the sum.
     """
 
     def __init__(
@@ -84,48 +72,33 @@ class MoRRouter(nn.Module):
         in_features: int,
         num_experts: int,
         n_routers: int = 2,
-        top_k: int | None = 2,
-        renorm: str = "sum",
         main_top_k: int | None = None,
         expert_balance: bool = False,
         equal_weights: bool = False,
         dropout: float = 0.0,
-        select: str = "topk",
-        top_p: float = 0.75,
-        keep_top_k: int | None = None,
-        q: float = 1.1,
-        threshold: float = 0.9,
-        normalized_entropy: bool = True,
+        selection: Callable | None = None,
     ):
         super().__init__()
         if not isinstance(n_routers, int) or n_routers < 1:
             raise MoleConfigError(f"router.n_routers must be a positive integer, got {n_routers!r}")
-        if select not in SELECTS:
-            raise MoleConfigError(f"router.select must be one of {list(SELECTS)}, got {select!r}")
-        if select == "topk":
-            check_top_k(top_k, num_experts)
-            check_renorm(renorm)
-            if top_k is None:
-                select = "soft"  # top_k: null keeps every expert
-        if select in DEFAULT_KEEP_TOP_K:
-            keep_top_k = DEFAULT_KEEP_TOP_K[select] if keep_top_k is None else keep_top_k
-            check_top_p(top_p)
-            check_keep_top_k(keep_top_k, num_experts)
-        if select == "dynamic":
-            check_q(q)
-            check_threshold(threshold)
-        # stored as given: the keys of a selection that is not used are not checked
-        self.select, self.top_p, self.keep_top_k = select, top_p, keep_top_k
-        self.q, self.threshold, self.normalized_entropy = q, threshold, bool(normalized_entropy)
+        make = DEFAULT_SELECTION if selection is None else selection
+        if not callable(make):
+            raise MoleConfigError("router.selection must be a selection config (conf/router/selection/: topk, soft, "
+                                  f"topp, dynamic), got {selection!r}")
+        self.selection = make(num_experts, key="router.selection")
         if main_top_k is not None and not equal_weights:
             check_top_k(main_top_k, n_routers, key="router.main_top_k", of="router.n_routers")
-        self.num_experts, self.n_routers = num_experts, n_routers
-        self.top_k, self.renorm, self.main_top_k = top_k, renorm, main_top_k
+        self.num_experts, self.n_routers, self.main_top_k = num_experts, n_routers, main_top_k
         self.expert_balance, self.equal_weights = expert_balance, equal_weights
         self.dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         # all sub-routers in one matmul: (d_in) -> (n_routers * E)
         self.sub_routers = nn.Linear(in_features, n_routers * num_experts, bias=False)
         self.main_router = None if equal_weights else nn.Linear(in_features, n_routers, bias=False)
+
+    @property
+    def top_k(self) -> int | None:
+        """Experts kept per token when the selection keeps a fixed number (top-k), else ``None``."""
+        return self.selection.slots
 
     def forward(self, x: Tensor) -> RouterOutput:
         n, R, E = x.shape[0], self.n_routers, self.num_experts
@@ -156,54 +129,21 @@ class MoRRouter(nn.Module):
             # (N, E), eq. 6; a broadcast product and a sum over the R sub-routers, cheaper than einsum's
             # batched matrix product of (1 x R) by (R x E) per token
             scores = (weights.unsqueeze(-1) * sub_probs).sum(dim=1)
-        if self.select == "soft":
-            return RouterOutput(gates=scores, probs=scores, balance=balance)
-        k = None  # slots per token vary for topp / dynamic
-        if self.select == "topk":
-            gates, selected = keep_top_k(scores, self.top_k, self.renorm)  # (N, E), Algorithm 1 line 7
-            k = self.top_k
-        elif self.select == "topp":
-            gates, selected = keep_top_p(scores, self.top_p, min_k=self.keep_top_k)  # (N, E)
-        else:
-            gates, selected = dynamic_select(
-                scores, self.q, self.threshold, self.top_p, self.keep_top_k, self.normalized_entropy
-            )  # (N, E)
+        gates, selected = self.selection(scores)  # (N, E) each; Algorithm 1 line 7 for top-k
+        if selected is None:  # soft: every expert with its score
+            return RouterOutput(gates=gates, probs=scores, balance=balance)
         if self.expert_balance or self.equal_weights:
-            balance.append(BalanceStats(scores, selected, k))
+            balance.append(BalanceStats(scores, selected, self.selection.slots))
         return RouterOutput(gates=gates, probs=scores, selected=selected, balance=balance)
 
 
-def CRWRouter(  # noqa: N802 - a constructor, named like the class it builds for `_target_`
-    in_features: int,
-    num_experts: int,
-    n_routers: int = 2,
-    top_k: int | None = 2,
-    renorm: str = "sum",
-    dropout: float = 0.0,
-    select: str = "topk",
-    top_p: float = 0.75,
-    keep_top_k: int | None = None,
-    q: float = 1.1,
-    threshold: float = 0.9,
-    normalized_entropy: bool = True,
-) -> MoRRouter:
-    """Consistent Routing Weighting (MoR eq. 7): a :class:`MoRRouter` whose sub-routers weigh equally.
+class CRWRouter(MoRRouter):
+    """Consistent Routing Weighting (MoR eq. 7): a :class:`MoRRouter` whose sub-routers weigh equally
+    (``equal_weights=True``; ``conf/router/crw.yaml`` is ``mor.yaml`` with that key set).
 
     With no main router, the balance loss (if configured) acts on the expert choice, as in the method
-    CRW plugs into (MoLA's top-k balance loss). ``select`` and its keys as in :class:`MoRRouter`.
+    CRW plugs into (MoLA's top-k balance loss).
     """
-    return MoRRouter(
-        in_features,
-        num_experts,
-        n_routers=n_routers,
-        top_k=top_k,
-        renorm=renorm,
-        equal_weights=True,
-        dropout=dropout,
-        select=select,
-        top_p=top_p,
-        keep_top_k=keep_top_k,
-        q=q,
-        threshold=threshold,
-        normalized_entropy=normalized_entropy,
-    )
+
+    def __init__(self, in_features: int, num_experts: int, **kwargs):
+        super().__init__(in_features, num_experts, **{**kwargs, "equal_weights": True})

@@ -7,7 +7,7 @@
 * ``layer`` (MoA Sec. 3): one router per transformer layer weighs every expert in that layer.
   :class:`LayerRouter` reads the layer's normalised input (the output of ``input_layernorm``, what
   q/k/v read) and each adapted module takes its columns of the gates through a :class:`GateSlice`.
-* ``router.level: instance`` (MoA Table 5 baseline): one decision per sequence from the mean-pooled
+* ``experts.level: instance`` (MoA Table 5 baseline): one decision per sequence from the mean-pooled
   features over its prompt's real tokens (:class:`InstanceRouter`), broadcast to every token.
 
 Routers stay plain ``(N, d_in) -> RouterOutput`` modules; these wrappers add the sharing and the
@@ -132,10 +132,10 @@ class LayerRouter(nn.Module):
 
     def build(self, router_factory, in_features: int, **kwargs) -> None:
         if self.num_experts == 0:
-            raise MoleConfigError("router.placement=layer: the layer has no experts to route")
+            raise MoleConfigError("experts.placement=layer: the layer has no experts to route")
         self.router = router_factory(in_features=in_features, num_experts=self.num_experts, **kwargs)
         if self.router is None:
-            raise MoleConfigError("router.placement=layer needs a router (router=none builds none)")
+            raise MoleConfigError("experts.placement=layer needs a router (router=none builds none)")
 
     def attach(self, layer: nn.Module) -> None:
         norm = getattr(layer, "input_layernorm", None)
@@ -174,6 +174,6 @@ class GateSlice:
 
 def check_placement(placement: str, level: str) -> None:
     if placement not in PLACEMENTS:
-        raise MoleConfigError(f"router.placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+        raise MoleConfigError(f"experts.placement must be one of {list(PLACEMENTS)}, got {placement!r}")
     if level not in LEVELS:
-        raise MoleConfigError(f"router.level must be one of {list(LEVELS)}, got {level!r}")
+        raise MoleConfigError(f"experts.level must be one of {list(LEVELS)}, got {level!r}")

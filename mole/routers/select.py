@@ -5,6 +5,8 @@
 * :func:`dynamic_select` — DynMoLE's entropy-switched hybrid routing (eq. 17-18).
 * :func:`threshold_select` — threshold routing (Sparse MoA eq. 4-5, AdaMoLE).
 * ``check_*`` — argument validation that names the config key.
+* :class:`TopK`, :class:`Soft`, :class:`TopP`, :class:`Dynamic` — the selection rules as objects, shared by
+  the plain routers and MoR/CRW's ``router.selection``.
 
 Top-k lives in :func:`mole.routers.base.keep_top_k`.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mole.routers.base import check_top_k
+from mole.routers.base import check_renorm, check_top_k, keep_top_k
 from mole.utils.errors import MoleConfigError
 
 # Prefix sums are compared with p up to this slack: a prefix that reaches p up to fp32 rounding of the
@@ -226,3 +228,94 @@ def threshold_select(gates: Tensor, tau: Tensor | float, renorm: bool, subtract:
     if renorm:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(_TINY)
     return weights, selected
+
+
+# ------------------------------------------------------------------------------------- selections
+# One selection rule each, as an object built once per router: the plain routers apply it to their softmax
+# (TopPRouter, DynamicRouter; TopKRouter's fused softmax + top-k computes what TopK does), and MoR/CRW apply
+# it to their combined expert scores F' (``router.selection``, conf/router/selection/). Built with the layer's
+# expert count and the config key their errors name (``router`` for a plain router, ``router.selection``
+# for MoR); called on ``(N, E)`` probability rows, they return ``(gates, selected)``, ``selected`` ``None``
+# when every expert takes part with its probability (soft routing). ``slots`` is the experts kept per token,
+# ``None`` where it varies by token (the balance loss then counts them from ``selected``).
+
+
+class TopK:
+    """The ``top_k`` most probable experts, renormalised by ``renorm`` (:func:`mole.routers.base.keep_top_k`;
+    MoR eq. 2 / Algorithm 1 line 7 with ``"sum"``, HMoRA eq. 15 with ``"softmax"``)."""
+
+    def __init__(self, num_experts: int, top_k: int = 2, renorm: str = "sum", key: str = "router"):
+        if top_k is None:
+            raise MoleConfigError(f"{key}.top_k must be a positive integer, got None "
+                                  "(soft routing, every expert: router/selection=soft)")
+        check_top_k(top_k, num_experts, key=f"{key}.top_k")
+        check_renorm(renorm, key=f"{key}.renorm")
+        self.top_k, self.renorm, self.slots = top_k, renorm, top_k
+
+    def __call__(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        return keep_top_k(probs, self.top_k, self.renorm)
+
+
+class Soft:
+    """Every expert with its probability (LoRAMoE; HMoRA eq. 14)."""
+
+    slots = None
+
+    def __init__(self, num_experts: int, key: str = "router"):
+        pass
+
+    def __call__(self, probs: Tensor) -> tuple[Tensor, None]:
+        return probs, None
+
+
+class TopP:
+    """Top-p with at least ``keep_top_k`` experts (:func:`keep_top_p`; Huang et al. 2024, DynMoLE eq. 7)."""
+
+    slots = None
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_p: float = 0.75,
+        keep_top_k: int = 1,
+        top_p_keep_crossing: bool = True,
+        renormalize: bool = True,
+        key: str = "router",
+    ):
+        check_top_p(top_p, key=f"{key}.top_p")
+        check_keep_top_k(keep_top_k, num_experts, key=f"{key}.keep_top_k")
+        check_flag(top_p_keep_crossing, f"{key}.top_p_keep_crossing")
+        check_flag(renormalize, f"{key}.renormalize")
+        self.top_p, self.keep_top_k = float(top_p), keep_top_k
+        self.keep_crossing, self.renormalize = top_p_keep_crossing, renormalize
+
+    def __call__(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        return keep_top_p(probs, self.top_p, min_k=self.keep_top_k, keep_crossing=self.keep_crossing,
+                          renormalize=self.renormalize)
+
+
+class Dynamic(TopP):
+    """DynMoLE's entropy-switched soft / top-p selection (:func:`dynamic_select`, eq. 17-18): a token whose
+    Tsallis entropy exceeds ``threshold`` takes every expert, the others :class:`TopP` with at least
+    ``keep_top_k`` (default 2, the paper's)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        q: float = 1.1,
+        threshold: float = 0.9,
+        top_p: float = 0.75,
+        keep_top_k: int = 2,
+        normalized_entropy: bool = True,
+        top_p_keep_crossing: bool = True,
+        renormalize: bool = True,
+        key: str = "router",
+    ):
+        check_q(q, key=f"{key}.q")
+        check_threshold(threshold, key=f"{key}.threshold")
+        super().__init__(num_experts, top_p, keep_top_k, top_p_keep_crossing, renormalize, key=key)
+        self.q, self.threshold, self.normalized_entropy = float(q), float(threshold), bool(normalized_entropy)
+
+    def __call__(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        return dynamic_select(probs, self.q, self.threshold, self.top_p, self.keep_top_k, self.normalized_entropy,
+                              keep_crossing=self.keep_crossing, renormalize=self.renormalize)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mole.routers.base import BalanceStats, LinearGate, RouterOutput
-from mole.routers.select import check_flag, check_keep_top_k, check_top_p, keep_top_p
+from mole.routers.select import TopP
 
 
 class TopPRouter(LinearGate):
@@ -42,16 +42,9 @@ class TopPRouter(LinearGate):
         dropout: float = 0.0,
     ):
         super().__init__(in_features, num_experts, dropout)
-        check_top_p(top_p)
-        check_keep_top_k(keep_top_k, num_experts)
-        check_flag(top_p_keep_crossing, "router.top_p_keep_crossing")
-        check_flag(renormalize, "router.renormalize")
-        self.top_p, self.keep_top_k = float(top_p), keep_top_k
-        self.keep_crossing, self.renormalize = top_p_keep_crossing, renormalize
+        self.selection = TopP(num_experts, top_p, keep_top_k, top_p_keep_crossing, renormalize)
 
     def forward(self, x: Tensor) -> RouterOutput:
         probs = torch.softmax(self.logits(x), dim=-1)  # (N, E)
-        gates, selected = keep_top_p(
-            probs, self.top_p, min_k=self.keep_top_k, keep_crossing=self.keep_crossing, renormalize=self.renormalize
-        )  # (N, E), (N, E)
+        gates, selected = self.selection(probs)  # (N, E), (N, E)
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=[BalanceStats(probs, selected, None)])

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
@@ -152,13 +153,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
     meta: dict[str, Any] = {"python": [version, list(internal), gauss]}
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        meta["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    except ImportError:  # numpy is optional for mole itself
-        pass
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     return tensors, meta
 
 
@@ -170,8 +166,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     if "numpy" in meta:
-        import numpy as np
-
         name, keys, pos, has_gauss, cached = meta["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 

@@ -25,16 +25,31 @@ code) and are averaged over processes; with them the two runs differ slightly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
+import secrets
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 from omegaconf import DictConfig, OmegaConf
 
+from mole.run_dir import config_differences
 from mole.utils.errors import MoleConfigError
 
 log = logging.getLogger(__name__)
@@ -169,8 +184,6 @@ def check_deepspeed(dist: DistributedArgs) -> None:
 
 
 def _deepspeed_plugin(dist: DistributedArgs, grad_accum: int, max_grad_norm: float):
-    from accelerate.utils import DeepSpeedPlugin
-
     ds = dist.deepspeed or {}
     return DeepSpeedPlugin(
         zero_stage=int(ds["zero_stage"]),
@@ -193,15 +206,6 @@ def build_accelerator(args, dist: DistributedArgs, run_dir: Path):
         dist: the ``distributed`` settings.
         run_dir: the run directory (trackers write under it).
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import (
-        DistributedDataParallelKwargs,
-        GradientAccumulationPlugin,
-        InitProcessGroupKwargs,
-        ProjectConfiguration,
-    )
-
     check_precision(args.mixed_precision, dist)
     check_deepspeed(dist)
     if not launched():
@@ -228,8 +232,6 @@ def build_accelerator(args, dist: DistributedArgs, run_dir: Path):
 
 
 def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
@@ -321,9 +323,6 @@ def check_same_config(accelerator, cfg: DictConfig) -> None:
     train something else. One line naming the differing keys otherwise."""
     if accelerator.num_processes == 1:
         return
-    import hashlib
-
-    from mole.run_dir import config_differences
 
     mine = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if "distributed" in mine:
@@ -372,10 +371,6 @@ def check_shared_run_dir(accelerator, run_dir: Path, timeout_s: float | None = N
     if machines == 1 or accelerator.num_processes == 1:
         return
     timeout_s = shared_dir_timeout() if timeout_s is None else timeout_s
-    import secrets
-    import time
-
-    import torch.distributed as tdist
 
     token = torch.tensor([secrets.randbits(62) if accelerator.is_main_process else 0], dtype=torch.int64,
                          device=accelerator.device)

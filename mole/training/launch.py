@@ -8,7 +8,7 @@ already one rank of a launched run, :func:`launch`:
 2. writes the resolved config to ``RUN_DIR/config.yaml`` (secrets redacted; their values reach the
    workers through the environment variable ``MOLE_SECRETS``, never a file);
 3. runs ``accelerate launch --num_processes N ... -m mole.cli.worker RUN_DIR`` and waits. Every
-   worker reads ``RUN_DIR/config.yaml`` and calls :func:`mole.pipeline.run_train`; only rank 0 writes.
+   worker reads ``RUN_DIR/config.yaml`` and calls :func:`mole.recipes.train.run_train`; only rank 0 writes.
 
 CPU processes (``distributed.cpu=true`` or no GPU) are started through the same torchrun-based launcher
 with ``ACCELERATE_USE_CPU=true``; they talk over gloo.
@@ -20,18 +20,29 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import psutil
 from omegaconf import DictConfig
 
+from mole.build import build_aux_losses
+from mole.data import load_datasets
+from mole.run_dir import CONFIG_FILE, METRICS_FILE, finished_run, handed_down_env, is_finished, lock_run
 from mole.training.args import TrainArgs
 from mole.training.distributed import DistributedArgs, check_deepspeed, check_precision, launched, use_cpu
+from mole.training.signals import RunInterrupted
+from mole.training.tracking import check_trackers
 from mole.utils.errors import MoleConfigError
+from mole.utils.secrets import write_config
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +115,6 @@ def launch_command(dist: DistributedArgs, args: TrainArgs, run_dir: Path, port: 
 
 def launch(cfg: DictConfig, run_dir: str | Path) -> None:
     """Start the run's processes with ``accelerate launch`` and wait for them (see the module docstring)."""
-    from mole.data import load_datasets
-    from mole.pipeline import build_aux_losses
-    from mole.run_dir import finished_run, handed_down_env, lock_run
-    from mole.training.tracking import check_trackers
-
     run_dir = Path(run_dir).resolve()
     args = TrainArgs.from_config(cfg.trainer)
     dist = DistributedArgs.from_config(cfg.get("distributed"))
@@ -118,7 +124,6 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> None:
     build_aux_losses(cfg)
     load_datasets(cfg.data, seed=cfg.seed)  # a missing data file: one line here, not one per process
     if dist.machine_rank != 0:  # machine 0 alone owns (locks) and writes the run directory
-        from mole.run_dir import is_finished
 
         if is_finished(run_dir) and not cfg.get("force", False):
             log.info("%s already holds a finished run; skipping (force=true to run it again)", run_dir)
@@ -134,9 +139,6 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> None:
 
 
 def _launch_workers(cfg: DictConfig, run_dir: Path, args: TrainArgs, dist: DistributedArgs, lock_env: dict) -> None:
-    from mole.run_dir import CONFIG_FILE
-    from mole.utils.secrets import write_config
-
     port = dist.main_process_port or free_port()
     if dist.machine_rank == 0 and dist.main_process_port is not None and port_in_use(port):
         raise MoleConfigError(f"distributed.main_process_port={port} is in use on this machine; choose a free port")
@@ -145,7 +147,6 @@ def _launch_workers(cfg: DictConfig, run_dir: Path, args: TrainArgs, dist: Distr
         config_path = None
         secrets = write_config(cfg, run_dir / CONFIG_FILE)
     else:  # machine 0 alone writes the run directory; this machine's config is compared with its config
-        import tempfile
 
         config_path = Path(tempfile.mkdtemp(prefix="mole-node-")) / CONFIG_FILE
         secrets = write_config(cfg, config_path)
@@ -167,8 +168,6 @@ def _launch_workers(cfg: DictConfig, run_dir: Path, args: TrainArgs, dist: Distr
         returncode = run_workers(cmd, env)
     finally:
         if config_path is not None:
-            import shutil
-
             shutil.rmtree(config_path.parent, ignore_errors=True)
     interrupted = _interrupted(run_dir, since=started)
     if interrupted is not None:
@@ -190,10 +189,6 @@ def run_workers(cmd: list[str], env: dict[str, str]) -> int:
     30 s): each stops at its next step boundary with a checkpoint (:mod:`mole.training.signals`) and
     exits 0. A second signal is passed on too (the workers then stop at once) and ends this process.
     """
-    import signal
-
-    import psutil
-
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
     relay = _StderrRelay(proc.stderr)
     relay.start()
@@ -240,8 +235,6 @@ class _StderrRelay(threading.Thread):
         self.stream, self.reported = stream, False
 
     def run(self) -> None:
-        import re
-
         pending = ""
         out = sys.stderr
         while True:
@@ -260,11 +253,6 @@ class _StderrRelay(threading.Thread):
 
 def _interrupted(run_dir: Path, since: float):
     """The :class:`~mole.training.signals.RunInterrupted` the workers recorded in ``metrics.json``, if any."""
-    import signal
-
-    from mole.pipeline import METRICS_FILE
-    from mole.training.signals import RunInterrupted
-
     path = run_dir / METRICS_FILE
     try:
         if path.stat().st_mtime < since - 1:  # an earlier attempt's record

@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mole.data.collate import IGNORE_INDEX
 from mole.losses.lm import lm_loss
+from mole.losses.routing import AuxLoss
 from mole.model.routing import collect_routing
 from mole.routers.context import routing_inputs
 from mole.training.args import TrainArgs
@@ -26,7 +27,6 @@ __all__ = ["NonFiniteLossError", "TrainState", "loss_step", "total_steps", "trai
 
 log = logging.getLogger(__name__)
 
-AuxLoss = Callable[..., torch.Tensor]  # (router outputs, token mask) -> unweighted scalar; has .weight
 
 
 @dataclass

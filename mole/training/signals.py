@@ -22,6 +22,8 @@ import threading
 from types import FrameType
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
-            from tqdm.auto import tqdm
-
             # tqdm.write: on a line of its own, not after the progress bar
             tqdm.write(f"{self.prog}: {signal_name(signum)} again; stopping now without a checkpoint", file=sys.stderr)
             sys.stderr.flush()
@@ -100,8 +100,6 @@ class StopRequest:
         """
         local = self.signum or 0
         if accelerator is not None and accelerator.num_processes > 1:
-            import torch.distributed as dist
-
             flag = torch.tensor([local], dtype=torch.int64, device=accelerator.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             local = int(flag.item())

@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 REDACTED = "<redacted>"
 
@@ -133,8 +135,6 @@ class RedactingStream:
 @contextlib.contextmanager
 def redacted_stderr():
     """Redact secrets in everything written to ``sys.stderr`` inside the block."""
-    import sys
-
     saved = sys.stderr
     sys.stderr = RedactingStream(saved)
     try:
@@ -156,8 +156,6 @@ def redact_yaml_file(path: Path) -> None:
 
 def _redacted(cfg) -> tuple[str, dict[str, Any]]:
     """A resolved OmegaConf config as YAML text with its secrets redacted, and the redacted values."""
-    from omegaconf import OmegaConf
-
     clean, found = redact(OmegaConf.to_container(cfg, resolve=True))
     return OmegaConf.to_yaml(OmegaConf.create(clean)), found
 

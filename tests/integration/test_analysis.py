@@ -19,7 +19,7 @@ from mole.utils.errors import MoleConfigError
 
 
 def _train(name: str, root: Path, *overrides: str) -> Path:
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     run_dir = root / name
     run_train(compose_tiny(overrides), run_dir)
@@ -36,7 +36,7 @@ def _val_token_count(run_dir: Path) -> tuple[int, int]:
     """Real tokens and sequences of the run's validation records, counted without mole.analysis."""
     from mole.data import encode_records, load_datasets
     from mole.model.tokenizer import byte_tokenizer
-    from mole.pipeline import load_run_config
+    from mole.run_dir import load_run_config
 
     cfg = load_run_config(run_dir)
     _, val = load_datasets(cfg.data, seed=cfg.seed)
@@ -112,7 +112,7 @@ def test_every_router_kind_gives_consistent_statistics(method, tmp_path):
 def test_per_task_limit_and_data_override(runs, tmp_path):
     from omegaconf import OmegaConf
 
-    from mole.pipeline import load_run_config
+    from mole.run_dir import load_run_config
 
     data = load_run_config(runs["mola"]).data
     data = OmegaConf.merge(data, {"val_size": 0})
@@ -125,7 +125,7 @@ def test_per_task_limit_and_data_override(runs, tmp_path):
 def test_validation_split_matches_training(runs):
     from mole.data import load_datasets
     from mole.data.sources import read_records
-    from mole.pipeline import load_run_config
+    from mole.run_dir import load_run_config
 
     cfg = load_run_config(runs["mola"])
     _, val = load_datasets(cfg.data, seed=cfg.seed)

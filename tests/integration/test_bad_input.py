@@ -106,7 +106,7 @@ BASE_CASES = [
     Case("unknown-router", "train", ("router=nope",), ("router/nope", "available options in 'router'"), SUB),
     Case("unknown-router-params", "params", ("router=nope",), ("router/nope",)),
     Case("unknown-preset", "params", ("method=nope",), ("method/nope", "mola_mor"), SUB),
-    Case("top-k-above-experts", "params", ("router.top_k=3",), ("router.top_k=3", "experts (2)")),
+    Case("top-k-above-experts", "params", ("router.selection.top_k=3",), ("router.selection.top_k=3", "experts (2)")),
     Case("top-k-zero", "params", ("router=topk", "router.top_k=0"), ("router.top_k", "positive integer")),
     Case("per-layer-wrong-length", "params", ("experts.per_layer=[2,2]", "experts.groups=null"),
          ("experts.per_layer", "2 layers", "has 4")),
@@ -116,12 +116,25 @@ BASE_CASES = [
     Case("top-p-above-one", "params", ("router=dynamic", "router.top_p=1.5"), ("router.top_p", "(0, 1]")),
     Case("tau-max-above-one", "params", ("router=threshold", "router.tau_max=1.2"), ("router.tau_max", "(0, 1]")),
     Case("tau-max-zero", "params", ("router=threshold", "router.tau_max=0"), ("router.tau_max", "(0, 1]")),
-    Case("unknown-placement", "params", ("router.placement=everywhere",), ("router.placement", "linear")),
+    Case("unknown-placement", "params", ("experts.placement=everywhere",), ("experts.placement", "linear")),
+    # keys that moved: the old override names the new key
+    Case("moved-placement", "train", ("router.placement=layer",), ("router.placement moved to experts.placement",
+         "experts.placement=layer"), SUB),
+    Case("moved-level", "params", ("router.level=instance",), ("experts.level=instance",)),
+    Case("moved-select", "params", ("router.select=dynamic",), ("router.select", "router/selection=dynamic")),
+    Case("mor-flat-selection-key", "params", ("router.top_p=0.5",), ("router.top_p", "router.selection.top_p=0.5")),
+    Case("moved-placement-appended", "params", ("+router.placement=layer",), ("experts.placement",)),
     Case("rank-zero", "params", ("adapter.rank=0",), ("adapter.rank", "got 0")),
     Case("rank-negative", "params", ("adapter.rank=-4",), ("adapter.rank", "got -4")),
     Case("dropout-one", "params", ("adapter.dropout=1.0",), ("adapter.dropout", "[0, 1)")),
     Case("bad-architecture", "params", ("model.hidden_size=-3",), ("model.config", "hidden size")),
     Case("bad-dtype", "params", ("model.dtype=int8",), ("model.dtype", "int8")),
+    Case("gguf-missing-file", "params", ("model.source=gguf", "+model.gguf={tmp}/nope.gguf"),
+         ("model.gguf", "nope.gguf", "no such file"), SUB),
+    Case("gguf-not-in-package", "params", ("model.source=gguf", "+model.gguf=omegaconf:nope.gguf"),
+         ("model.gguf", "omegaconf", "holds no file 'nope.gguf'")),
+    Case("gguf-not-a-gguf-file", "params", ("model.source=gguf", "+model.gguf={tmp}/m.gguf"),
+         ("model.gguf", "m.gguf", "not a GGUF file"), setup=_write("m.gguf", "not a model")),
     Case("unknown-key-params", "params", ("trainer.foo=1",), ("trainer.foo",)),
     # -- how to optimise --
     Case("unknown-trainer-key", "train", ("trainer.foo=1",), ("trainer.foo", "+trainer.foo=1"), SUB),
@@ -372,7 +385,8 @@ CONFIG_CASES = [
     Case("q-zero-dynmole", "train", ("method=dynmole", "router.q=0"), ("router.q", "Tsallis", "got 0"),
          absent=("loss.tsallis",)),
     Case("q-negative", "params", ("router=dynamic", "router.q=-1"), ("router.q", "got -1")),
-    Case("q-inf", "params", ("router=crw", "router.q=inf"), ("router.q", "got inf")),
+    Case("q-inf", "params", ("router=crw", "router/selection=dynamic", "router.selection.q=inf"),
+         ("router.selection.q", "got inf")),
     Case("top-p-nan", "params", ("router=topp", "router.top_p=nan"), ("router.top_p", "(0, 1]", "got nan")),
     Case("top-k-a-word", "params", ("router=topk", "router.top_k=abc"), ("router.top_k", "'abc'")),
     Case("block-adapter-key", "params", ("method=moa_soft", "adapter.blocks.parallel_adapter.bottleneck=0"),
@@ -578,7 +592,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Finished tiny runs (untrained: max_steps=0) of two methods, and an interrupted one with a checkpoint."""
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     root = tmp_path_factory.mktemp("bad_input") / "_runs"
     out = {}

@@ -10,7 +10,8 @@ from conftest import TINY
 from mole.config import compose_config
 from mole.eval.harness import RESULTS_FILENAME, evaluate_model
 from mole.model.base import build_model
-from mole.pipeline import run_eval, run_train
+from mole.recipes.evaluate import run_eval
+from mole.recipes.train import run_train
 from mole.utils.errors import MoleConfigError
 
 

@@ -17,7 +17,7 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from mole.config import compose_config
-from mole.pipeline import run_train
+from mole.recipes.train import run_train
 
 # ---- a NaN / inf loss ----
 

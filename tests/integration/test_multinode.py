@@ -22,13 +22,13 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from mole.config import compose_config
-from mole.pipeline import run_train
+from mole.recipes.train import run_train
 from mole.training import checkpoint as ckpt
 from mole.training.args import TrainArgs
 from mole.training.distributed import DistributedArgs
 from mole.training.launch import free_port, launch_command
-from mole.training.slurm import slurm_task
 from mole.utils.errors import MoleConfigError
+from mole.utils.slurm import slurm_task
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 COMMON = [*TINY, "method=mola", "loss=none", "trainer.max_steps=3", "trainer.lr=1e-2", "trainer.eval_every=0"]
@@ -415,10 +415,10 @@ def _slurm_job_task(tmp_path: Path, monkeypatch, rank: int) -> tuple[Path, Path,
     from hydra.core.singleton import Singleton
     from hydra.types import HydraContext, RunMode
 
-    import mole.pipeline
     from mole import CONF_DIR
     from mole.cli import sweep
     from mole.cli import train as train_cli
+    from mole.recipes import train as train_recipe
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID", "SLURM_RESTART_COUNT"):
@@ -428,8 +428,8 @@ def _slurm_job_task(tmp_path: Path, monkeypatch, rank: int) -> tuple[Path, Path,
     for key, value in {**_slurm_vars(rank), "SUBMITIT_EXECUTOR": "slurm"}.items():  # submitit's sbatch script sets it
         monkeypatch.setenv(key, value)
     calls = []
-    monkeypatch.setattr(mole.pipeline, "run_train",
-                        lambda cfg, run_dir: (logging.getLogger("mole.pipeline").info("training"),  # opens train.log
+    monkeypatch.setattr(train_recipe, "run_train",
+                        lambda cfg, run_dir: (logging.getLogger("mole.recipes.train").info("training"),  # opens train.log
                                               calls.append((str(run_dir), os.environ.get("RANK")))))
     sweep_dir = tmp_path / "sweep"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -116,13 +116,13 @@ def test_untrained_checkpoint_scores_what_plain_lm_eval_gives_the_base_model(run
     from omegaconf import OmegaConf
 
     from mole.eval.benchmarks import RENDERED_SUBDIR
-    from mole.model.smollm2 import load_smollm2
+    from mole.model.base import build_model
 
     run_dir, acc = runs["untrained"].result()
     cfg = OmegaConf.load(run_dir / "config.yaml")
     torch.set_num_threads(THREADS)
     wall, cpu = time.perf_counter(), time.process_time()
-    model, tok = load_smollm2(cfg.model.cache_dir)  # the bare base model: no adapter anywhere
+    model, tok = build_model(cfg.model)  # the bare base model: no adapter anywhere
     manager = TaskManager(include_path=str(run_dir / "eval" / RENDERED_SUBDIR), include_defaults=False)
     raw = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=EVAL_BATCH), tasks=["boolq"],
                           task_manager=manager, limit=N_TEST, log_samples=False)

@@ -140,7 +140,7 @@ def test_a_preempted_submitit_job_checkpoints_then_requeues_and_the_requeued_job
     ends bit for bit as the uninterrupted one: tests/unit/training/test_checkpoint.py)."""
     import mole.training.loop as loop
     from mole.config import compose_config
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
     from tests.unit.training.test_checkpoint import RESUME
 
     for name in ("SLURM_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK"):

@@ -12,7 +12,7 @@ import math
 import pytest
 from sweep_jobs import all_jobs, composer, sweep_file
 
-from mole.pipeline import build_mole_model, parameter_report
+from mole.build import build_mole_model, parameter_report
 from mole.training.args import TrainArgs
 
 HYBRID = "mole.routers.HybridRouter"

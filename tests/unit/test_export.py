@@ -13,13 +13,14 @@ import torch
 from conftest import compose_tiny
 from omegaconf import OmegaConf
 
+from mole.build import build_mole_model
 from mole.cli.export import main
 from mole.config import CONF_DIR
 from mole.export import export_run, logit_difference, run_shape
 from mole.generate import load_run
 from mole.model.base import build_model
 from mole.model.state import ADAPTER_FILE, save_adapter
-from mole.pipeline import CONFIG_FILE, build_mole_model
+from mole.run_dir import CONFIG_FILE
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 TOL = 1e-5  # float32 logits of magnitude ~1
@@ -165,7 +166,7 @@ def test_every_preset_exports_to_each_of_its_formats(method, tmp_path):
 @pytest.mark.slow
 def test_lm_eval_on_an_hf_export_gives_mole_eval_accuracy(tmp_path):
     from mole.eval.harness import render_shipped_tasks
-    from mole.pipeline import run_eval
+    from mole.recipes.evaluate import run_eval
 
     run = make_run(tmp_path, "hmora_lw", "eval=fixtures")
     mole_acc = run_eval(run, {"tasks": ["mole_mc"], "benchmarks": []})["results"]["mole_mc"]["acc,none"]

@@ -12,14 +12,15 @@ import pytest
 import torch
 from conftest import compose_tiny
 
+from mole.build import build_mole_model
 from mole.cli.generate import main, split_args
 from mole.config import CONF_DIR
 from mole.generate import GenerationSettings, generate_texts, generation_config, load_run
-from mole.pipeline import build_mole_model, run_train
+from mole.recipes.train import run_train
 from mole.routers.context import routing_inputs
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
-CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("router.level=instance",))]
+CASES = [*[(m, ()) for m in PRESETS], ("moa_soft", ("experts.level=instance",))]
 PROMPTS = ["Hello there, how", "Question: which is a planet? Answer:"]  # different lengths: left padding
 NEW_TOKENS = 4
 

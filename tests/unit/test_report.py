@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mole.report import find_jobs, read_job, write_report
+from mole.recipes.report import write_report
+from mole.report import find_jobs, read_job
 from mole.utils.errors import MoleConfigError
 
 

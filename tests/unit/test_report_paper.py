@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mole.report import write_report
+from mole.recipes.report import write_report
 from mole.report_paper import PaperLayout, expected_grid, overrides_dict
 from mole.utils.errors import MoleConfigError
 

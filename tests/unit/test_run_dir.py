@@ -39,7 +39,7 @@ def _error_lines(err: str) -> list[str]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A finished tiny run (untrained: max_steps=0)."""
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     path = tmp_path_factory.mktemp("run_dir") / "finished"
     run_train(compose_config(TRAIN), path)
@@ -157,6 +157,22 @@ def test_config_differences_fill_a_key_absent_on_one_side_with_its_default():
     assert rd.config_differences(old, right, defaults=defaults) == ["data.truncation"]
 
 
+def test_a_run_written_with_the_smollm2_source_is_the_same_run_on_the_gguf_source():
+    """``model.source: smollm2`` (SmolLM2's own converter) is read as the GGUF source with the preset's file
+    and cache, so re-running, resuming and evaluating such a run need no ``force=true``."""
+    from omegaconf import OmegaConf
+
+    current = compose_config([*TRAIN, "model=smollm2_135m"])
+    old = current.copy()
+    old.model = OmegaConf.create({k: v for k, v in OmegaConf.to_container(current.model).items()
+                                  if k not in ("gguf", "cache_name")})
+    old.model.source = "smollm2"
+    assert rd.config_differences(old, current) == []
+    assert rd.config_differences(old, compose_config([*TRAIN, "model=smollm2_135m", "model.cache_name=other"])) == [
+        "model.cache_name"]
+    assert rd.config_differences(old, compose_config(TRAIN)) != []  # another model is still another run
+
+
 def _train_cli(cfg, run_dir: Path, capsys) -> tuple[int, str]:
     from mole.cli.train import _single_run
 
@@ -193,7 +209,7 @@ def test_mole_train_on_a_finished_run_without_a_readable_config_stops(finished, 
 
 
 def test_force_trains_over_a_finished_run(finished, tmp_path):
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)

@@ -239,7 +239,7 @@ def test_prompt_uses_rotated_queries_unrotated_prompt_keys_and_shares_kv_heads()
 
 
 def test_prompt_zero_gate_is_the_base_model(tiny_cfg):
-    from mole.pipeline import build_mole_model
+    from mole.build import build_mole_model
 
     base, _, _ = build_mole_model(tiny_cfg("experts=single", "router=none", "experts.targets=[q_proj]"))
     model, _, rep = build_mole_model(tiny_cfg("method=llama_adapter"))
@@ -308,7 +308,7 @@ def test_mixlora_fresh_block_is_the_base_ffn():
 
 
 def test_mixlora_rejects_ffn_linears_that_already_carry_experts(tiny_cfg):
-    from mole.pipeline import build_mole_model
+    from mole.build import build_mole_model
 
     with pytest.raises(MoleConfigError, match="ffn_expert replaces the FFN block"):
         build_mole_model(tiny_cfg("method=mixlora", "experts.single_targets=[q_proj,up_proj]"))
@@ -328,7 +328,7 @@ def test_layer_selection():
 
 
 def test_block_adapter_with_linear_targets_is_a_config_error(tiny_cfg):
-    from mole.pipeline import build_mole_model
+    from mole.build import build_mole_model
 
     with pytest.raises(MoleConfigError, match=r"adapts blocks, not Linears.*experts.targets"):
         build_mole_model(tiny_cfg("adapter=parallel_adapter"))
@@ -337,8 +337,8 @@ def test_block_adapter_with_linear_targets_is_a_config_error(tiny_cfg):
 
 
 def test_parallel_adapter_mixture_with_its_own_routers(tiny_cfg):
+    from mole.build import build_mole_model, parameter_report
     from mole.model.routing import collect_routing
-    from mole.pipeline import build_mole_model, parameter_report
 
     model, _, rep = build_mole_model(tiny_cfg("adapter=parallel_adapter", "experts=uniform_5", "experts.targets=[]",
                                               "router=soft"))

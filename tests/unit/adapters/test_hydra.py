@@ -7,8 +7,8 @@ import torch
 
 from mole.adapters import HydraLoRAExperts
 from mole.bench.loops import hydra_reference
+from mole.build import build_mole_model, parameter_report
 from mole.model.inject import mole_layers
-from mole.pipeline import build_mole_model, parameter_report
 from mole.training import TrainArgs
 from mole.training.optim import build_optimizer, build_scheduler
 from mole.utils.errors import MoleConfigError

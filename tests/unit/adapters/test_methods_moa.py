@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from mole.adapters.prompt import apply_rope
+from mole.build import build_aux_losses, build_mole_model, parameter_report
 from mole.data import Collator, encode_records, load_datasets
 from mole.model.state import load_adapter, save_adapter
-from mole.pipeline import build_aux_losses, build_mole_model, parameter_report, run_eval, run_train
+from mole.recipes.evaluate import run_eval
+from mole.recipes.train import run_train
 from mole.training import TrainArgs
 from mole.training.loop import loss_step
 from mole.training.optim import build_optimizer

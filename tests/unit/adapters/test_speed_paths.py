@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -16,13 +18,14 @@ from torch import nn
 from mole.adapters import FFNLoRAExperts, LoRAExperts
 from mole.adapters.ffn import max_active
 from mole.bench.loops import mixlora_reference
+from mole.build import build_aux_losses, build_mole_model
 from mole.model.routing import collect_routing
-from mole.pipeline import build_aux_losses, build_mole_model
 from mole.routers import SoftRouter, TopKRouter
 from mole.routers.base import param_dtype, run_router
 from mole.routers.context import RoutingContext
 from mole.routers.hybrid import TaskEncoder
 from mole.routers.mor import MoRRouter
+from mole.routers.select import Soft, TopK
 from mole.routers.threshold import ThresholdRouter
 from tests.conftest import assert_same_outputs_and_grads, compose_tiny
 
@@ -79,7 +82,7 @@ def _mixlora_layer(router: nn.Module, num_experts: int = 4):
     [
         (lambda: SoftRouter(8, 4), 4),  # every expert: k = E pairs per token
         (lambda: ThresholdRouter(8, 4, gate="sigmoid", tau_max=0.9, learnable=False), 4),
-        (lambda: MoRRouter(8, 4, n_routers=2, top_k=3), 3),
+        (lambda: MoRRouter(8, 4, n_routers=2, selection=partial(TopK, top_k=3)), 3),
     ],
 )
 def test_mixlora_static_pairs_equal_the_per_expert_loop(make_router, k):
@@ -105,8 +108,8 @@ def test_mixlora_tokens_without_experts_output_zero():
 
 def test_max_active_is_the_top_k_or_every_expert():
     assert max_active(TopKRouter(8, 6, top_k=2), 6) == 2
-    assert max_active(MoRRouter(8, 6, top_k=3), 6) == 3
-    assert max_active(MoRRouter(8, 6, select="soft"), 6) == 6
+    assert max_active(MoRRouter(8, 6, selection=partial(TopK, top_k=3)), 6) == 3
+    assert max_active(MoRRouter(8, 6, selection=Soft), 6) == 6
     assert max_active(SoftRouter(8, 6), 6) == 6
 
 
@@ -145,6 +148,10 @@ def test_param_dtype_follows_the_module_after_a_cast():
     router.to(torch.float64)
     assert param_dtype(router) == torch.float64
     assert param_dtype(nn.ReLU()) is None
+    # found generically, whatever the router names its weight (here two levels down, in float16)
+    odd = nn.Module()
+    odd.scorer = nn.Sequential(nn.Identity(), nn.Linear(4, 3, dtype=torch.float16))
+    assert param_dtype(odd) == torch.float16
     x = torch.randn(5, 4)  # fp32 input
     with pytest.raises(RuntimeError):
         router.gate(x)  # a float64 Linear refuses fp32 input...

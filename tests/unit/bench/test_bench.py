@@ -11,8 +11,8 @@ import torch
 from mole.bench.cli import main
 from mole.bench.compiling import compile_model, configure_dynamo
 from mole.bench.loops import lora_gather_loop, swap_in_loops
+from mole.build import build_mole_model
 from mole.model.inject import decoder_layers
-from mole.pipeline import build_mole_model
 from tests.conftest import compose_tiny
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from mole.adapters import LoRAExperts
 from mole.bench.loops import lora_gather_loop, lora_loramoe_loop, lora_reference, swap_in_loops
-from mole.pipeline import build_mole_model
+from mole.build import build_mole_model
 from tests.conftest import compose_tiny
 
 

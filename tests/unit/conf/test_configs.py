@@ -5,23 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_tiny
+from conftest import TINY, compose_tiny, partners
 
 from mole import CONF_DIR
+from mole.build import build_aux_losses, build_mole_model
 from mole.config import compose_config
 from mole.data import load_datasets
-from mole.pipeline import build_aux_losses, build_mole_model
 from mole.training import TrainArgs
 
 GROUPS = ["model", "method", "router", "experts", "adapter", "loss", "data", "trainer", "eval", "distributed", "paths"]
-# options that need a partner choice to make sense on their own
-PARTNERS = {("router", "none"): ["experts=single"], ("experts", "single"): ["router=none"], ("data", "local"): ["data.path=${mole_fixture:mc_train.json}"],
-            # adapters of blocks or of the whole model adapt no Linear unless told to
-            **{("adapter", a): ["experts.targets=[]"] for a in ("parallel_adapter", "prompt", "ffn_expert", "full_finetune", "prompt_tuning")},
-            ("adapter", "dora"): ["experts=single", "router=none"],
-            # the papers' data sets read files under data.root (or the Hub); here their shipped smoke fixtures
-            **{("data", p.stem): ["data.smoke=true"] for p in (Path(CONF_DIR) / "data").glob("*.yaml")
-               if p.stem not in ("fixtures", "local")}}
 
 
 def _options():
@@ -32,7 +24,7 @@ def _options():
 
 @pytest.mark.parametrize("group, option", list(_options()))
 def test_every_config_option_composes_and_builds(group, option):
-    overrides = [*TINY, f"{group}={option}", *PARTNERS.get((group, option), [])]
+    overrides = [*TINY, f"{group}={option}", *partners(group, option)]
     if group == "model":
         overrides = [o for o in overrides if not o.startswith("model=")] + [f"model={option}"]
     cfg = compose_tiny(overrides, base=[])

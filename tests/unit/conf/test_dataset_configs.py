@@ -124,7 +124,7 @@ def test_bad_source_is_rejected():
 
 def test_smoke_training_run_evaluates_the_natural_test_sets(tmp_path):
     """debug=smoke end to end: math14k -> the six math benchmarks by generation, on tiny_llama, offline."""
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     cfg = compose_config(["debug=smoke", "data=math14k", "eval=same_as_data"])
     metrics = run_train(cfg, tmp_path / "run")

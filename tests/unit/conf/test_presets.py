@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from mole import CONF_DIR
+from mole.build import build_aux_losses, build_mole_model
 from mole.data import Collator, encode_records, load_datasets
 from mole.model.base import build_model
 from mole.model.blocks import BlockExperts
 from mole.model.state import load_adapter, save_adapter
-from mole.pipeline import build_aux_losses, build_mole_model, run_eval, run_train
+from mole.recipes.evaluate import run_eval
+from mole.recipes.train import run_train
 from mole.training import TrainArgs
 from mole.training.loop import loss_step
 from mole.training.optim import build_optimizer
@@ -113,7 +115,7 @@ def test_preset_trains_every_parameter_lowers_the_loss_and_round_trips(tiny_cfg,
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_and_evaluates_through_the_commands(tiny_cfg, tmp_path, preset):
     """What `mole-train method=<preset>` and `mole-eval checkpoint=<run>` run (the commands themselves are
-    exercised as subprocesses in test_pipeline.py): train with lm-eval at the end, then re-evaluate the
+    exercised as subprocesses in recipes/test_recipes.py): train with lm-eval at the end, then re-evaluate the
     saved checkpoint and get the same accuracy."""
     cfg = tiny_cfg(f"method={preset}", "eval=fixtures", "eval.tasks=[mole_yesno]", "eval.limit=6")
     metrics = run_train(cfg, tmp_path)

@@ -136,7 +136,7 @@ def test_table1_and_table2_rows():
             assert rows["hydralora"].adapter._target_ == "mole.adapters.HydraLoRAExperts"
             assert rows["adamole"].router.gate == "softmax" and rows["moa_sparse"].router.gate == "sigmoid"
             assert rows["moa_soft"].router._target_ == "mole.routers.SigmoidRouter"
-            assert rows["moa_soft"].router.placement == "layer" and rows["moa_sparse"].router.tau_max == 0.5
+            assert rows["moa_soft"].experts.placement == "layer" and rows["moa_sparse"].router.tau_max == 0.5
 
 
 def test_table1_trainable_parameters():
@@ -154,7 +154,7 @@ def test_table3_rows_and_parameters():
         rows = {r: make("moa_table3", [f"row=moa_table3/{r}", "data=math14k"]) for r in T3_ROWS}
     assert rows["composition"].router._target_ == "mole.routers.no_router"
     assert rows["composition_softmax"].router._target_ == "mole.routers.SoftRouter"
-    assert rows["composition_softmax"].router.placement == "layer"
+    assert rows["composition_softmax"].experts.placement == "layer"
     assert rows["lora_sigmoid"].adapter.blocks == {"parallel_adapter": None, "prompt": None}
     assert rows["prompt"].adapter.layers is None and rows["prompt"].adapter.length == 10
 
@@ -176,7 +176,7 @@ def test_table4_rows():
 def test_table5_rows():
     with composer() as make:
         rows = {r: make("moa_table5", [f"row=moa_table5/{r}", "data=commonsense15k"]) for r in T5_ROWS}
-    assert [rows[r].router.level for r in T5_ROWS] == ["instance", "token", "token"]
+    assert [rows[r].experts.level for r in T5_ROWS] == ["instance", "token", "token"]
     assert [rows[r].method_name for r in T5_ROWS] == ["moa_soft", "moa_soft", "moa_sparse"]
 
 

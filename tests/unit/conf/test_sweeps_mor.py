@@ -21,19 +21,28 @@ from sweep_jobs import (
     sweep_defaults,
 )
 
-from mole.pipeline import init_from_run
+from mole.recipes.train import init_from_run
 from mole.training.args import TrainArgs
 from mole.utils.errors import MoleConfigError
 
 SWEEPS = ["mor_table2_stage1", "mor_table2", "mor_table3"]
 TASKS = ["scienceqa", "commonsenseqa", "openbookqa", "mrpc", "cola", "rte"]
 METHODS = ["lora", "mola", "mola_mor", "mola_crw"]
-ROUTERS = {
-    "lora": "mole.routers.no_router",
-    "mola": "mole.routers.TopKRouter",
-    "mola_mor": "mole.routers.MoRRouter",
-    "mola_crw": "mole.routers.CRWRouter",
+ROUTERS = {  # _target_ and whether the sub-routers weigh equally (CRW: conf/router/crw.yaml over mor.yaml)
+    "lora": ("mole.routers.no_router", None),
+    "mola": ("mole.routers.TopKRouter", None),
+    "mola_mor": ("mole.routers.MoRRouter", None),
+    "mola_crw": ("mole.routers.MoRRouter", True),
 }
+
+
+def _router(cfg) -> tuple:
+    return cfg.router._target_, cfg.router.get("equal_weights")
+
+
+def _top_k(cfg) -> int:
+    """The experts kept per token: a top-k router's own key, MoR/CRW's selection's."""
+    return cfg.router.selection.top_k if "selection" in cfg.router else cfg.router.top_k
 
 
 def test_grids_have_the_papers_table_sizes():
@@ -89,7 +98,7 @@ def test_stage1_instruction_tunes_each_method_once():
             _check_table1_settings(cfg, epochs=3)
             assert cfg.trainer.init_from is None
             assert cfg.method_name == job[0].split("=")[1]
-            assert cfg.router._target_ == ROUTERS[cfg.method_name]
+            assert _router(cfg) == ROUTERS[cfg.method_name]
 
 
 @pytest.mark.parametrize("jobs_of", [covering_jobs, pytest.param(all_jobs, marks=pytest.mark.slow)])
@@ -117,11 +126,11 @@ def test_stage2_and_table3_rows():
         for method in METHODS:
             cfg = make("mor_table2", [f"method={method}", "data=rte", "trainer.epochs=15"])
             _check_table1_settings(cfg, epochs=15)
-            assert cfg.router._target_ == ROUTERS[method]
+            assert _router(cfg) == ROUTERS[method]
             if method == "lora":
                 assert cfg.experts.num_experts == 1 and dict(cfg.loss) == {}
             else:  # MoLA 2-4-6-8, top-2, balance loss (on the main router for MoR)
-                assert list(cfg.experts.groups) == [2, 4, 6, 8] and cfg.router.top_k == 2
+                assert list(cfg.experts.groups) == [2, 4, 6, 8] and _top_k(cfg) == 2
                 assert list(cfg.loss) == ["balance"]
             if method in ("mola_mor", "mola_crw"):
                 assert cfg.router.n_routers == 2
@@ -130,11 +139,11 @@ def test_stage2_and_table3_rows():
             cfg = make("mor_table3", [f"row={value}", "data=cola", "trainer.epochs=20"])
             _check_table1_settings(cfg, epochs=20)
             n = expected[value.split("/")[1]]
-            assert list(cfg.experts.groups) == [2, 4, 6, 8] and cfg.router.top_k == 2
+            assert list(cfg.experts.groups) == [2, 4, 6, 8] and _top_k(cfg) == 2
             if n is None:
-                assert cfg.method_name == "mola" and cfg.router._target_ == ROUTERS["mola"]
+                assert cfg.method_name == "mola" and _router(cfg) == ROUTERS["mola"]
             else:
-                assert cfg.method_name == "mola_mor" and cfg.router._target_ == ROUTERS["mola_mor"]
+                assert cfg.method_name == "mola_mor" and _router(cfg) == ROUTERS["mola_mor"]
                 assert cfg.router.n_routers == n and cfg.router.main_top_k is None
 
 

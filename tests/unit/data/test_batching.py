@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mole.build import build_loaders
 from mole.data.collate import Collator, length_grouped_sampler, padding_fraction
-from mole.pipeline import build_loaders
 from mole.training import checkpoint as ckpt
 from mole.training.args import TrainArgs
 from mole.utils.errors import MoleConfigError

@@ -4,7 +4,6 @@ prompts in training and evaluation."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -52,9 +51,10 @@ def test_mask_is_every_assistant_turn_of_the_rendered_chat():
 
 @pytest.mark.slow
 def test_mask_is_every_assistant_turn_with_smollm2s_own_template():
-    from mole.model.smollm2 import load_smollm2
+    from mole.config import compose_config
+    from mole.model.base import build_model
 
-    _, tok = load_smollm2(os.environ.get("MOLE_CACHE_DIR", os.path.expanduser("~/.cache/mole")))
+    _, tok = build_model(compose_config(["model=smollm2_135m"]).model)
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     for rec in read_message_records(fixture_path("chat_train.json")):
         _check_mask_is_the_assistant_spans(tok, rec["messages"])
@@ -120,7 +120,7 @@ def test_training_and_evaluation_prompts_are_identical(tmp_path, template):
 
     from mole.eval.benchmarks import EvalSettings, render_benchmarks
     from mole.eval.harness import render_shipped_tasks
-    from mole.pipeline import eval_prompt
+    from mole.recipes.evaluate import eval_prompt
 
     tok = byte_tokenizer()
     prompt = eval_prompt(tok, template)
@@ -146,7 +146,7 @@ def test_training_and_evaluation_prompts_are_identical(tmp_path, template):
 
 
 def test_chat_run_trains_and_evaluates_with_its_template(tiny_cfg, tmp_path):
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     metrics = run_train(tiny_cfg("data=chat", "eval=fixtures", "eval.tasks=[mole_yesno]", "eval.limit=2",
                                  "trainer.max_steps=2"), tmp_path)

@@ -94,15 +94,17 @@ def test_split_counts_truncated_dropped_and_empty_outputs():
 
 @pytest.mark.slow
 def test_answers_survive_with_the_real_tokenizer():
-    from mole.model import smollm2
+    from mole.model.base import build_model
+    from mole.model.gguf_file import resolve
+    from mole.utils.errors import MoleConfigError
 
     pytest.importorskip("gguf", reason="the gguf package is needed to read the SmolLM2 GGUF file")
+    model_cfg = compose_config(["model=smollm2_135m"]).model
     try:
-        smollm2.find_gguf()
-    except smollm2.SmolLM2NotFoundError as exc:
+        resolve(model_cfg.gguf)
+    except MoleConfigError as exc:
         pytest.skip(str(exc))
-    cache = compose_config(["model=smollm2_135m"]).model.cache_dir
-    _, tok = smollm2.load_smollm2(cache)
+    _, tok = build_model(model_cfg)
     rec = _rec("Please choose the correct answer to the question: " + "which planet? " * 60,
                "the correct answer is answer3")
     full = encode_record(rec, tok, cutoff_len=4096)

@@ -219,8 +219,9 @@ def test_converters_write_the_llm_adapters_layout():
 
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
+    from mole.build import build_mole_model
     from mole.config import compose_config
-    from mole.pipeline import build_mole_model, evaluate
+    from mole.recipes.evaluate import evaluate
 
     cfg = compose_config(["debug=smoke", "eval=fixtures", "eval.tasks=[]",
                           "eval.benchmarks=[arc_e,cola,mmlu,gsm8k,aqua,piqa,siqa]"])

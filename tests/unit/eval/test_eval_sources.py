@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY
 
 import mole
-import mole.pipeline as pipeline
+import mole.recipes.evaluate as evaluate_recipe
+import mole.recipes.train as train_recipe
 from mole.config import compose_config
 from mole.data.prompts import ALPACA_NO_INPUT, ALPACA_STOP, ALPACA_WITH_INPUT
 
@@ -29,13 +30,14 @@ def test_the_alpaca_template_is_written_once():
 @pytest.fixture
 def counted(monkeypatch):
     calls = []
-    check = pipeline.check_eval_config
+    check = evaluate_recipe.check_eval_config
 
     def counting(eval_cfg):
         calls.append(list(eval_cfg.get("tasks") or []))
         return check(eval_cfg)
 
-    monkeypatch.setattr(pipeline, "check_eval_config", counting)
+    for recipe in (evaluate_recipe, train_recipe):  # each recipe calls it by its own name
+        monkeypatch.setattr(recipe, "check_eval_config", counting)
     return calls
 
 
@@ -46,7 +48,7 @@ def test_each_eval_config_is_checked_once(counted, tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_config([*TINY, "eval=fixtures", "eval.tasks=[mole_mc]", "eval.limit=2", "eval.at_end=true",
                           "eval.val_tasks=[mole_yesno]", "trainer.val_acc_every=1"])
-    metrics = pipeline.run_train(cfg, run_dir)
+    metrics = train_recipe.run_train(cfg, run_dir)
     assert "mole_mc" in metrics["eval"] and len(metrics["val_acc"]) >= 2
     assert counted == [["mole_mc"], ["mole_yesno"]]
     # mole-eval: once, before anything is written

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TINY
 
+from mole.build import build_aux_losses
 from mole.config import compose_config
 from mole.losses import TsallisLoss
-from mole.pipeline import build_aux_losses
 from mole.routers import DynamicRouter, RouterOutput
 from mole.utils.errors import MoleConfigError
 

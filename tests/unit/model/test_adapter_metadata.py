@@ -11,8 +11,8 @@ from conftest import compose_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mole.build import build_mole_model
 from mole.model.state import ADAPTER_FILE, load_adapter, save_adapter, trainable_state_dict
-from mole.pipeline import build_mole_model
 from mole.utils.errors import MoleConfigError
 
 

@@ -18,13 +18,14 @@ import torch
 import torch._dynamo as dynamo
 from safetensors.torch import load_file
 
+from mole.build import build_aux_losses, build_mole_model
 from mole.config import CONF_DIR, compose_config
 from mole.config_schema import validate_config
 from mole.data.collate import Collator
 from mole.memory import padded_batch
 from mole.model.compile import CompileClock, compile_decoder_layers, compile_wanted
 from mole.model.inject import decoder_layers
-from mole.pipeline import build_aux_losses, build_mole_model, run_train
+from mole.recipes.train import run_train
 from mole.training.loop import loss_step
 from mole.utils.errors import MoleConfigError
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mole.build import build_mole_model, parameter_report
 from mole.model.inject import mole_layers
-from mole.pipeline import build_mole_model, parameter_report
 from mole.utils.errors import MoleConfigError
 
 
@@ -100,8 +100,9 @@ def test_injection_into_each_supported_family(model_type):
         before = model(input_ids=ids).logits
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     inject_mole(model, experts_per_layer=[2, 4], targets=targets,
-                expert_factory=lambda **kw: LoRAExperts(**kw, rank=2),
-                router_factory=lambda **kw: TopKRouter(**kw, top_k=2))
+                expert_factory=lambda in_features, out_features, num_experts, base_layer: LoRAExperts(
+                    in_features, out_features, num_experts, rank=2),
+                router_factory=lambda in_features, num_experts, **layer: TopKRouter(in_features, num_experts, top_k=2))
     assert len(mole_layers(model)) == 14
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)

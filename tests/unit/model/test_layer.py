@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -9,10 +11,10 @@ from torch import nn
 
 from mole.adapters import LoRAExperts
 from mole.bench.loops import lora_reference
+from mole.build import build_mole_model
 from mole.model.base import build_model
 from mole.model.inject import mole_layers
 from mole.model.layer import MoLELinear
-from mole.pipeline import build_mole_model
 from mole.routers import (
     CRWRouter,
     DynamicRouter,
@@ -23,6 +25,7 @@ from mole.routers import (
     TopKRouter,
     TopPRouter,
 )
+from mole.routers.select import Dynamic, Soft, TopK
 
 
 class _One(nn.Module):
@@ -62,14 +65,14 @@ def test_single_expert_equals_peft_lora_outputs_and_gradients():
 ROUTERS = {
     "soft": lambda d, e: SoftRouter(d, e),
     "topk": lambda d, e: TopKRouter(d, e, top_k=2),
-    "mor": lambda d, e: MoRRouter(d, e, n_routers=3, top_k=2),
-    "mor_soft": lambda d, e: MoRRouter(d, e, n_routers=2, top_k=None),
-    "crw": lambda d, e: CRWRouter(d, e, n_routers=2, top_k=2),
+    "mor": lambda d, e: MoRRouter(d, e, n_routers=3, selection=partial(TopK, top_k=2)),
+    "mor_soft": lambda d, e: MoRRouter(d, e, n_routers=2, selection=Soft),
+    "crw": lambda d, e: CRWRouter(d, e, n_routers=2, selection=partial(TopK, top_k=2)),
     "topp": lambda d, e: TopPRouter(d, e, top_p=0.6),
     "dynamic": lambda d, e: DynamicRouter(d, e),
     "sigmoid": lambda d, e: SigmoidRouter(d, e),
     "threshold": lambda d, e: ThresholdRouter(d, e, tau_max=0.5),
-    "mor_dynamic": lambda d, e: MoRRouter(d, e, n_routers=2, select="dynamic"),
+    "mor_dynamic": lambda d, e: MoRRouter(d, e, n_routers=2, selection=Dynamic),
 }
 
 

@@ -34,7 +34,7 @@ def _batch(seed: int = 0) -> dict:
 
 
 def _loss(model, cfg, batch) -> torch.Tensor:
-    from mole.pipeline import build_aux_losses
+    from mole.build import build_aux_losses
     from mole.training.loop import loss_step
 
     return loss_step(model, batch, build_aux_losses(cfg))[0]
@@ -43,7 +43,7 @@ def _loss(model, cfg, batch) -> torch.Tensor:
 @pytest.mark.parametrize("kind,layer,bound", [("nf4", "Linear4bit", 0.15), ("int8", "Linear8bitLt", 0.03)])
 def test_the_base_is_quantized_and_frozen_the_adapters_are_not(kind, layer, bound):
     _bnb()
-    from mole.pipeline import build_mole_model
+    from mole.build import build_mole_model
 
     cfg = compose_config([*QLORA, f"model.quantization={kind}"])
     model, _, _ = build_mole_model(cfg)
@@ -67,8 +67,8 @@ def test_the_base_is_quantized_and_frozen_the_adapters_are_not(kind, layer, boun
 @pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_on_a_quantized_base():
     _bnb()
+    from mole.build import build_mole_model
     from mole.model.base import enable_gradient_checkpointing
-    from mole.pipeline import build_mole_model
 
     cfg = compose_config(QLORA)
     runs = []
@@ -90,7 +90,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_on_a_quantized
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
     _bnb()
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     run_dir = tmp_path_factory.mktemp("qlora")
     return run_dir, run_train(compose_config([*QLORA, "trainer.max_steps=24"]), run_dir)
@@ -110,7 +110,8 @@ def test_a_qlora_run_trains_and_its_loss_falls(qlora_run):
 def test_a_qlora_adapter_round_trips_through_the_run_directory(qlora_run):
     """The adapter file holds only the adapters (float32, no quantized base weight), and the model rebuilt
     from the run directory (what ``mole-eval`` does) gives the validation loss the run recorded."""
-    from mole.pipeline import build_loaders, build_mole_model, load_run_config
+    from mole.build import build_loaders, build_mole_model
+    from mole.run_dir import load_run_config
     from mole.training.args import TrainArgs
     from mole.training.loop import validation_loss
 
@@ -132,7 +133,7 @@ def test_a_qlora_adapter_round_trips_through_the_run_directory(qlora_run):
 def test_a_resumed_qlora_run_equals_an_uninterrupted_one(kind, tmp_path, monkeypatch):
     _bnb()
     import mole.training.loop as loop
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     args = [*QLORA, f"model.quantization={kind}", "trainer.max_steps=6", "trainer.save_every=2", "adapter.dropout=0.1"]
     ref = run_train(compose_config(args), tmp_path / "ref")
@@ -208,8 +209,8 @@ def test_adapter_dtype_null_means_the_model_dtype_with_a_quantized_base():
 def test_a_quantized_base_counts_as_many_parameters_as_the_plain_one(kind):
     """The run's parameter report (and so its ``percent``) counts the quantized weights' real sizes."""
     _bnb()
+    from mole.build import build_mole_model, parameter_report
     from mole.cli.params import run
-    from mole.pipeline import build_mole_model, parameter_report
 
     meta = run(["model=tiny_llama", "method=lora"])
     model, _, report = build_mole_model(compose_config(["model=tiny_llama", "method=lora", f"model.quantization={kind}"]))

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import TINY
 
+from mole.build import build_aux_losses, build_mole_model, parameter_report
 from mole.config import compose_config
 from mole.data import Collator, encode_records, load_datasets
 from mole.model.routing import collect_routing
 from mole.model.state import load_adapter, save_adapter
-from mole.pipeline import build_aux_losses, build_mole_model, parameter_report
 from mole.routers.context import RoutingContext, routing_inputs
 from mole.routers.hybrid import HybridRouter, TaskEncoder, layer_alpha
 from mole.training import TrainArgs
@@ -368,7 +368,7 @@ SINGLE = ["experts.targets=[q_proj,k_proj,v_proj,gate_proj,up_proj]", "experts.s
         ([QWEN, "method=hmora"], 6.31),
         ([QWEN, "method=hmora_lw"], 3.90),
         # Table 11 (each design alone on HMoRA)
-        ([QWEN, "method=hmora", "router.placement=shared"], 6.22),
+        ([QWEN, "method=hmora", "experts.placement=shared"], 6.22),
         ([QWEN, "method=hmora", *SINGLE], 4.77),
         ([QWEN, "method=hmora", "adapter=hydra"], 4.46),
         # Table 10 (constant and hierarchical a_l)

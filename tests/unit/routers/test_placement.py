@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mole import CONF_DIR
+from mole.build import build_mole_model, parameter_report
 from mole.model.inject import mole_layers
 from mole.model.routing import collect_routing
-from mole.pipeline import build_mole_model, parameter_report
 from mole.utils.errors import MoleConfigError
 
 IDS = torch.randint(0, 500, (2, 7))
@@ -23,7 +23,7 @@ def _router_weights(model) -> int:
 def test_shared_routers_one_per_input_group(tiny_cfg):
     # 4 layers x 8 experts; q/k/v share one router, gate/up share one, o and down keep their own
     per_linear, _, _ = build_mole_model(tiny_cfg("experts=uniform_8", "router=soft"))
-    shared, _, rep = build_mole_model(tiny_cfg("experts=uniform_8", "router=soft", "router.placement=shared"))
+    shared, _, rep = build_mole_model(tiny_cfg("experts=uniform_8", "router=soft", "experts.placement=shared"))
     assert rep.routers_per_layer == [4, 4, 4, 4]  # qkv, gate_up, o, down
     d, e = 64, 8
     # per Linear: 7 routers of d x E per layer (every targeted Linear reads width 64 except down: 128)
@@ -38,7 +38,7 @@ def test_shared_routers_one_per_input_group(tiny_cfg):
 
 
 def test_shared_router_gives_the_same_gates_to_its_members(tiny_cfg):
-    model, _, _ = build_mole_model(tiny_cfg("experts=uniform_8", "router=topk", "router.placement=shared"))
+    model, _, _ = build_mole_model(tiny_cfg("experts=uniform_8", "router=topk", "experts.placement=shared"))
     seen = {}
     attn = model.model.layers[1].self_attn
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -52,7 +52,7 @@ def test_shared_router_gives_the_same_gates_to_its_members(tiny_cfg):
 
 def test_layer_router_weighs_every_expert_of_the_layer(tiny_cfg):
     model, _, rep = build_mole_model(
-        tiny_cfg("experts=single", "router=soft", "router.placement=layer",
+        tiny_cfg("experts=single", "router=soft", "experts.placement=layer",
                  "experts.targets=[q_proj,k_proj,v_proj,o_proj,up_proj]")
     )
     assert rep.routers_per_layer == [1, 1, 1, 1]
@@ -75,7 +75,7 @@ def test_layer_router_weighs_every_expert_of_the_layer(tiny_cfg):
 
 @pytest.mark.parametrize("placement", ["shared", "layer"])
 def test_fresh_model_with_placement_equals_base(tiny_cfg, placement):
-    cfg = tiny_cfg("experts=uniform_8", "router=soft", f"router.placement={placement}")
+    cfg = tiny_cfg("experts=uniform_8", "router=soft", f"experts.placement={placement}")
     base, _, _ = build_mole_model(tiny_cfg("experts=single", "router=none", "experts.targets=[q_proj]"))
     model, _, _ = build_mole_model(cfg)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_fresh_model_with_placement_equals_base(tiny_cfg, placement):
 
 
 def test_instance_level_routing_is_constant_within_a_sequence_and_ignores_padding(tiny_cfg):
-    model, _, _ = build_mole_model(tiny_cfg("experts=uniform_8", "router=soft", "router.level=instance"))
+    model, _, _ = build_mole_model(tiny_cfg("experts=uniform_8", "router=soft", "experts.level=instance"))
     ids = torch.randint(0, 500, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0  # sequence 2: 4 real tokens, 2 padding
@@ -128,8 +128,8 @@ def test_overlapping_single_targets_is_a_config_error(tiny_cfg):
 
 
 def test_unknown_placement_is_a_config_error(tiny_cfg):
-    with pytest.raises(MoleConfigError, match="router.placement"):
-        build_mole_model(tiny_cfg("router.placement=everywhere"))
+    with pytest.raises(MoleConfigError, match="experts.placement"):
+        build_mole_model(tiny_cfg("experts.placement=everywhere"))
 
 
 _ROUTERS = sorted(p.stem for p in (Path(CONF_DIR) / "router").glob("*.yaml") if p.stem != "none")

@@ -90,7 +90,7 @@ def test_dynamic_select_with_the_released_codes_rules():
 
 def test_dynamic_router_defaults_to_the_normalised_entropy():
     r = DynamicRouter(1, 6, q=2.0)  # threshold 0.9, top_p 0.75, keep_top_k 2
-    assert r.normalized_entropy is True
+    assert r.selection.normalized_entropy is True
     with torch.no_grad():
         r.gate.weight.zero_()  # every token uniform over 6 experts
     out = r(T([[1.0]]))
@@ -190,7 +190,7 @@ def test_learned_a_l_starts_at_eq8_and_is_trained():
 
 
 def test_parameter_count_of_hmora_ref_on_the_meta_device():
-    from mole.pipeline import build_mole_model, parameter_report
+    from mole.build import build_mole_model, parameter_report
 
     cfg = compose_config([*TINY, "method=hmora_ref"])
     model, _, rep = build_mole_model(cfg, meta=True)
@@ -478,8 +478,8 @@ def test_balance_pooled_per_layer():
 
 
 def test_routing_outputs_of_a_model_know_their_layer(tiny_cfg):
+    from mole.build import build_mole_model
     from mole.model.routing import collect_routing
-    from mole.pipeline import build_mole_model
 
     model, _, _ = build_mole_model(tiny_cfg("method=mola"))
     with torch.no_grad(), collect_routing(model) as outs:
@@ -590,7 +590,7 @@ def test_hmora_ref_trains_evaluates_and_analyses_on_raw_questions(tiny_cfg, tmp_
     from mole.data.prompts import record_question
     from mole.eval.harness import default_fixtures_dir
     from mole.model.tokenizer import byte_tokenizer
-    from mole.pipeline import run_train
+    from mole.recipes.train import run_train
 
     seen = []
     encode = TaskEncoder.encode
@@ -627,9 +627,9 @@ def test_hmora_ref_trains_evaluates_and_analyses_on_raw_questions(tiny_cfg, tmp_
 def test_task_term_per_step_equals_the_per_micro_batch_task_term_on_one_micro_batch(tiny_cfg):
     """One micro-batch, no dropout: the step's own pass gives the task routers the same distributions as the
     forward, so the token part plus the step part is the per-micro-batch loss (shared routers counted once)."""
+    from mole.build import build_aux_losses, build_mole_model
     from mole.data.collate import Collator, encode_example
     from mole.model.tokenizer import byte_tokenizer
-    from mole.pipeline import build_aux_losses, build_mole_model
     from mole.training.loop import loss_step, prompt_mask, question_inputs, step_losses
 
     cfg = tiny_cfg("method=hmora_ref")

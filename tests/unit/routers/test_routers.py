@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from mole.routers import CRWRouter, MoRRouter, SoftRouter, TopKRouter, keep_top_k
+from mole.routers.select import Soft, TopK
 from mole.utils.errors import MoleConfigError
 
 # Two sub-routers over three experts and a main router, fixed through their weights so that for the
@@ -64,7 +66,7 @@ def test_topk_router_chooses_k_and_weights_sum_to_one(k):
 
 
 def test_mor_matches_eq6_by_hand():
-    r = _set_mor(MoRRouter(2, 3, n_routers=2, top_k=2))
+    r = _set_mor(MoRRouter(2, 3, n_routers=2, selection=partial(TopK, top_k=2)))
     out = r(X)
     # F' = 0.75 * [0.5, 0.25, 0.25] + 0.25 * [0.1, 0.2, 0.7] = [0.4, 0.2375, 0.3625]
     torch.testing.assert_close(out.probs, torch.tensor([[0.4, 0.2375, 0.3625]]))
@@ -77,13 +79,13 @@ def test_mor_matches_eq6_by_hand():
 
 
 def test_mor_soft_inner_routing_keeps_all_experts():
-    out = _set_mor(MoRRouter(2, 3, n_routers=2, top_k=None))(X)
+    out = _set_mor(MoRRouter(2, 3, n_routers=2, selection=Soft))(X)
     torch.testing.assert_close(out.gates, torch.tensor([[0.4, 0.2375, 0.3625]]))
     assert out.selected is None
 
 
 def test_mor_main_top_k_keeps_only_the_best_sub_router():
-    r = _set_mor(MoRRouter(2, 3, n_routers=2, top_k=None, main_top_k=1))
+    r = _set_mor(MoRRouter(2, 3, n_routers=2, selection=Soft, main_top_k=1))
     out = r(X)
     # the main router keeps sub-router 1 alone (weight 0.75 / 0.75 = 1)
     torch.testing.assert_close(out.gates, torch.tensor([SUB1]))
@@ -91,7 +93,7 @@ def test_mor_main_top_k_keeps_only_the_best_sub_router():
 
 
 def test_crw_weighs_sub_routers_equally_by_hand():
-    r = _set_mor(CRWRouter(2, 3, n_routers=2, top_k=2))
+    r = _set_mor(CRWRouter(2, 3, n_routers=2, selection=partial(TopK, top_k=2)))
     assert r.main_router is None
     out = r(X)
     # eq. 7: 0.5 * [0.5, 0.25, 0.25] + 0.5 * [0.1, 0.2, 0.7] = [0.3, 0.225, 0.475]
@@ -100,7 +102,7 @@ def test_crw_weighs_sub_routers_equally_by_hand():
 
 
 def test_crw_is_mean_of_independent_sub_routers():
-    r = CRWRouter(8, 4, n_routers=3, top_k=None)
+    r = CRWRouter(8, 4, n_routers=3, selection=Soft)
     x = torch.randn(10, 8)
     w = r.sub_routers.weight.view(3, 4, 8)
     expected = sum(torch.softmax(x @ w[j].T, -1) for j in range(3)) / 3

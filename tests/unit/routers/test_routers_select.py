@@ -6,6 +6,7 @@ Every expected number below was worked out by hand from the paper's formula (com
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from mole.routers import (
     threshold_select,
     tsallis_entropy,
 )
+from mole.routers.select import Dynamic, Soft, TopK, TopP
 from mole.utils.errors import MoleConfigError
 
 T = torch.tensor
@@ -281,19 +283,18 @@ def _mor(**kw) -> MoRRouter:
 @pytest.mark.parametrize(
     "kw, expected",
     [
-        ({"select": "topk", "top_k": 2}, TOP2),
-        ({"select": "topk", "top_k": None}, FP),  # today's "top_k: null means soft"
-        ({"select": "soft"}, FP),
-        ({"select": "topp", "top_p": 0.75}, TOP2),  # 0.4 < 0.75 keeps e2, 0.7625 stops
-        ({"select": "topp", "top_p": 0.4}, [1.0, 0.0, 0.0]),  # 0.4 alone reaches 0.4
-        ({"select": "topp", "top_p": 0.77}, FP),  # 0.7625 < 0.77: all three
+        ({"selection": partial(TopK, top_k=2)}, TOP2),
+        ({"selection": Soft}, FP),
+        ({"selection": partial(TopP, top_p=0.75)}, TOP2),  # 0.4 < 0.75 keeps e2, 0.7625 stops
+        ({"selection": partial(TopP, top_p=0.4)}, [1.0, 0.0, 0.0]),  # 0.4 alone reaches 0.4
+        ({"selection": partial(TopP, top_p=0.77)}, FP),  # 0.7625 < 0.77: all three
         # S_2(F') = 1 - (.16 + .05640625 + .13140625) = 0.6521875
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "normalized_entropy": False}, TOP2),  # 0.652 <= 0.9: top-p, keep 2
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.6, "normalized_entropy": False}, FP),  # 0.652 > 0.6: soft
+        ({"selection": partial(Dynamic, q=2.0, threshold=0.9, normalized_entropy=False)}, TOP2),  # 0.652 <= 0.9: top-p, keep 2
+        ({"selection": partial(Dynamic, q=2.0, threshold=0.6, normalized_entropy=False)}, FP),  # 0.652 > 0.6: soft
         # normalised: 0.6521875 / (1 - 1/3) = 0.978 > 0.9: soft
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "normalized_entropy": True}, FP),
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "top_p": 0.3, "keep_top_k": 3}, FP),
-        ({"select": "dynamic", "q": 2.0, "threshold": 0.9, "top_p": 0.3, "keep_top_k": 1, "normalized_entropy": False},
+        ({"selection": partial(Dynamic, q=2.0, threshold=0.9, normalized_entropy=True)}, FP),
+        ({"selection": partial(Dynamic, q=2.0, threshold=0.9, top_p=0.3, keep_top_k=3)}, FP),
+        ({"selection": partial(Dynamic, q=2.0, threshold=0.9, top_p=0.3, keep_top_k=1, normalized_entropy=False)},
          [1.0, 0.0, 0.0]),
     ],
 )
@@ -306,17 +307,17 @@ def test_mor_inner_selections_by_hand(kw, expected):
 
 
 def test_mor_keep_top_k_defaults_per_selection():
-    assert _mor(select="topp").keep_top_k == 1 and _mor(select="dynamic").keep_top_k == 2
+    assert _mor(selection=TopP).selection.keep_top_k == 1 and _mor(selection=Dynamic).selection.keep_top_k == 2
 
 
 def test_mor_expert_balance_counts_variable_slots():
-    out = _mor(select="topp", top_p=0.75, expert_balance=True)(X)
+    out = _mor(selection=partial(TopP, top_p=0.75), expert_balance=True)(X)
     main, experts = out.balance
     assert main.k == 1 and experts.k is None and experts.selected.tolist() == [[True, False, True]]
 
 
 def test_crw_with_top_p_by_hand():
-    r = CRWRouter(2, 3, n_routers=2, select="topp", top_p=0.75)
+    r = CRWRouter(2, 3, n_routers=2, selection=partial(TopP, top_p=0.75))
     with torch.no_grad():
         r.sub_routers.weight.zero_()
         r.sub_routers.weight[:, 0] = torch.log(T(SUB))
@@ -335,9 +336,9 @@ ROUTERS = {
     "sigmoid": lambda: SigmoidRouter(8, 5),
     "threshold_sigmoid": lambda: ThresholdRouter(8, 5),
     "threshold_softmax": lambda: ThresholdRouter(8, 5, gate="softmax", tau_max=None),
-    "mor_topp": lambda: MoRRouter(8, 5, select="topp"),
-    "mor_dynamic": lambda: MoRRouter(8, 5, select="dynamic"),
-    "crw_dynamic": lambda: CRWRouter(8, 5, select="dynamic"),
+    "mor_topp": lambda: MoRRouter(8, 5, selection=TopP),
+    "mor_dynamic": lambda: MoRRouter(8, 5, selection=Dynamic),
+    "crw_dynamic": lambda: CRWRouter(8, 5, selection=Dynamic),
 }
 
 
@@ -386,21 +387,16 @@ def test_sparse_softmax_routers_sum_to_one_and_really_vary_k(name):
         (lambda: ThresholdRouter(4, 4, tau_max=0), r"router.tau_max must be in \(0, 1\]"),
         (lambda: ThresholdRouter(4, 4, tau_max=1.2), r"router.tau_max must be in \(0, 1\]"),
         (lambda: ThresholdRouter(4, 4, gate="relu"), "router.gate must be one of"),
-        (lambda: MoRRouter(4, 4, select="top"), "router.select must be one of"),
-        (lambda: MoRRouter(4, 4, select="topp", top_p=0), r"router.top_p must be in \(0, 1\]"),
-        (lambda: MoRRouter(4, 2, select="dynamic", keep_top_k=3), "router.keep_top_k=3 exceeds"),
-        (lambda: CRWRouter(4, 4, select="dynamic", q=0), "router.q"),
+        (lambda: MoRRouter(4, 4, selection="top"), "router.selection must be a selection config"),
+        (lambda: MoRRouter(4, 4, selection=partial(TopP, top_p=0)), r"router.selection.top_p must be in \(0, 1\]"),
+        (lambda: MoRRouter(4, 2, selection=partial(Dynamic, keep_top_k=3)), "router.selection.keep_top_k=3 exceeds"),
+        (lambda: CRWRouter(4, 4, selection=partial(Dynamic, q=0)), "router.selection.q"),
+        (lambda: MoRRouter(4, 4, selection=partial(TopK, top_k=None)), "router.selection.top_k .*router/selection=soft"),
     ],
 )
 def test_bad_values_name_the_key(make, message):
     with pytest.raises(MoleConfigError, match=message):
         make()
-
-
-def test_keys_of_an_unused_selection_are_not_checked():
-    # the default keep_top_k / top_p of mor.yaml must not break a top-k MoR on 2-expert layers
-    MoRRouter(4, 2, select="topk", top_k=2, keep_top_k=5, top_p=0)
-    MoRRouter(4, 2, select="soft", top_p=None, q=None, threshold=None)
 
 
 def test_threshold_select_direct():

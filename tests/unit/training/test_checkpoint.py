@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from mole.config import compose_config
-from mole.pipeline import run_train
+from mole.recipes.train import run_train
 from mole.training import checkpoint as ckpt
 from mole.training.loop import TrainState
 from mole.utils.errors import MoleConfigError

@@ -14,7 +14,7 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from mole.config import compose_config
-from mole.pipeline import run_train
+from mole.recipes.train import run_train
 from mole.training.args import TrainArgs
 from mole.training.distributed import DistributedArgs, check_deepspeed, check_precision
 from mole.training.launch import launch_command, needs_launch

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mole.pipeline import build_mole_model
+from mole.build import build_mole_model
 from mole.training import TrainArgs
 from mole.training.optim import adamw, build_optimizer
 from mole.utils.errors import MoleConfigError

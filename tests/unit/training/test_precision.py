@@ -10,13 +10,14 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file
 
+from mole.build import build_aux_losses, build_mole_model
 from mole.config import compose_config
 from mole.losses.lm import lm_loss
 from mole.model.base import enable_gradient_checkpointing
 from mole.model.inject import is_trainable_name
 from mole.model.layer import MoLELinear
 from mole.model.routing import collect_routing
-from mole.pipeline import build_aux_losses, build_mole_model, run_train
+from mole.recipes.train import run_train
 from mole.training import TrainArgs
 from mole.training.loop import loss_step
 from mole.utils.errors import MoleConfigError

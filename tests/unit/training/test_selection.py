@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mole.losses.lm import lm_loss
-from mole.pipeline import run_train
+from mole.recipes.train import run_train
 from mole.training.args import TrainArgs
 from mole.training.loop import TrainState
 from mole.training.selection import BestSelector

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY
 
 from mole.config import compose_config
-from mole.pipeline import run_train
+from mole.recipes.train import run_train
 from mole.routers.base import RouterOutput
 from mole.training.tracking import RoutingMonitor, check_trackers
 from mole.utils.errors import MoleConfigError

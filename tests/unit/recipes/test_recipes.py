@@ -8,8 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mole.build import build_mole_model
 from mole.model.state import load_adapter
-from mole.pipeline import build_mole_model, load_run_config, run_eval, run_train
+from mole.recipes.evaluate import run_eval
+from mole.recipes.train import run_train
+from mole.run_dir import load_run_config
 from mole.utils.errors import MoleConfigError
 
 
