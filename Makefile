@@ -66,10 +66,10 @@ params: setup ## trainable parameters without weights, e.g. make params ARGS="mo
 	$(BIN)/mole-params $(ARGS)
 
 bench: setup ## training-step speed of every method vs peft LoRA r=8 -> outputs/bench/; ARGS="--quick", "--threads 1", "--device cuda"
-	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python -m mole.bench $(ARGS)
 
 gpu-check: setup ## one GPU, <= 8 min: every preset eager and compiled, op counts, test-gpu, a 1B training run -> outputs/gpu-check/; ARGS=--dry-run (CPU)
-	$(BIN)/python scripts/gpu_check.py $(ARGS)
+	$(BIN)/python -m mole.bench.gpu_check $(ARGS)
 
 clean: ## caches (not outputs/ or .venv/)
 	rm -rf .pytest_cache build *.egg-info

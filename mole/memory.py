@@ -19,7 +19,7 @@ against the allocator's peak (:func:`allocator_peak`).
 ``A`` is not a closed formula per method: it is counted by running the forward and the loss once on
 *fake* tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and devices, no memory, no data)
 built from the model skeleton on the meta device, with the same saved-tensor hook that measures a real
-step (:class:`SavedTensorAccount`, also used by ``scripts/bench.py``). So every adapter kind, router and
+step (:class:`SavedTensorAccount`, also used by :mod:`mole.bench`). So every adapter kind, router and
 auxiliary loss is counted as mole runs it, for any model shape, in a few seconds. Module hooks say
 where each saved tensor was first saved: ``by_layer`` (``embed``, decoder layer index, ``head``: final
 norm + LM head, ``loss``: the LM and auxiliary losses) and ``by_kind`` (the innermost mole module that
@@ -362,7 +362,7 @@ def measure_step(model: nn.Module, forward_loss: Callable[[], torch.Tensor],
 
 def padded_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A training batch of random tokens: the first third of each row is prompt (label -100), row ``i``
-    ends in ``i * seq_len / 16`` padding tokens (also the batch ``scripts/bench.py`` times)."""
+    ends in ``i * seq_len / 16`` padding tokens (also the batch :mod:`mole.bench` times)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, min(vocab, 250), (batch_size, seq_len), generator=g)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long)

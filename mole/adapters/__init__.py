@@ -10,8 +10,8 @@ Block adapters (whole FFN / attention blocks, :mod:`mole.model.blocks`): :class:
 from mole.adapters.baselines import FullFineTune, PromptTuning
 from mole.adapters.dora import DoRAExpert
 from mole.adapters.ffn import FFNLoRAExperts, MixLoRAFFN
-from mole.adapters.hydra import HydraLoRAExperts, hydra_reference_forward
-from mole.adapters.lora import LoRAExperts, reference_forward
+from mole.adapters.hydra import HydraLoRAExperts
+from mole.adapters.lora import LoRAExperts
 from mole.adapters.parallel import ParallelAdapterExperts
 from mole.adapters.prompt import PromptExperts
 
@@ -25,6 +25,4 @@ __all__ = [
     "ParallelAdapterExperts",
     "PromptExperts",
     "PromptTuning",
-    "hydra_reference_forward",
-    "reference_forward",
 ]

@@ -251,20 +251,3 @@ class MixLoRAFFN(nn.Module):
         if self.down_proj.bias is not None:
             y = y + gate_sum.to(y.dtype).unsqueeze(-1) * self.down_proj.bias
         return (y + lora_down.to(y.dtype)).view(*x.shape[:-1], -1)
-
-
-def reference_forward(mlp: MixLoRAFFN, x: Tensor, gates: Tensor | None) -> Tensor:
-    """``sum_i g_i FFN_i(x)`` with every expert computed as a whole FFN, one at a time (for tests)."""
-    ex = mlp.mole_experts
-    r, s = ex.rank, ex.scaling
-    out = 0.0
-    for i in range(ex.num_experts):
-        blk = slice(i * r, (i + 1) * r)
-        w_gate = mlp.gate_proj.weight + s * ex.gate_B[:, blk] @ ex.gate_A[blk]
-        w_up = mlp.up_proj.weight + s * ex.up_B[:, blk] @ ex.up_A[blk]
-        w_down = mlp.down_proj.weight + s * ex.down_B[:, blk] @ ex.down_A[blk]
-        h = mlp.act_fn(F.linear(x, w_gate, mlp.gate_proj.bias)) * F.linear(x, w_up, mlp.up_proj.bias)
-        y = F.linear(h, w_down, mlp.down_proj.bias)
-        g = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)
-        out = out + g.unsqueeze(-1) * y
-    return out

@@ -130,15 +130,3 @@ class _HydraLoRA(torch.autograd.Function):
             grad_h = torch.bmm(gates.unsqueeze(1), grad_hs).view(n, r)  # (N, r) sum_i g_i dL/dh_i (any strides)
         grad_x, grad_a = down_projection_grads(grad_h, xd, a, s, need_x, need_a)
         return grad_x, grad_a, grad_b, grad_g, None, None
-
-
-def hydra_reference_forward(experts: HydraLoRAExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
-    """The plain per-expert loop ``sum_i g_i (alpha/r) B_i A dropout(x)``, for tests and benchmarks."""
-    xd = experts.dropout(x)
-    r = experts.rank
-    out = x.new_zeros(x.shape[0], experts.out_features)
-    for i in range(experts.num_experts):
-        b_i = experts.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
-        g_i = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)  # (N,)
-        out = out + g_i[:, None] * experts.scaling * F.linear(F.linear(xd, experts.lora_A), b_i)
-    return out

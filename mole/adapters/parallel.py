@@ -123,18 +123,3 @@ class ParallelAdapterExperts(BlockExperts):
     def extra_repr(self) -> str:
         return (f"position={self.position}, d={self.in_features}, experts={self.num_experts}, "
                 f"bottleneck={self.bottleneck}, activation={self.activation}, scaling={self.scaling:g}")
-
-
-def reference_forward(pa: ParallelAdapterExperts, x: Tensor, gates: Tensor | None = None) -> Tensor:
-    """Per-expert loop ``sum_i g_i s up_i(f(down_i x + b_i)) (+ b_up_i)``, for tests."""
-    b = pa.bottleneck
-    out = x.new_zeros(x.shape[0], pa.out_features)
-    for i in range(pa.num_experts):
-        down_b = None if pa.down_bias is None else pa.down_bias[i * b : (i + 1) * b]
-        h = pa.act(F.linear(pa.dropout(x), pa.down[i * b : (i + 1) * b], down_b))  # (N, b)
-        y = F.linear(h, pa.up[:, i * b : (i + 1) * b])
-        if pa.up_bias is not None:
-            y = y + pa.up_bias[i]
-        g = x.new_ones(x.shape[0]) if gates is None else gates[:, i].to(x.dtype)
-        out = out + g[:, None] * pa.scaling * y
-    return out

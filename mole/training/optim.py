@@ -19,7 +19,7 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
 
     ``trainer.fused_optimizer`` (default true) uses torch's fused AdamW, the same update in one kernel over
     every parameter instead of a Python loop of small kernels per parameter (on the CPU about 4x faster for
-    the ~100 adapter and router tensors of a MoLE model; ``scripts/bench.py`` gives its baseline the same).
+    the ~100 adapter and router tensors of a MoLE model; :mod:`mole.bench` gives its baseline the same).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if args.lora_plus_ratio == 1.0:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,12 +74,6 @@ def test_report_of_a_directory_without_runs_is_a_clear_error(tmp_path):
         write_report(tmp_path)
     with pytest.raises(MoleConfigError, match="not a directory"):
         write_report(tmp_path / "nowhere")
-
-
-def test_mole_report_usage_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mole.cli.report"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("mole-report: error: usage: mole-report SWEEP_DIR")
 
 
 def test_running_and_interrupted_runs_are_shown_as_such(tmp_path):

@@ -12,8 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from mole.adapters import DoRAExpert, FFNLoRAExperts, ParallelAdapterExperts, PromptExperts
 from mole.adapters.ffn import MixLoRAFFN
-from mole.adapters.ffn import reference_forward as ffn_reference
-from mole.adapters.parallel import reference_forward as pa_reference
+from mole.bench.loops import mixlora_reference, parallel_reference
 from mole.model.blocks import select_layers
 from mole.model.layer import MoLELinear
 from mole.routers import TopKRouter
@@ -145,11 +144,11 @@ def test_parallel_adapter_stacked_equals_the_per_expert_loop(bias):
     x = torch.randn(5, 6)
     gates = torch.softmax(torch.randn(5, 3), -1) * torch.tensor([1.0, 0.0, 1.0])  # expert 1 never chosen
     out = pa(x, gates)
-    ref = pa_reference(pa, x, gates)
+    ref = parallel_reference(pa, x, gates)
     torch.testing.assert_close(out, ref)
     params = [p for p in pa.parameters()]
     g1 = torch.autograd.grad(out.square().sum(), params)
-    g2 = torch.autograd.grad(pa_reference(pa, x, gates).square().sum(), params)
+    g2 = torch.autograd.grad(parallel_reference(pa, x, gates).square().sum(), params)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -290,7 +289,7 @@ def test_mixlora_block_equals_the_per_expert_loop_for_top2(mlp_bias):
     out = layer.mlp(x)  # routes through experts.router
     gates = experts.router(x.reshape(-1, 8)).gates
     assert int((gates > 0).sum()) == 10 * 2  # top-2 of 4 per token
-    ref = ffn_reference(layer.mlp, x.reshape(-1, 8), gates).view(2, 5, 8)
+    ref = mixlora_reference(layer.mlp, x.reshape(-1, 8), gates).view(2, 5, 8)
     assert_same_outputs_and_grads(out, ref, [x, *experts.parameters()])
 
 

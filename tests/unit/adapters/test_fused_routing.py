@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mole.adapters.hydra import HydraLoRAExperts, _HydraLoRA, hydra_reference_forward
-from mole.adapters.lora import LoRAExperts, _StackedLoRA, reference_forward
+from mole.adapters.hydra import HydraLoRAExperts, _HydraLoRA
+from mole.adapters.lora import LoRAExperts, _StackedLoRA
+from mole.bench.loops import hydra_reference, lora_reference
 from mole.routers.base import _SoftmaxTopK, _TopKGates, chosen_mask, keep_top_k, softmax_top_k
 from tests.conftest import assert_same_outputs_and_grads
 
@@ -83,7 +84,7 @@ def test_experts_equal_the_per_expert_loop(kind, gates_kind, train):
         m = m.double().train(train)
         with torch.no_grad():
             m.lora_B.normal_()
-    ref_fn = reference_forward if kind == "lora" else hydra_reference_forward
+    ref_fn = lora_reference if kind == "lora" else hydra_reference
     torch.manual_seed(7)
     out = m(x, g)
     torch.manual_seed(7)
@@ -140,7 +141,7 @@ def test_experts_compute_in_bf16_under_autocast_as_the_products_would(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, gates)
     assert out.dtype == torch.bfloat16
-    ref_fn = reference_forward if kind == "lora" else hydra_reference_forward
+    ref_fn = lora_reference if kind == "lora" else hydra_reference
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = ref_fn(m, x, gates)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
@@ -185,7 +186,7 @@ def test_experts_take_gates_broadcast_from_one_row_per_sequence(kind):
     x, _ = _inputs()
     row = torch.rand(1, E, dtype=torch.float64, requires_grad=True)
     gates = row.expand(N, E)
-    ref_fn = reference_forward if kind == "lora" else hydra_reference_forward
+    ref_fn = lora_reference if kind == "lora" else hydra_reference
     assert_same_outputs_and_grads(m(x, gates), ref_fn(m, x, gates), [x, m.lora_A, m.lora_B, row])
 
 
@@ -215,7 +216,7 @@ def test_a_routed_layer_equals_its_frozen_output_plus_the_update(base_dtype):
     x = torch.randn(2, 3, D_IN, dtype=base_dtype, requires_grad=True)
     out = layer(x)
     flat = x.reshape(-1, D_IN).float()
-    delta = reference_forward(layer.mole_experts, flat, layer.mole_router(flat).gates).view(2, 3, D_OUT)
+    delta = lora_reference(layer.mole_experts, flat, layer.mole_router(flat).gates).view(2, 3, D_OUT)
     ref = layer.base_layer(x) + delta.to(base_dtype)
     assert out.dtype == base_dtype
     params = [x, layer.mole_experts.lora_A, layer.mole_experts.lora_B, layer.mole_router.gate.weight]

@@ -4,14 +4,11 @@
   host read (``.item()``, ``nonzero``, ``bool(tensor)``, boolean-mask indexing) raises;
 * MixLoRA's static-shape pair computation equals the whole-FFN-per-expert loop for soft, threshold
   (rows without any expert) and top-k gates;
-* the per-expert gather loop timed by ``scripts/bench.py`` equals the stacked experts, and so does the loop in
-  LoRAMoE's form in eval mode (in training it draws one dropout mask per expert);
 * HMoRA's task encoder computes only ``e_task``'s position, equal to the full encoder layer's output there.
 """
 
 from __future__ import annotations
 
-import shlex
 from functools import partial
 
 import pytest
@@ -20,8 +17,7 @@ from torch import nn
 
 from mole.adapters import FFNLoRAExperts, LoRAExperts
 from mole.adapters.ffn import max_active
-from mole.adapters.ffn import reference_forward as ffn_reference
-from mole.adapters.lora import gather_reference_forward, per_expert_dropout_loop_forward, reference_forward
+from mole.bench.loops import mixlora_reference
 from mole.build import build_aux_losses, build_mole_model
 from mole.model.routing import collect_routing
 from mole.routers import SoftRouter, TopKRouter
@@ -96,7 +92,7 @@ def test_mixlora_static_pairs_equal_the_per_expert_loop(make_router, k):
     x = torch.randn(2, 5, 8, requires_grad=True)
     out = layer.mlp(x)
     gates = experts.router(x.reshape(-1, 8)).gates
-    ref = ffn_reference(layer.mlp, x.reshape(-1, 8), gates).view(2, 5, 8)
+    ref = mixlora_reference(layer.mlp, x.reshape(-1, 8), gates).view(2, 5, 8)
     assert_same_outputs_and_grads(out, ref, [x, *experts.parameters()])
 
 
@@ -115,59 +111,6 @@ def test_max_active_is_the_top_k_or_every_expert():
     assert max_active(MoRRouter(8, 6, selection=partial(TopK, top_k=3)), 6) == 3
     assert max_active(MoRRouter(8, 6, selection=Soft), 6) == 6
     assert max_active(SoftRouter(8, 6), 6) == 6
-
-
-def test_gather_loop_equals_the_stacked_experts_with_unused_experts():
-    torch.manual_seed(5)
-    ex = LoRAExperts(6, 5, num_experts=4, rank=2, alpha=4.0)
-    with torch.no_grad():
-        ex.lora_B.normal_()
-    x = torch.randn(7, 6, requires_grad=True)
-    # hand-made top-2 gates; expert 3 is never chosen
-    gates = torch.zeros(7, 4)
-    for t in range(7):
-        gates[t, t % 3], gates[t, (t + 1) % 3] = 0.75, 0.25
-    fast, loop, dense = ex(x, gates), gather_reference_forward(ex, x, gates), reference_forward(ex, x, gates)
-    torch.testing.assert_close(loop, fast)
-    torch.testing.assert_close(dense, fast)
-    ga = torch.autograd.grad(fast.sum(), [x, ex.lora_A, ex.lora_B])
-    gb = torch.autograd.grad(loop.sum(), [x, ex.lora_A, ex.lora_B])
-    for a, b in zip(ga, gb, strict=True):
-        torch.testing.assert_close(a, b)
-    # expert 3 got no token: its B block has zero gradient in both
-    assert not ga[2][:, 6:8].any() and not gb[2][:, 6:8].any()
-
-
-def test_loramoe_form_loop_equals_the_stacked_experts_in_eval_mode():
-    torch.manual_seed(7)
-    ex = LoRAExperts(6, 5, num_experts=4, rank=2, alpha=4.0, dropout=0.3).eval()
-    with torch.no_grad():
-        ex.lora_B.normal_()
-    x = torch.randn(7, 6, requires_grad=True)
-    gates = torch.softmax(torch.randn(7, 4), dim=-1)
-    fast, loop = ex(x, gates), per_expert_dropout_loop_forward(ex, x, gates)
-    torch.testing.assert_close(loop, fast)
-    ga = torch.autograd.grad(fast.sum(), [x, ex.lora_A, ex.lora_B])
-    gb = torch.autograd.grad(loop.sum(), [x, ex.lora_A, ex.lora_B])
-    for a, b in zip(ga, gb, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_loramoe_form_loop_draws_a_dropout_mask_per_expert_in_training():
-    """LoRAMoE's released forward calls its dropout inside the loop over experts: one mask per expert, from
-    torch's dropout. Two identical experts with equal gates then differ only by their masks."""
-    torch.manual_seed(8)
-    ex = LoRAExperts(64, 1, num_experts=2, rank=1, alpha=1.0, dropout=0.5).train()
-    with torch.no_grad():
-        ex.lora_A.fill_(1.0)
-        ex.lora_B.fill_(1.0)
-    x, gates = torch.ones(4, 64), torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(2, 1)
-    torch.manual_seed(9)
-    out = per_expert_dropout_loop_forward(ex, x, gates)  # (4, 1): row t gets expert t % 2 only
-    torch.manual_seed(9)
-    m0, m1 = (torch.nn.functional.dropout(x, 0.5, True) for _ in range(2))  # the two draws, in expert order
-    torch.testing.assert_close(out, torch.where(gates[:, :1].bool(), m0.sum(1, keepdim=True), m1.sum(1, keepdim=True)))
-    assert not torch.equal(m0, m1)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -258,44 +201,6 @@ def test_training_and_validation_forwards_build_no_kv_cache(monkeypatch):
     assert not made
 
 
-def _load_bench():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[3] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("mole_bench_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
-
-
-def test_bench_compile_settings_fail_past_the_recompile_limit_instead_of_running_eagerly():
-    # past Dynamo's recompile limit a compiled layer would silently run eagerly, and the bench would compare
-    # compiled steps with eager ones; its settings make that an error. Traced only (backend "eager").
-    import torch._dynamo as dynamo
-
-    keys = [k for k in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                        "accumulated_cache_size_limit", "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit",
-                        "skip_nnmodule_hook_guards") if hasattr(dynamo.config, k)]
-    saved = {k: getattr(dynamo.config, k) for k in keys}
-    try:
-        dynamo.reset()
-        _load_bench().configure_dynamo()
-        assert not dynamo.config.skip_nnmodule_hook_guards  # MoA's layer routers are hooks: guard them
-        dynamo.config.recompile_limit = 1
-        f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
-        f(torch.ones(2))
-        limit_hit = getattr(dynamo.exc, "FailOnRecompileLimitHit", None) or dynamo.exc.FailOnCacheLimitHit
-        with pytest.raises(limit_hit):
-            f(torch.ones(3))  # a second shape: a second graph, past the limit of 1
-    finally:
-        for k, v in saved.items():
-            setattr(dynamo.config, k, v)
-        dynamo.reset()
-
-
 # ---- torch.compile: one graph per layer ----
 
 
@@ -323,85 +228,3 @@ def test_a_routed_layer_under_autocast_compiles_to_one_graph(monkeypatch):
     assert torch.equal(compiled, eager)
     gates = run_router(layer.mole_router, x.float()).gates
     assert gates.dtype == torch.float32  # the router still ran outside autocast
-
-
-def test_the_soft_loop_reference_compiles_to_one_graph():
-    """Under compile the per-expert loop computes every expert instead of testing its gates on the host
-    (``bool(g.any())`` breaks the graph), so the bench's compiled ``loop_soft`` is a whole-graph loop."""
-    torch.manual_seed(0)
-    experts = LoRAExperts(16, 12, 4, 2)
-    nn.init.normal_(experts.lora_B)
-    x, gates = torch.randn(6, 16), torch.softmax(torch.randn(6, 4), -1)
-    gates[:, 2] = 0.0  # an expert no token uses: skipped eagerly, computed (as zero) when compiled
-    f = torch.compile(lambda x, g: reference_forward(experts, x, g), backend="eager", fullgraph=True)
-    torch.testing.assert_close(f(x, gates), reference_forward(experts, x, gates))
-    torch.testing.assert_close(f(x, gates), experts(x, gates))
-
-
-@pytest.mark.slow  # torch.compile of every bench variant: the slowest test of the default tier
-def test_bench_compiles_each_variant_with_its_own_code_objects():
-    """Dynamo caches graphs per code object. The bench gives every variant's layers their own, so that a
-    graph-breaking variant (the gather loop) leaves no partial graph that another variant's layer matches."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    from mole.model.inject import decoder_layers
-
-    bench = _load_bench()
-    torch._dynamo.reset()
-    try:
-        models = {}
-        for name, method in (("lora", "lora"), ("loop", "mola")):
-            model, _, _ = build_mole_model(compose_tiny([f"method={method}", "adapter.dropout=0"]))
-            if name == "loop":
-                assert bench.swap_in_loops(model, gather_reference_forward)
-            bench.compile_model(model, "layer", tag=name, backend="eager")
-            models[name] = model
-        ids = torch.randint(3, 100, (2, 8))
-        for model in models.values():
-            model(input_ids=ids).logits.sum().backward()
-        layer_cls = type(decoder_layers(models["lora"])[0])
-        assert not _debug_get_cache_entry_list(layer_cls.forward.__code__)  # the shared code: untouched
-        codes = {name: {layer.forward.__code__ for layer in decoder_layers(m)} for name, m in models.items()}
-        assert all(len(c) == 1 for c in codes.values()) and codes["lora"].isdisjoint(codes["loop"])
-        (lora_code,) = codes["lora"]
-        assert lora_code.co_name.endswith("__lora")
-        # mole's LoRA layers: whole graphs, at most one for the first layer (input without grad) and one for the rest
-        assert 1 <= len(_debug_get_cache_entry_list(lora_code)) <= 2
-    finally:
-        torch._dynamo.reset()
-
-
-def test_bench_times_an_added_variant_beside_the_baseline(tmp_path):
-    """``--add-variant NAME=OVERRIDES`` builds a variant from mole-train overrides and reports its ratio."""
-    bench = _load_bench()
-    small = ["model.hidden_size=64", "model.num_layers=1", "model.config.intermediate_size=128",
-             "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2"]
-    args = ["--device", "cpu", "--threads", "1", "--variants", "soft_e8", "--rounds", "2", "--warmup", "0",
-            "--batch", "1", "--seq", "8", "--no-eval", "--keep-freed-memory", "off", "--out", str(tmp_path),
-            "--add-variant", "soft_no_dropout=method=lora experts=uniform_8 router=soft loss=none adapter.dropout=0"]
-    for o in small:
-        args += ["--model-override", o]
-    result = bench.main(args)
-    assert set(result["ratios_vs_peft_lora_r8"]) == {"soft_e8", "soft_no_dropout"}
-    assert result["trainable"]["soft_no_dropout"] == result["trainable"]["soft_e8"]
-    assert "| soft_no_dropout |" in (tmp_path / "latest.md").read_text()
-    # the recorded command runs again as it is: the added variant's overrides stay one argument
-    assert shlex.split(result["command"])[2:] == args
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("no_overrides", "expected NAME=OVERRIDES"),
-    ("bad name=method=lora", "expected NAME=OVERRIDES"),
-    ("soft_e8=method=lora", "already taken"),
-])
-def test_bench_rejects_a_malformed_added_variant(tmp_path, capsys, spec, message):
-    with pytest.raises(SystemExit):
-        _load_bench().main(["--device", "cpu", "--out", str(tmp_path), "--add-variant", spec])
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag, value", [("--rounds", "0"), ("--warmup", "-1")])
-def test_bench_rejects_rounds_or_warmup_out_of_range(tmp_path, capsys, flag, value):
-    with pytest.raises(SystemExit):
-        _load_bench().main(["--device", "cpu", "--out", str(tmp_path), flag, value])
-    assert flag in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Facts from DynMoLE Sec. 5.1-5.3 and App. A.4 (Table 3): Llama-2-7B, lr 2e-4, batch 16 with 8 accumulation
 steps, cutoff 512, dropout 0.05, 2 epochs, everything on gate/up/down; trainable counts are hand-derived for
-Llama-2-7B (d = 4096, FFN width 11008, 32 layers) on the meta device.
+Llama-2-7B (d = 4096, FFN width 11008, 32 layers) on the meta device. Every job composes with ``debug=smoke``:
+``tests/integration/test_sweep_grids.py``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from sweep_jobs import (
     all_jobs,
     assert_averages,
     check_paper_block,
-    compose_smoke,
     composer,
-    covering_jobs,
     grid,
     stand_ins,
     sweep_defaults,
@@ -151,9 +150,3 @@ def test_figure4_sweeps_vary_only_their_key(name):
             assert settings == {**defaults, key: value}
             assert cfg.loss.tsallis.q == cfg.router.q  # the entropy loss uses the routing q
             assert list(cfg.loss) == ["balance", "tsallis"] and cfg.loss.balance.weight == 0.01
-
-
-
-def test_every_grid_value_composes_in_smoke_mode():
-    compose_smoke(SWEEPS, covering_jobs)
-

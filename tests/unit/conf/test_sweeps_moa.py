@@ -142,7 +142,9 @@ def test_table1_and_table2_rows():
 def test_table1_trainable_parameters():
     got = {row: _trainable("moa_table1", row) for row in T1_ROWS}
     assert got == EXPECTED_T1
-    assert round(got["lora"] / 1e6, 2) == 23.07 and abs(got["lora"] / 1e6 - 23.06) < 0.01  # paper: 23.06M
+    # LoRA r=16 as built against the sweep file's Param (M) column (the paper's 23.06M, truncated)
+    reported = check_paper_block("moa_table1")["reported"]["LoRA"]["Param (M)"]
+    assert 0 <= got["lora"] / 1e6 - reported < 0.01
 
 
 def test_table3_rows_and_parameters():

@@ -1,7 +1,8 @@
 """MoR's Tables 2 and 3 as sweep files (conf/sweep/mor_table2_stage1.yaml, mor_table2.yaml, mor_table3.yaml).
 
-Every job is composed (a covering subset by default, all jobs under ``-m slow``); the facts checked are the
-paper's (MoR Sec. 4.1-4.3, App. C): Llama-2-7B, lr 3e-4, batch 64 = 4 x 16, cutoff 256, epochs {10, 15, 20}.
+Stage 2 is composed from stage 1 for a covering subset of jobs (every job under ``-m slow``; every job with
+``debug=smoke``: ``tests/integration/test_sweep_grids.py``); the facts checked are the paper's (MoR Sec.
+4.1-4.3, App. C): Llama-2-7B, lr 3e-4, batch 64 = 4 x 16, cutoff 256, epochs {10, 15, 20}.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from sweep_jobs import (
     all_jobs,
     assert_averages,
     check_paper_block,
-    compose_smoke,
     composer,
     covering_jobs,
     grid,
@@ -156,9 +156,3 @@ def test_missing_stage1_directory_is_a_clear_error(tmp_path):
     expected = r"trainer\.init_from: .*mor_table2_stage1/method=mola_crw.* is not a directory"
     with pytest.raises(MoleConfigError, match=expected):
         init_from_run(None, cfg, cfg.trainer.init_from)  # refused before any model is touched
-
-
-
-def test_every_grid_value_composes_in_smoke_mode():
-    compose_smoke(SWEEPS, covering_jobs)
-

@@ -274,22 +274,6 @@ def test_group_limit_and_fewshot(tmp_path, tokenizer, fixtures_dir):
     assert "Groups" in format_table(results)
 
 
-def test_unknown_task_is_refused_before_running(tmp_path, tokenizer, fixtures_dir):
-    with pytest.raises(ValueError, match=r"eval\.tasks") as info:
-        evaluate_model(
-            _make_model(len(tokenizer)),
-            tokenizer,
-            ["mole_mc", "no_such_task"],
-            output_dir=tmp_path,
-            fixtures_dir=fixtures_dir,
-        )
-    message = str(info.value)
-    assert "\n" not in message
-    assert "no_such_task" in message and "eval.include_path" in message
-    assert "mole_mc" in message and "mole_yesno" in message
-    assert not (tmp_path / RESULTS_FILENAME).exists()
-
-
 def test_user_include_path_task(tmp_path, fixtures_dir):
     user_dir = tmp_path / "my_tasks"
     user_dir.mkdir()

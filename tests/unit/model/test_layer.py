@@ -9,7 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from mole.adapters import LoRAExperts, reference_forward
+from mole.adapters import LoRAExperts
+from mole.bench.loops import lora_reference
 from mole.build import build_mole_model
 from mole.model.base import build_model
 from mole.model.inject import mole_layers
@@ -84,13 +85,13 @@ def test_stacked_experts_equal_the_per_expert_loop(router):
     r = ROUTERS[router](16, 6)
     x = torch.randn(40, 16)
     gates = r(x).gates
-    torch.testing.assert_close(experts(x, gates), reference_forward(experts, x, gates), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(experts(x, gates), lora_reference(experts, x, gates), rtol=1e-5, atol=1e-5)
     # and gradients agree too
     experts.zero_grad()
     experts(x, gates.detach()).square().sum().backward()
     g_stacked = (experts.lora_A.grad.clone(), experts.lora_B.grad.clone())
     experts.zero_grad()
-    reference_forward(experts, x, gates.detach()).square().sum().backward()
+    lora_reference(experts, x, gates.detach()).square().sum().backward()
     # fp32 summation order differs between the two; tolerate rounding relative to the gradients' scale
     for got, want in zip(g_stacked, (experts.lora_A.grad, experts.lora_B.grad), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))

@@ -1,16 +1,15 @@
-#!/usr/bin/env python
 """One-shot GPU check: every measurement a GPU session needs, time-boxed, into one JSON + Markdown.
 
-    make gpu-check                    # one H100/H200: at most 8 minutes
+    make gpu-check                    # one H100/H200: at most 8 minutes (python -m mole.bench.gpu_check)
     make gpu-check ARGS=--dry-run     # the same parts on tiny shapes on the CPU (CI)
 
 Parts (each a subprocess with its own time budget; a part that fails or runs over is recorded as such,
 with its log's tail, and the others still run; the report is rewritten after every part):
 
-* ``ops``: the op-count table (``scripts/bench.py --count-ops``, eager, on the CPU, where autograd's
+* ``ops``: the op-count table (``python -m mole.bench --count-ops``, eager, on the CPU, where autograd's
   backward runs in the counting thread): kernel-launching aten ops per step and their ratio to peft
   LoRA r=8. Runs on the CPU beside the GPU parts.
-* ``eager`` and ``compiled``: ``scripts/bench.py`` on the Llama-3.2-1B shape (random weights, bf16,
+* ``eager`` and ``compiled``: the benchmark (:mod:`mole.bench`) on the Llama-3.2-1B shape (random weights, bf16,
   batch 2 x 512): per preset tokens/s (padded positions per second), ratio to a peft LoRA r=8 step and
   peak memory, eager, then with each decoder layer compiled (inductor). The compiled presets run in
   groups, the speed targets' presets first, so that a budget that runs out still leaves them measured.
@@ -40,16 +39,21 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+from mole.config import CONF_DIR
+
+# the source checkout: the parts run there (``test_gpu`` runs its tests)
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
-# bench.py's built-in variants (the per-expert loop references left out: they are references, not presets)
+# the benchmark's built-in variants (the per-expert loop references left out: they are references, not presets)
 BENCH_BUILTIN = {"lora": "lora_r8", "mola": "mola", "mola_mor": "mola_mor", "hmora": "hmora", "hmora_lw": "hmora_lw",
                  "dynmole": "dynmole", "moa_soft": "moa_soft", "moa_sparse": "moa_sparse", "hydralora": "hydralora",
                  "mixlora": "mixlora"}
-# not benchmarked: full fine-tuning trains the frozen base weights that bench.py's variants share
+# not benchmarked: full fine-tuning trains the frozen base weights that the benchmark's variants share
 EXCLUDED = {"full_ft": "trains every base weight, which the benchmark's variants share"}
-# --dry-run: bench.py's CPU model cut to tiny_llama's width, and a short batch
+# --dry-run: the benchmark's CPU model cut to tiny_llama's width, and a short batch
 TINY = [arg for o in ("model.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_attention_heads=4",
                       "model.config.num_key_value_heads=2") for arg in ("--model-override", o)] + ["--batch", "2", "--seq", "32"]
 # the speed targets' variants first: they are what a short budget must not lose
@@ -57,7 +61,7 @@ FIRST = ["lora_r8", "soft_e8", "topk_e8", "mola", "mola_mor", "hmora"]
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    return sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 
 
 def bench_variants() -> tuple[list[str], list[str]]:
@@ -96,7 +100,7 @@ class Check:
         self.start = time.perf_counter()
         self.deadline = self.start + total_s
         self.report: dict = {
-            "command": "python scripts/gpu_check.py " + shlex.join(sys.argv[1:]),
+            "command": "python -m mole.bench.gpu_check " + shlex.join(sys.argv[1:]),
             "dry_run": dry_run,
             "budget_s": total_s,
             "machine": platform.node(),
@@ -213,7 +217,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mole.bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     p.add_argument("--out", default="outputs/gpu-check", help="output directory")
     p.add_argument("--budget", type=float, default=None, help="seconds in all (default 470; dry run 360)")
@@ -225,13 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not dry:
-        import torch
-
         if not torch.cuda.is_available():
             p.error("no CUDA device; run with --dry-run on a machine without one")
         check.report["device"] = torch.cuda.get_device_name()
         check.report["torch"] = torch.__version__
-    bench = [PY, "scripts/bench.py", "--quick", "--no-eval"]
+    bench = [PY, "-m", "mole.bench", "--quick", "--no-eval"]
     builtin, added = bench_variants()
     check.report["presets"] = {"benchmarked": [n for n in presets() if n not in EXCLUDED], "excluded": EXCLUDED}
 
