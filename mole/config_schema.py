@@ -196,8 +196,13 @@ def upgrade_config(cfg: DictConfig) -> DictConfig:
 
     ``router.placement`` / ``router.level`` move to ``experts``; a MoR/CRW router's ``select`` and flat
     selection keys become its ``selection`` node with the values the old constructor used (``top_k: null``
-    was soft routing; ``keep_top_k: null`` was 1 for top-p and 2 for the entropy-switched selection).
+    was soft routing; ``keep_top_k: null`` was 1 for top-p and 2 for the entropy-switched selection);
+    ``model.source: smollm2`` is the GGUF source (:func:`current_model_node`).
     """
+    if isinstance(cfg.get("model"), DictConfig) and cfg.model.get("source") == "smollm2":
+        model = current_model_node(cfg.model)
+        with open_dict(cfg):
+            cfg.model = model
     router, experts = cfg.get("router"), cfg.get("experts")
     if not isinstance(router, DictConfig):
         return cfg
@@ -292,20 +297,9 @@ def current_model_node(model_cfg: DictConfig) -> DictConfig:
 
 
 def current_layout(cfg: DictConfig) -> DictConfig:
-    """A copy of a stored run config in the current layout of the config tree (:func:`upgrade_config`, and
-    ``model.source: smollm2`` as the GGUF source), so that a run written before a key moved is still the
-    same run: re-running, resuming and evaluating compare and build from this."""
+    """A copy of a stored run config in the current layout of the config tree (:func:`upgrade_config`), so
+    that a run written before a key moved is still the same run: re-running, resuming and evaluating compare
+    and build from this."""
     if not isinstance(cfg, DictConfig):
         return cfg
-    cfg = upgrade_config(copy.deepcopy(cfg))  # upgrade_config edits nested nodes, which copy() shares
-    if isinstance(cfg.get("model"), DictConfig) and cfg.model.get("source") == "smollm2":
-        model = current_model_node(cfg.model)
-        with open_dict(cfg):
-            cfg.model = model
-    return cfg
-    if cfg.model.get("source") == "smollm2":
-        model = current_model_node(cfg.model)
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.model = model
-    return cfg
+    return upgrade_config(copy.deepcopy(cfg))  # upgrade_config edits nested nodes, which copy() shares

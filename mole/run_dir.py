@@ -46,7 +46,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from mole.config_schema import absent_defaults, check_run_config, current_layout
+from mole.config_schema import absent_defaults, check_run_config, current_layout, upgrade_config
 from mole.utils.errors import MoleConfigError, io_error
 from mole.utils.secrets import is_secret_key, redacted_yaml
 
@@ -336,7 +336,7 @@ def load_run_config(checkpoint: str | Path, *, trust_remote_code: bool = False, 
     if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig):
         raise MoleConfigError(f"checkpoint: {path} is not a mole run config (no `model` key)")
 
-    cfg = current_layout(cfg)
+    cfg = upgrade_config(cfg)  # a file just read: upgraded in place
     check_run_config(cfg, path)
     if own_run:
         return cfg
