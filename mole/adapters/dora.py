@@ -51,6 +51,7 @@ class DoRAExpert(nn.Module):
     adapter_kind = "linear"  # the contract: mole.adapters.kinds.LinearAdapter
     reads_base_output = True  # MoLELinear passes the frozen output W x + b as ``base_out``
     reads_base_weights = True  # W's norm, from the frozen Linear (``base_layer``)
+    adds_to_output = False
 
     def __init__(
         self,

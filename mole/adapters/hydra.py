@@ -44,6 +44,7 @@ class HydraLoRAExperts(nn.Module):
     adapter_kind = "linear"  # the contract: mole.adapters.kinds.LinearAdapter
     reads_base_output = False
     reads_base_weights = False
+    adds_to_output = False
 
     def __init__(
         self,

@@ -38,13 +38,15 @@ class LinearAdapter(Protocol):
     Built as ``cls(in_features, out_features, num_experts, **config keys)``, plus ``base_layer`` (the frozen
     ``nn.Linear``) when ``reads_base_weights``; called by :class:`~mole.model.layer.MoLELinear` as
     ``experts(x (N, d_in), gates (N, E) or None)`` (plus ``base_out=`` the frozen ``W x + b`` ``(N, d_out)``
-    when ``reads_base_output``) and returns the ``(N, d_out)`` update added to the frozen output. Every
+    when ``reads_base_output``) and returns the ``(N, d_out)`` update added to the frozen output (with
+    ``add_to=`` the frozen output when ``adds_to_output``, that output plus the update). Every
     trainable parameter has one dtype; a fresh set leaves the layer's output unchanged.
     """
 
     adapter_kind: str  # "linear"
     reads_base_output: bool  # forward gets base_out = W x + b (DoRA), so W x is not computed twice
     reads_base_weights: bool  # needs the frozen weights in floating point (refused on a quantized base)
+    adds_to_output: bool  # forward takes add_to = W x + b and returns it plus the update (one product fewer)
     num_experts: int
     in_features: int
     out_features: int

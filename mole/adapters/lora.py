@@ -70,6 +70,7 @@ class LoRAExperts(nn.Module):
     adapter_kind = "linear"  # the contract: mole.adapters.kinds.LinearAdapter
     reads_base_output = False
     reads_base_weights = False
+    adds_to_output = True  # MoLELinear passes the frozen output as ``add_to``
 
     def __init__(
         self,
@@ -92,8 +93,6 @@ class LoRAExperts(nn.Module):
         # per expert. The bound depends only on fan_in = d_in, so one call on the stack draws each
         # expert's A from the same distribution.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    adds_to_output = True  # MoLELinear passes the frozen output as ``add_to``
 
     def forward(self, x: Tensor, gates: Tensor | None = None, add_to: Tensor | None = None) -> Tensor:
         """Mixture of the experts' updates.

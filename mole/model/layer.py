@@ -67,7 +67,7 @@ class MoLELinear(nn.Module):
         experts = self.mole_experts
         # experts that add their update to W x themselves (one product fewer); not a forward replaced on the
         # instance (the benchmark's per-expert loops, tests' wrappers), which takes (x, gates) only
-        if getattr(experts, "adds_to_output", False) and "forward" not in experts.__dict__:
+        if experts.adds_to_output and "forward" not in experts.__dict__:
             return experts(flat, gates, add_to=out.reshape(-1, self.out_features)).view(out.shape)
         if self.mole_experts.reads_base_output:
             # experts that depend on W x (DoRA) get the frozen output instead of recomputing it

@@ -165,6 +165,7 @@ def _check_linear_adapters(cls, model) -> None:
         # the declarations are what the constructor and forward take
         assert ("base_layer" in inspect.signature(cls).parameters) == cls.reads_base_weights
         assert ("base_out" in inspect.signature(experts.forward).parameters) == cls.reads_base_output
+        assert ("add_to" in inspect.signature(experts.forward).parameters) == cls.adds_to_output
     layer = layers[0]
     experts, n, e = layer.mole_experts, 5, layer.mole_experts.num_experts
     x = torch.randn(n, layer.in_features)
