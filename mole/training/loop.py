@@ -108,8 +108,7 @@ def step_losses(model: nn.Module, aux_losses: dict[str, AuxLoss], batches: list[
     """
     values = {}
     for name, term in aux_losses.items():
-        step_loss = getattr(term, "step_loss", None)
-        value = step_loss(model, batches) if step_loss is not None else None
+        value = term.step_loss(model, batches)  # None for a term computed per micro-batch only (AuxLoss)
         if value is not None:
             values[name] = value
     return values
@@ -209,7 +208,7 @@ def train(
         return state
 
     model.train()
-    per_step = any(getattr(term, "per_step", False) for term in aux_losses.values())  # a term with a step_loss
+    per_step = any(term.per_step for term in aux_losses.values())  # a term with a step_loss
     batches = batches if batches is not None else _batches(train_loader)
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
