@@ -62,6 +62,7 @@ from mole.training.distributed import (
     check_same_config,
     check_shared_run_dir,
     is_deepspeed,
+    release_process_group,
 )
 from mole.training.failures import clear_failure, record_failure
 from mole.training.loop import total_steps
@@ -101,6 +102,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         except (Exception, KeyboardInterrupt) as err:
             if main:
                 record_failure(run_dir, err, metrics)
+            release_process_group()
             raise
 
 

@@ -300,6 +300,14 @@ SHARED_TIMEOUT_ENV = "MOLE_SHARED_DIR_TIMEOUT_S"
 SHARED_TIMEOUT_S = 60.0
 
 
+def release_process_group() -> None:
+    """Tear down this process's process group, if one is up. A run that stops with an error after the
+    processes met would otherwise leave the group's threads running into interpreter shutdown, where
+    their destruction can abort the process (SIGABRT) instead of letting it exit with its status."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def machine_count() -> int:
     """Machines of a launched run: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` (1 outside one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
