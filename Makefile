@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-integration test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench gpu-check clean
+.PHONY: help setup peers train test test-integration test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,26 @@ $(STAMP): pyproject.toml
 	# requires (torch, transformers, huggingface-hub) is installed above
 	$(BIN)/pip install -q --no-deps "mixlora==0.2.3"
 	touch $(STAMP)
+
+# The published MoLE code for mole.bench.peers: MoE-PEFT 2.0.2 and the mixlora package 0.2.3 with the
+# transformers they pin (< 4.47) and the peft of that time, in a venv of their own. It reuses .venv's torch
+# (a .pth line that appends .venv's site-packages, whose own .pth files, mole's editable install among them,
+# are not read): both sides then run the same torch, and MoE-PEFT's torch < 2.6 pin (PyPI serves only CUDA
+# builds of it for Linux) is not installed; moe-peft and mixlora go in --no-deps for that reason.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.peers-installed
+
+peers: $(PEERS_STAMP) ## the published code (MoE-PEFT, mixlora) in .venv-peers; then python -m mole.bench.peers
+	$(BIN)/python -m mole.bench.peers $(ARGS)
+
+$(PEERS_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(PEERS)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(PEERS)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/mole-venv-torch.pth"
+	$(PEERS)/bin/pip install -q "transformers==4.46.3" "peft==0.13.2" datasets evaluate
+	$(PEERS)/bin/pip install -q --no-deps "moe-peft==2.0.2" "mixlora==0.2.3"
+	$(PEERS)/bin/python -c "import torch, transformers, peft, moe_peft, mixlora; print('peers:', torch.__version__, transformers.__version__, peft.__version__)"
+	touch $(PEERS_STAMP)
 
 train: setup ## fine-tune the default (SmolLM2-135M, MoLA + MoR) on the shipped fixtures; ARGS="key=value ..."
 	$(BIN)/mole-train $(ARGS)
