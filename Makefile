@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "mixlora==0.2.3"
 	touch $(STAMP)
 
-# The published MoLE code for mole.bench.peers: MoE-PEFT 2.0.2 and the mixlora package 0.2.3 with the
+# The published MoLE code for scripts/peers_bench.py: MoE-PEFT 2.0.2 and the mixlora package 0.2.3 with the
 # transformers they pin (< 4.47) and the peft of that time, in a venv of their own. It reuses .venv's torch
 # (a .pth line that appends .venv's site-packages, whose own .pth files, mole's editable install among them,
 # are not read): both sides then run the same torch, and MoE-PEFT's torch < 2.6 pin (PyPI serves only CUDA
@@ -39,15 +39,15 @@ $(STAMP): pyproject.toml
 PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.peers-installed
 
-peers: $(PEERS_STAMP) ## the published code (MoE-PEFT, mixlora) in .venv-peers; then python -m mole.bench.peers
-	$(BIN)/python -m mole.bench.peers $(ARGS)
+peers: $(PEERS_STAMP) ## mole beside MoE-PEFT and the mixlora package (.venv-peers): step ratios to peft, memory; ARGS=--quick
+	$(BIN)/python scripts/peers_bench.py $(ARGS)
 
 $(PEERS_STAMP): $(STAMP)
 	$(PYTHON) -m venv $(PEERS)
 	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
 		"$$($(PEERS)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/mole-venv-torch.pth"
 	$(PEERS)/bin/pip install -q "transformers==4.46.3" "peft==0.13.2" datasets evaluate
-	$(PEERS)/bin/pip install -q --no-deps "moe-peft==2.0.2" "mixlora==0.2.3"
+	$(PEERS)/bin/pip install -q --no-deps --ignore-installed "moe-peft==2.0.2" "mixlora==0.2.3"
 	$(PEERS)/bin/python -c "import torch, transformers, peft, moe_peft, mixlora; print('peers:', torch.__version__, transformers.__version__, peft.__version__)"
 	touch $(PEERS_STAMP)
 
