@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup peers train test test-integration test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench gpu-check clean
+.PHONY: help setup peers peers-setup train test test-integration test-slow test-quality test-sweeps test-all test-gpu test-install lint params bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,8 @@ PEERS_STAMP := $(PEERS)/.peers-installed
 
 peers: $(PEERS_STAMP) ## mole beside MoE-PEFT and the mixlora package (.venv-peers): step ratios to peft, memory; ARGS=--quick
 	$(BIN)/python scripts/peers_bench.py $(ARGS)
+
+peers-setup: $(PEERS_STAMP) ## only build .venv-peers (tests/integration/test_peers_bench.py runs where it exists)
 
 $(PEERS_STAMP): $(STAMP)
 	$(PYTHON) -m venv $(PEERS)
