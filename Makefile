@@ -42,7 +42,7 @@ PEERS_STAMP := $(PEERS)/.peers-installed
 peers: $(PEERS_STAMP) ## mole beside MoE-PEFT and the mixlora package (.venv-peers): step ratios to peft, memory; ARGS=--quick
 	$(BIN)/python scripts/peers_bench.py $(ARGS)
 
-peers-setup: $(PEERS_STAMP) ## only build .venv-peers (tests/integration/test_peers_bench.py runs where it exists)
+peers-setup: $(PEERS_STAMP) ## only build .venv-peers (tests/integration/test_peers_side_by_side.py runs where it exists)
 
 $(PEERS_STAMP): $(STAMP)
 	$(PYTHON) -m venv $(PEERS)
