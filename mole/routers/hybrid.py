@@ -239,16 +239,16 @@ class TaskEncoder(nn.Module):
         q = seq[:, -1:]  # (B, 1, d)
 
         def ffn(z: Tensor) -> Tensor:
-            return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(z)))))
+            return _dropout(layer.dropout2, layer.linear2(_dropout(layer.dropout, layer.activation(layer.linear1(z)))))
 
         if layer.norm_first:
             kv = layer.norm1(seq)
             att = self._attend_last(kv[:, -1:], kv, ignore)
-            z = q + layer.dropout1(att)
+            z = q + _dropout(layer.dropout1, att)
             z = z + ffn(layer.norm2(z))
         else:
             att = self._attend_last(q, seq, ignore)  # (B, 1, d)
-            z = layer.norm1(q + layer.dropout1(att))
+            z = layer.norm1(q + _dropout(layer.dropout1, att))
             z = layer.norm2(z + ffn(z))
         return z[:, 0]
 
@@ -286,7 +286,7 @@ class TaskEncoder(nn.Module):
         q_x = torch.einsum("bhe,hed->bhd", q, w_k.view(h, hd, d))  # (B, H, d): W_kh^T q_h
         scores = torch.einsum("bhd,bsd->bhs", q_x, kv)  # (B, H, S)
         scores = scores.masked_fill(ignore[:, None, :], float("-inf"))
-        a = F.dropout(torch.softmax(scores, dim=-1), attn.dropout, attn.training)  # (B, H, S)
+        a = _dropout_p(torch.softmax(scores, dim=-1), attn.dropout, attn.training)  # (B, H, S)
         ctx_x = torch.einsum("bhs,bsd->bhd", a, kv)  # (B, H, d): sum_j a_hj x_j
         out = torch.einsum("bhd,hed->bhe", ctx_x, w_v.view(h, hd, d))  # (B, H, d_h)
         if b_v is not None:
@@ -374,6 +374,21 @@ def batched_task_gates(routers: Sequence[HybridRouter], h: Tensor) -> list[tuple
         gates, selected = keep_top_k(probs.view(r * b, e), first.top_k, first.renorm)  # eq. 15-16
         return list(zip(probs.unbind(0), gates.view(r, b, e).unbind(0), selected.view(r, b, e).unbind(0), strict=True))
     return [(p, p, None) for p in probs.unbind(0)]
+
+
+def _dropout_p(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)``; in eager mode on the CPU as ``torch.native_dropout``: the same distribution
+    (a Bernoulli(1 - p) keep mask, kept values scaled by ``1 / (1 - p)``; the random draws differ) in one
+    dispatched operation forward and one backward instead of ``F.dropout``'s three forward (the encoder's
+    tensors are ``(B, 1, d)`` and ``(B, H, S)``: the draw's speed does not matter)."""
+    if not training or p == 0.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    return torch.native_dropout(x, p, True)[0]
+
+
+def _dropout(module: nn.Dropout, x: Tensor) -> Tensor:
+    """``module(x)`` for one of the encoder layer's ``nn.Dropout`` modules (:func:`_dropout_p`)."""
+    return _dropout_p(x, module.p, module.training)
 
 
 def task_token_id(tokenizer, token: str) -> int:

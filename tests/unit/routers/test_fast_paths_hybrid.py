@@ -119,3 +119,17 @@ def test_task_only_layer_probs_and_mask_are_the_task_routers_per_token():
     assert torch.equal(out.selected, s_task.repeat_interleave(T, 0))
     out.probs = None  # a value written replaces the deferred one
     assert out.probs is None
+
+
+def test_encoder_dropout_keeps_the_distribution():
+    from mole.routers.hybrid import _dropout_p
+
+    torch.manual_seed(0)
+    x = torch.rand(200, 500, dtype=torch.float64) + 0.5  # no zeros
+    y = _dropout_p(x, 0.3, True)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)  # kept values scaled by 1 / (1 - p)
+    assert abs(kept.double().mean().item() - 0.7) < 0.005  # 100,000 draws: 5 sigma is 0.0072
+    assert _dropout_p(x, 0.3, False) is x
+    g = torch.autograd.grad((_dropout_p(x.requires_grad_(), 0.3, True) * 2).sum(), x)[0]
+    assert bool(((g == 0) | torch.isclose(g, torch.tensor(2 / 0.7, dtype=g.dtype))).all())
