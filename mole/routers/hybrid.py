@@ -363,11 +363,13 @@ def batched_task_gates(routers: Sequence[HybridRouter], h: Tensor) -> list[tuple
     mask = first.dropout.mask(x) if isinstance(first.dropout, ExpertDropout) else None
     if mask is not None:
         x = x * mask  # an independent dropout mask for every router
+    # W x^T (R, E, B), read transposed: the weights' gradient (grad z^T x) comes out (R, E, d) contiguous, so
+    # each router's slice is its gradient as it is (x W^T would give transposed slices that autograd copies)
     if gate.bias is None:
-        z = torch.bmm(x, weight.transpose(1, 2))  # (R, B, E)
+        z = torch.bmm(weight, x.transpose(1, 2)).transpose(1, 2)  # (R, B, E)
     else:
-        bias = gate.bias.view(1, 1, -1) if r == 1 else torch.stack([m.task_gate.bias for m in routers]).unsqueeze(1)
-        z = torch.baddbmm(bias, x, weight.transpose(1, 2))
+        bias = gate.bias.view(1, -1, 1) if r == 1 else torch.stack([m.task_gate.bias for m in routers]).unsqueeze(-1)
+        z = torch.baddbmm(bias, weight, x.transpose(1, 2)).transpose(1, 2)
     probs = torch.softmax(z.float(), dim=-1)  # (R, B, E)
     if first.task_selects:
         b, e = probs.shape[1:]
