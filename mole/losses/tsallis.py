@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mole.losses.routing import AuxTerm, check_reduce, check_weight, reduce_over_routers
+from mole.losses.routing import AuxTerm, check_reduce, check_weight, reduce_over_routers, sum_over_groups
 from mole.routers.base import RouterOutput
 from mole.routers.select import max_tsallis_entropy, tsallis_entropy
 from mole.utils.errors import MoleConfigError
@@ -44,6 +44,19 @@ def mean_tsallis_entropy(probs: Tensor, q: float, token_mask: Tensor | None = No
         return entropy.mean()
     w = token_mask.to(device=entropy.device, dtype=entropy.dtype)  # (N,)
     return (entropy * w).sum() / w.sum().clamp_min(1.0)
+
+
+def summed_tsallis_entropy(probs: Sequence[Tensor], q: float, token_mask: Tensor | None = None,
+                           normalized: bool = False) -> Tensor:
+    """``sum_r sum_n w_n S_q(p_rn)`` over R routers' ``(N, M)`` distributions of one shape, stacked
+    ``(R, N, M)`` and computed in one set of operations (one ``mv`` weighs the rows): the numerator of
+    eq. 19's mean for every router at once. ``w`` is ``token_mask`` (1 for every row when ``None``)."""
+    stacked = probs[0].unsqueeze(0) if len(probs) == 1 else torch.stack(list(probs))  # (R, N, M)
+    entropy = row_tsallis_entropy(stacked, q, normalized)  # (R, N)
+    if token_mask is None:
+        return entropy.sum()
+    w = token_mask.to(device=entropy.device, dtype=entropy.dtype)  # (N,)
+    return torch.mv(entropy, w).sum()
 
 
 class TsallisLoss(AuxTerm):
@@ -72,18 +85,28 @@ class TsallisLoss(AuxTerm):
         self.weight, self.q, self.normalized, self.reduce = float(weight), float(q), normalized, reduce
 
     def __call__(self, outputs: Sequence[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+        """Every router's mean entropy over the real tokens, reduced over routers.
+
+        Routers whose ``probs`` have the same shape are stacked ``(R, N, E)`` and go through one set of
+        operations (:func:`summed_tsallis_entropy`); the per-router means of eq. 19 and the pooled mean are
+        the same weighted sums, divided by each router's real rows or by all of them.
+        """
         if not outputs:
             return torch.zeros(())
+        probs = [out.probs for out in outputs]
+
+        def term(key: tuple, group: list[Tensor]) -> Tensor:
+            return summed_tsallis_entropy(group, self.q, token_mask, self.normalized)
+
+        total = sum_over_groups(probs, lambda p: (tuple(p.shape), p.device), term)
         if self.reduce == "pooled":
-            sums, counts = [], []
-            for out in outputs:
-                entropy = row_tsallis_entropy(out.probs, self.q, self.normalized)  # (N,)
-                w = torch.ones_like(entropy) if token_mask is None else token_mask.to(entropy.device, entropy.dtype)
-                sums.append((entropy * w).sum())
-                counts.append(w.sum())
-            total = torch.stack(sums).sum() / torch.stack(counts).sum().clamp_min(1.0)
+            if token_mask is None:
+                rows = float(sum(p.shape[0] for p in probs))
+            else:
+                rows = token_mask.sum().clamp_min(1.0) * len(probs)  # every router's rows are the batch's tokens
+            total = total / rows
         else:
-            terms = [mean_tsallis_entropy(out.probs, self.q, token_mask, self.normalized) for out in outputs]
-            total = reduce_over_routers(torch.stack(terms).sum(), len(terms), self.reduce)
+            rows = float(probs[0].shape[0]) if token_mask is None else token_mask.sum().clamp_min(1.0)
+            total = reduce_over_routers(total / rows, len(probs), self.reduce)
         self.report_once(len(outputs))
         return total

@@ -170,9 +170,11 @@ class TaskEncoder(nn.Module):
         object.__setattr__(self, "_context", context)
         self._last: Tensor | None = None  # (B, d) detached, the last full forward's H_task (generation)
         self.users = 0  # task routers reading H_task (set while the model is built)
+        object.__setattr__(self, "_routers", [])  # those routers (held by reference, not as submodules)
         # H_task is computed when the model's forward starts, before the first decoder layer: every task
         # router reads it, and it stays outside the layers' activation checkpoints (gradient checkpointing)
-        context.producers.append(lambda _ctx: self.representation() if self.users else None)
+        # and so are the task routers' gates (task_outputs), computed together from it
+        context.producers.append(lambda _ctx: self.task_outputs() if self.users else None)
 
     def select_inputs(self, input_ids: Tensor, prompt: Tensor,
                       task_inputs: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
@@ -237,16 +239,16 @@ class TaskEncoder(nn.Module):
         q = seq[:, -1:]  # (B, 1, d)
 
         def ffn(z: Tensor) -> Tensor:
-            return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(z)))))
+            return _dropout(layer.dropout2, layer.linear2(_dropout(layer.dropout, layer.activation(layer.linear1(z)))))
 
         if layer.norm_first:
             kv = layer.norm1(seq)
             att = self._attend_last(kv[:, -1:], kv, ignore)
-            z = q + layer.dropout1(att)
+            z = q + _dropout(layer.dropout1, att)
             z = z + ffn(layer.norm2(z))
         else:
             att = self._attend_last(q, seq, ignore)  # (B, 1, d)
-            z = layer.norm1(q + layer.dropout1(att))
+            z = layer.norm1(q + _dropout(layer.dropout1, att))
             z = layer.norm2(z + ffn(z))
         return z[:, 0]
 
@@ -284,7 +286,7 @@ class TaskEncoder(nn.Module):
         q_x = torch.einsum("bhe,hed->bhd", q, w_k.view(h, hd, d))  # (B, H, d): W_kh^T q_h
         scores = torch.einsum("bhd,bsd->bhs", q_x, kv)  # (B, H, S)
         scores = scores.masked_fill(ignore[:, None, :], float("-inf"))
-        a = F.dropout(torch.softmax(scores, dim=-1), attn.dropout, attn.training)  # (B, H, S)
+        a = _dropout_p(torch.softmax(scores, dim=-1), attn.dropout, attn.training)  # (B, H, S)
         ctx_x = torch.einsum("bhs,bsd->bhd", a, kv)  # (B, H, d): sum_j a_hj x_j
         out = torch.einsum("bhd,hed->bhe", ctx_x, w_v.view(h, hd, d))  # (B, H, d_h)
         if b_v is not None:
@@ -311,8 +313,84 @@ class TaskEncoder(nn.Module):
         ctx.cache[key] = h
         return h
 
+    def add_router(self, router: HybridRouter) -> None:
+        """Count ``router`` among the task routers reading ``H_task`` (its gates are computed with theirs)."""
+        self.users += 1
+        self._routers.append(router)
+
+    def task_outputs(self, router: HybridRouter | None = None):
+        """This forward's ``(p_task, g_task, s_task)`` of ``router`` (``(B, E)`` each; ``s_task`` ``None``
+        without top-k), or of every task router (``router=None``: the producer run when the forward starts).
+
+        Every task router reads the same ``H_task``, so the routers of one kind (same expert count, top-k,
+        renormalisation, dropout, bias, dtype and device) are computed together in one set of operations
+        (:func:`batched_task_gates`) instead of one per router; served from the context's cache afterwards.
+        """
+        ctx = self._context
+        key = (TASK_ENCODER_ATTR, id(self), "gates")
+        outs = ctx.cache.get(key)
+        if outs is None:
+            h = self.representation()
+            groups: dict[tuple, list[HybridRouter]] = {}
+            for r in self._routers:
+                groups.setdefault(r.task_batch_key(), []).append(r)
+            outs = {}
+            for members in groups.values():
+                outs.update(zip((id(r) for r in members), batched_task_gates(members, h), strict=True))
+            ctx.cache[key] = outs
+        return None if router is None else outs[id(router)]
+
     def extra_repr(self) -> str:
         return f"width={self.width}, heads={self.heads}"
+
+
+def batched_task_gates(routers: Sequence[HybridRouter], h: Tensor) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """``(p_task, g_task, s_task)`` of R task routers of one kind (:meth:`HybridRouter.task_batch_key`) on
+    ``H_task`` ``(B, d)``, computed together.
+
+    Per router ``p = softmax(W_r dropout_r(H_task))`` (HMoRA eq. 14 on the task representation) and its
+    top-k gates (eq. 15-16): the same functions as :meth:`HybridRouter.task_probs` and
+    :meth:`HybridRouter._select` router by router, with the R weights stacked ``(R, E, d)``, one ``(R, B, d)``
+    dropout draw (each router still gets a mask of its own), one ``bmm``, one softmax and one top-k over
+    every router's rows. The outputs are ``unbind`` views: their backward is a single ``stack``.
+    """
+    first = routers[0]
+    gate = first.task_gate
+    r = len(routers)
+    h = h.to(device=gate.weight.device, dtype=gate.weight.dtype)
+    weight = gate.weight.unsqueeze(0) if r == 1 else torch.stack([m.task_gate.weight for m in routers])  # (R, E, d)
+    x = h.unsqueeze(0).expand(r, -1, -1)  # (R, B, d)
+    mask = first.dropout.mask(x) if isinstance(first.dropout, ExpertDropout) else None
+    if mask is not None:
+        x = x * mask  # an independent dropout mask for every router
+    # W x^T (R, E, B), read transposed: the weights' gradient (grad z^T x) comes out (R, E, d) contiguous, so
+    # each router's slice is its gradient as it is (x W^T would give transposed slices that autograd copies)
+    if gate.bias is None:
+        z = torch.bmm(weight, x.transpose(1, 2)).transpose(1, 2)  # (R, B, E)
+    else:
+        bias = gate.bias.view(1, -1, 1) if r == 1 else torch.stack([m.task_gate.bias for m in routers]).unsqueeze(-1)
+        z = torch.baddbmm(bias, weight, x.transpose(1, 2)).transpose(1, 2)
+    probs = torch.softmax(z.float(), dim=-1)  # (R, B, E)
+    if first.task_selects:
+        b, e = probs.shape[1:]
+        gates, selected = keep_top_k(probs.view(r * b, e), first.top_k, first.renorm)  # eq. 15-16
+        return list(zip(probs.unbind(0), gates.view(r, b, e).unbind(0), selected.view(r, b, e).unbind(0), strict=True))
+    return [(p, p, None) for p in probs.unbind(0)]
+
+
+def _dropout_p(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)``; in eager mode on the CPU as ``torch.native_dropout``: the same distribution
+    (a Bernoulli(1 - p) keep mask, kept values scaled by ``1 / (1 - p)``; the random draws differ) in one
+    dispatched operation forward and one backward instead of ``F.dropout``'s three forward (the encoder's
+    tensors are ``(B, 1, d)`` and ``(B, H, S)``: the draw's speed does not matter)."""
+    if not training or p == 0.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    return torch.native_dropout(x, p, True)[0]
+
+
+def _dropout(module: nn.Dropout, x: Tensor) -> Tensor:
+    """``module(x)`` for one of the encoder layer's ``nn.Dropout`` modules (:func:`_dropout_p`)."""
+    return _dropout_p(x, module.p, module.training)
 
 
 def task_token_id(tokenizer, token: str) -> int:
@@ -360,6 +438,35 @@ def reads_raw_question(router_cfg) -> bool:
     data then carries each example's question token ids."""
     encoder = (router_cfg or {}).get("task_encoder") or {}
     return encoder.get("input", "templated") == "raw"
+
+
+class _DeferredOutput(RouterOutput):
+    """A :class:`RouterOutput` whose ``probs`` and ``selected`` are computed on first read.
+
+    A layer that mixes routers (eq. 7) or broadcasts task gates over tokens builds ``(N, E)`` mixed
+    probabilities and kept masks that training never reads (the losses read ``balance`` and ``dists``, the
+    layer only ``gates``); the routing analyses read them, and then get the same values.
+    """
+
+    def __init__(self, gates: Tensor, probs, selected, balance: list, dists: list):
+        self.__dict__["_thunks"] = {"probs": probs, "selected": selected}
+        super().__init__(gates=gates, probs=None, selected=None, balance=balance, dists=dists)
+
+    def _read(self, name: str):
+        value = self.__dict__.get("_" + name)
+        thunk = self.__dict__["_thunks"].get(name)
+        if value is None and thunk is not None:
+            value = self.__dict__["_" + name] = thunk()
+            self.__dict__["_thunks"][name] = None
+        return value
+
+    def _write(self, name: str, value) -> None:
+        self.__dict__["_" + name] = value
+        if value is not None:
+            self.__dict__["_thunks"][name] = None
+
+    probs = property(lambda self: self._read("probs"), lambda self, v: self._write("probs", v))
+    selected = property(lambda self: self._read("selected"), lambda self, v: self._write("selected", v))
 
 
 class HybridRouter(nn.Module):
@@ -437,7 +544,10 @@ class HybridRouter(nn.Module):
                     "(router.task_encoder must be set: it builds model.mole_task_encoder)"
                 )
             self.task_gate = nn.Linear(task_encoder.width, num_experts, bias=bias)
-            task_encoder.users += 1
+            if hasattr(task_encoder, "add_router"):
+                task_encoder.add_router(self)
+            else:  # an encoder that only serves H_task (tests' stand-ins): the gates are computed here
+                task_encoder.users += 1
         object.__setattr__(self, "_task_encoder", task_encoder)
         object.__setattr__(self, "_context", context)
 
@@ -453,14 +563,6 @@ class HybridRouter(nn.Module):
         a = float(torch.sigmoid(self.a_logit.detach().float())) if learned else self.alpha
         return {"a_l": round(a, 4), "router_kinds": self.kinds}
 
-    def _mix_weights(self) -> tuple[Tensor, Tensor]:
-        """``(a_l, 1 - a_l)`` as fp32 scalars (trainable through ``a_logit`` when ``learn_a_l``)."""
-        if self.a_logit is not None:
-            a = torch.sigmoid(self.a_logit.float())
-            return a, 1.0 - a
-        a, b = self.mix.float().unbind()
-        return a, b
-
     def _select(self, probs: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.top_k is None:
             return probs, None
@@ -475,6 +577,30 @@ class HybridRouter(nn.Module):
             raise RuntimeError(f"hybrid routing: {n} token rows do not match the batch of {rows} sequences")
         return shape[1]
 
+    @property
+    def task_selects(self) -> bool:
+        """Whether the task router keeps its top k before mixing (eq. 15); not under ``topk_after_mix`` where
+        both routers exist (the mixture's top k is kept), nor under soft routing."""
+        mixed_topk = self.topk_after_mix and self.token_gate is not None and self.task_gate is not None
+        return self.top_k is not None and not mixed_topk
+
+    def task_batch_key(self) -> tuple:
+        """Task routers with equal keys compute their gates together (:func:`batched_task_gates`)."""
+        w = self.task_gate.weight
+        return (w.device, w.dtype, tuple(w.shape), self.task_gate.bias is not None, self.task_selects,
+                self.top_k, self.renorm, type(self.dropout), getattr(self.dropout, "p", 0.0), self.training)
+
+    def _task_outputs(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(p_task, g_task, s_task)``: the task router's distribution, gates and kept mask (``None`` without
+        top-k), computed with the model's other task routers by the task encoder where it does that."""
+        encoder = self._task_encoder
+        if hasattr(encoder, "task_outputs"):
+            return encoder.task_outputs(self)
+        p_task = self.task_probs(encoder.representation().to(device))
+        if not self.task_selects:
+            return p_task, p_task, None
+        return (p_task, *self._select(p_task))
+
     def task_probs(self, h: Tensor) -> Tensor:
         """``(B, E)`` the task router's dense distribution for task representations ``h`` ``(B, d)``."""
         h = h.to(dtype=self.task_gate.weight.dtype)
@@ -486,6 +612,9 @@ class HybridRouter(nn.Module):
         balance: list[BalanceStats] = []
         dists: list[GateDist] = []
         mixed_topk = self.topk_after_mix and self.top_k is not None and self.token_gate is not None and self.task_gate is not None
+        # eager: the mixed probabilities and kept mask that only analyses read are computed when read
+        deferred = not torch.compiler.is_compiling()
+        lazy_probs = lazy_selected = None
         if self.token_gate is not None:
             z_tok = self.token_gate(self.dropout(x)).float()  # (N, E)
             if mixed_topk or self.top_k is None:
@@ -496,30 +625,50 @@ class HybridRouter(nn.Module):
             dists.append(GateDist(p_tok, "token", "token"))
             gates, probs = g_tok, p_tok
         if self.task_gate is not None:
-            p_task = self.task_probs(self._task_encoder.representation().to(x.device))  # (B, E)
-            g_task, s_task = (p_task, None) if mixed_topk else self._select(p_task)  # (B, E)
+            p_task, g_task, s_task = self._task_outputs(x.device)  # (B, E) each; eq. 14-16
             dists.append(GateDist(p_task, "task", "sequence"))
             if s_task is not None:
                 balance.append(BalanceStats(p_task, s_task, self.top_k, "sequence"))
             rows = p_task.shape[0]
             t = self._per_token(n, rows)
             if gates is None:  # a_l > beta_high: task routing only
-                gates, probs = g_task.repeat_interleave(t, dim=0), p_task.repeat_interleave(t, dim=0)  # (N, E)
-                selected = None if s_task is None else s_task.repeat_interleave(t, dim=0)
+                gates = g_task.repeat_interleave(t, dim=0)  # (N, E)
+                if deferred:
+                    lazy_probs = lambda: p_task.repeat_interleave(t, dim=0)  # noqa: E731
+                    lazy_selected = None if s_task is None else (lambda: s_task.repeat_interleave(t, dim=0))
+                else:
+                    probs = p_task.repeat_interleave(t, dim=0)
+                    selected = None if s_task is None else s_task.repeat_interleave(t, dim=0)
             else:  # eq. 7, each sequence's task row broadcast over its T token rows (no (N, E) copy of it)
-                a, b = self._mix_weights()  # a_l, 1 - a_l
                 per_seq = lambda m: m.view(rows, t, -1)  # noqa: E731 - (N, E) -> (B, T, E)
-                gates = (a * g_task.unsqueeze(1) + b * per_seq(gates)).view(n, -1)
-                probs = (a * p_task.unsqueeze(1) + b * per_seq(probs)).view(n, -1)
-                if index is not None and s_task is not None:
-                    selected = (per_seq(chosen_mask(index, p_tok)) | s_task.unsqueeze(1)).view(n, -1)
+                gates = self._mix(g_task.unsqueeze(1), per_seq(gates)).view(n, -1)
+                tok_probs, tok_index = probs, index
+                mix_probs = lambda: self._mix(p_task.unsqueeze(1), per_seq(tok_probs)).view(n, -1)  # noqa: E731
+                mix_selected = None
+                if tok_index is not None and s_task is not None:
+                    mix_selected = lambda: (per_seq(chosen_mask(tok_index, p_tok)) | s_task.unsqueeze(1)).view(n, -1)  # noqa: E731
+                if deferred and not mixed_topk:
+                    lazy_probs, lazy_selected = mix_probs, mix_selected
+                else:
+                    probs = mix_probs()
+                    selected = None if mix_selected is None else mix_selected()
                 index = None
         if mixed_topk:
             # released code: top-k of the mixed distribution, kept values renormalised (softmax or sum); its
             # balance loss counts the mixture's choices against the token router's probabilities
             gates, selected = keep_top_k(probs, self.top_k, self.renorm)  # (N, E), (N, E)
             balance.append(BalanceStats(p_tok, selected, self.top_k, "token"))
+        if lazy_probs is not None:
+            return _DeferredOutput(gates, lazy_probs, lazy_selected, balance=balance, dists=dists)
         return RouterOutput(gates=gates, probs=probs, selected=selected, balance=balance, dists=dists, index=index)
+
+    def _mix(self, task: Tensor, token: Tensor) -> Tensor:
+        """``a_l task + (1 - a_l) token`` (eq. 7) as one ``lerp`` (``token + a_l (task - token)``)."""
+        if self.a_logit is not None:
+            return torch.lerp(token, task, torch.sigmoid(self.a_logit.float()))
+        if torch.compiler.is_compiling():  # a tensor: one graph for every layer's a_l
+            return torch.lerp(token, task, self.mix[0])
+        return torch.lerp(token, task, self.alpha)  # eager: a Python weight, one operation in the backward fewer
 
     def extra_repr(self) -> str:
         extra = ", topk_after_mix" * self.topk_after_mix + ", learned a_l" * (self.a_logit is not None)

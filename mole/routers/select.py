@@ -193,16 +193,100 @@ def dynamic_select(
         ``(gates, selected)``: ``(N, M)`` gates (exactly 0 outside the chosen set) and bool mask (a soft
         token selects every expert).
     """
+    if torch.compiler.is_compiling() or probs.dim() != 2:
+        return dynamic_select_reference(probs, q, threshold, top_p, keep_top_k, normalized, keep_crossing, renormalize)
+    # eager: the same gates and mask, with a backward of its own in fewer dispatched operations
+    return _DynamicGates.apply(probs, q, threshold, top_p, keep_top_k, normalized, keep_crossing, renormalize)
+
+
+def _soft_rows(probs: Tensor, q: float, threshold: float, normalized: bool) -> Tensor:
+    """``(N, 1)`` bool, the rows routed softly: ``S_q(p) > threshold`` (eq. 17), ``S_q / max S_q`` if ``normalized``."""
     entropy = tsallis_entropy(probs, q)  # (N,)
     if normalized:
         top = max_tsallis_entropy(probs.shape[-1], q)
         entropy = entropy / top if top > 0 else torch.zeros_like(entropy)
-    soft = (entropy > threshold).unsqueeze(-1)  # (N, 1)
+    return (entropy > threshold).unsqueeze(-1)
+
+
+def dynamic_select_reference(
+    probs: Tensor,
+    q: float,
+    threshold: float,
+    top_p: float,
+    keep_top_k: int,
+    normalized: bool = False,
+    keep_crossing: bool = True,
+    renormalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`dynamic_select` written with autograd's operations (compiled code, and the reference of the
+    eager fast path :class:`_DynamicGates`)."""
+    soft = _soft_rows(probs, q, threshold, normalized)  # (N, 1)
     sparse_gates, sparse_selected = keep_top_p(
         probs, top_p, min_k=keep_top_k, keep_crossing=keep_crossing, renormalize=renormalize
     )  # (N, M), (N, M)
     gates = torch.where(soft, probs, sparse_gates)  # (N, M)
     return gates, sparse_selected | soft
+
+
+def _top_p_mask(probs: Tensor, p: float, min_k: int, keep_crossing: bool) -> Tensor:
+    """:func:`keep_top_p`'s kept mask ``(N, M)`` in fewer operations: the ranks below ``min_k`` are set in
+    place (no rank vector and no second compare), and the sorted mask goes back to expert order with one
+    scatter into an uninitialised tensor (the sort order is a permutation: every entry is written)."""
+    m = probs.shape[-1]
+    if p >= 1.0 or min_k >= m:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # (N, M), (N, M)
+    upto = sorted_p.cumsum(dim=-1)  # (N, M) inclusive prefix sums
+    if keep_crossing:
+        keep_sorted = F.pad(upto[..., :-1], (1, 0)) < p - TOP_P_TOLERANCE  # exclusive prefix below p
+    else:
+        keep_sorted = upto <= p + TOP_P_TOLERANCE
+    keep_sorted[..., :min_k] = True  # Keep-Top-k (eq. 18): never fewer than min_k
+    return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)  # (N, M) in expert order
+
+
+class _DynamicGates(torch.autograd.Function):
+    """:func:`dynamic_select`'s ``(gates, selected)`` of ``(N, M)`` probabilities with a backward of its own.
+
+    Forward: the entropy switch (eq. 17) and the top-p mask with Keep-Top-k (eq. 18) as in the reference
+    (:func:`dynamic_select_reference`: the same operations on the same values, so the same choices), the
+    kept probabilities ``p 1[kept] / S`` (``S`` their sum; the top probability is always kept, so ``S > 0``
+    for rows that sum to 1 and the reference's ``clamp_min`` never acts). Backward: a soft row passes the
+    gradient through (``g = p``); a top-p row with renormalisation has the Jacobian of a softmax restricted
+    to the kept set, ``dL/dp = 1[kept] / S * (dL/dg - <g, dL/dg>)``; without it, ``dL/dp = 1[kept] dL/dg``.
+    Four operations instead of autograd's where/division/clamp chain.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: Tensor, q: float, threshold: float, top_p: float, keep_top_k: int, normalized: bool,
+                keep_crossing: bool, renormalize: bool):
+        soft = _soft_rows(probs, q, threshold, normalized)  # (N, 1)
+        kept_mask = _top_p_mask(probs, top_p, keep_top_k, keep_crossing)  # (N, M)
+        kept = probs * kept_mask  # (N, M)
+        if renormalize:
+            factor = kept_mask / kept.sum(dim=-1, keepdim=True)  # (N, M) 1[kept] / S
+            sparse = probs * factor
+        else:
+            factor, sparse = kept_mask, kept
+        gates = torch.where(soft, probs, sparse)  # (N, M)
+        selected = kept_mask | soft
+        ctx.renormalize = renormalize
+        ctx.mark_non_differentiable(selected)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(soft, factor, sparse if renormalize else None)
+        return gates, selected
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, _grad_selected: Tensor | None):
+        if grad is None:
+            return (None,) * 8
+        soft, factor, sparse = ctx.saved_tensors
+        if ctx.renormalize:
+            dot = torch.bmm(sparse.unsqueeze(1), grad.unsqueeze(-1)).squeeze(-1)  # (N, 1) <g, dL/dg>
+            from_sparse = (grad - dot) * factor
+        else:
+            from_sparse = grad * factor
+        return (torch.where(soft, grad, from_sparse),) + (None,) * 7
 
 
 def threshold_select(gates: Tensor, tau: Tensor | float, renorm: bool, subtract: bool = False) -> tuple[Tensor, Tensor]:
