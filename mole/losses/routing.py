@@ -205,15 +205,39 @@ def indexed_slots_balance(decisions: Sequence[BalanceStats], token_mask: Tensor 
     for st in decisions:
         groups.setdefault(st.level, []).append(st)
     # in fp32 whatever autocast says (its products would otherwise run in bf16)
-    kind = decisions[0].probs.device.type
+    kind = decisions[0].index.device.type
     with torch.autocast(kind, enabled=False) if autocast_enabled(kind) else contextlib.nullcontext():
         totals = [_indexed_slots_balance(stats, token_mask if level == "token" else None)
                   for level, stats in groups.items()]
     return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
 
 
+def side_by_side_probs(stats: list[BalanceStats]) -> tuple[list[BalanceStats], Tensor]:
+    """The decisions' probabilities side by side, ``(N, sum_r M_r)``, and the decisions in that column order.
+
+    Decisions that carry their logits without probabilities (:class:`BalanceStats` ``logits``) get them here,
+    one softmax for all decisions of a width (their logits put side by side and viewed ``(N, R_M, M)``),
+    whose backward is then one operation for them all; each decision's ``probs`` is set to its columns.
+    """
+    order = [st for st in stats if st.has_probs() or st.logits is None]
+    blocks = [st.probs.float() for st in order]
+    by_width: dict[int, list[BalanceStats]] = {}
+    for st in stats:
+        if not (st.has_probs() or st.logits is None):
+            by_width.setdefault(st.logits.shape[-1], []).append(st)
+    for m, group in by_width.items():
+        z = torch.cat([st.logits for st in group], dim=-1) if len(group) > 1 else group[0].logits  # (N, R_M * M)
+        rows = z.shape[0]
+        probs = torch.softmax(z.view(rows, len(group), m), dim=-1).view(rows, -1)  # (N, R_M * M)
+        for j, st in enumerate(group):
+            st.probs = probs[:, j * m:(j + 1) * m]
+        blocks.append(probs.float())
+        order.extend(group)
+    return order, blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+
+
 def _indexed_slots_balance(stats: list[BalanceStats], row_weight: Tensor | None) -> Tensor:
-    probs = torch.cat([st.probs.float() for st in stats], dim=-1) if len(stats) > 1 else stats[0].probs.float()
+    stats, probs = side_by_side_probs(stats)
     rows, device = probs.shape[0], probs.device
     widths = [st.probs.shape[-1] for st in stats]
     starts = [0]

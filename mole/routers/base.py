@@ -35,13 +35,21 @@ class BalanceStats:
         index: ``(N, k)`` the chosen columns, where the router has them (top-k): ``selected`` may then be
             ``None`` and is built from ``index`` on first read, so that a step whose losses count the slots
             from ``index`` (:class:`mole.losses.BalanceLoss`) never builds the mask.
+        logits: ``(N, M)`` fp32 logits with ``probs = softmax(logits)``, where the router has them: ``probs``
+            may then be ``None`` and is computed on first read, so that the balance loss can compute the
+            probabilities of all routers of a width in one softmax (:func:`mole.losses.indexed_slots_balance`).
     """
 
-    probs: Tensor
+    probs: Tensor | None
     selected: Tensor | None
     k: int | None
     level: str = "token"
     index: Tensor | None = None
+    logits: Tensor | None = None
+
+    def has_probs(self) -> bool:
+        """Whether ``probs`` exists already (given, or computed from ``logits`` by an earlier read)."""
+        return self.__dict__.get("_probs") is not None
 
 
 @dataclass
@@ -72,14 +80,17 @@ class RouterOutput:
             ``[GateDist(probs)]``, a single token router (see :meth:`distributions`).
         index: ``(N, k)`` the chosen experts (top-k routers); ``selected`` is then built from it on first
             read (see :class:`BalanceStats`).
+        logits: ``(N, E)`` fp32 logits with ``probs = softmax(logits)``; ``probs`` is then computed on first
+            read, by the balance decision on the same logits where there is one (the same tensor).
     """
 
     gates: Tensor
-    probs: Tensor
+    probs: Tensor | None
     selected: Tensor | None = None
     balance: list[BalanceStats] = field(default_factory=list)
     dists: list[GateDist] = field(default_factory=list)
     index: Tensor | None = None
+    logits: Tensor | None = None
 
     def distributions(self) -> list[GateDist]:
         """The router distributions behind these gates (one token router unless stated otherwise)."""
@@ -91,26 +102,36 @@ def chosen_mask(index: Tensor, like: Tensor) -> Tensor:
     return torch.zeros(like.shape, dtype=torch.bool, device=like.device).scatter_(-1, index, True)
 
 
-def _selected_from_index(cls: type) -> type:
-    """Make ``cls.selected`` (a dataclass field) a property that, when it was given as ``None`` and ``cls.index``
-    is set, is built from the index on first read. Set after the dataclass is made, so that the generated
-    ``__init__`` keeps ``selected``'s default and assigns through the setter."""
+def _built_on_read(cls: type, name: str, source: str, build: Callable, doc: str) -> None:
+    """Make the dataclass field ``cls.<name>`` a property that, when it was given as ``None`` and the field
+    ``source`` is set, is ``build(self)`` on first read (then kept). Set after the dataclass is made, so that
+    the generated ``__init__`` keeps the field's default and assigns through the setter."""
+    slot = f"_{name}"
 
     def get(self) -> Tensor | None:
-        selected = self.__dict__.get("_selected")
-        if selected is None and self.index is not None:
-            selected = self.__dict__["_selected"] = chosen_mask(self.index, self.probs)
-        return selected
+        value = self.__dict__.get(slot)
+        if value is None and getattr(self, source) is not None:
+            value = self.__dict__[slot] = build(self)
+        return value
 
     def put(self, value: Tensor | None) -> None:
-        self.__dict__["_selected"] = value
+        self.__dict__[slot] = value
 
-    cls.selected = property(get, put, doc="``(N, M)`` bool, the chosen set (built from ``index`` when not given).")
-    return cls
+    setattr(cls, name, property(get, put, doc=doc))
 
 
-_selected_from_index(BalanceStats)
-_selected_from_index(RouterOutput)
+def _probs_of(out: BalanceStats | RouterOutput) -> Tensor:
+    """``softmax(logits)``; a :class:`RouterOutput` takes it from its balance decision on the same logits, so
+    that both hold one tensor."""
+    same = [st for st in getattr(out, "balance", ()) if st.logits is out.logits]
+    return same[0].probs if same else torch.softmax(out.logits, dim=-1)
+
+
+for _cls in (BalanceStats, RouterOutput):
+    _built_on_read(_cls, "selected", "index", lambda out: chosen_mask(out.index, out.probs),
+                   "``(N, M)`` bool, the chosen set (built from ``index`` when not given).")
+    _built_on_read(_cls, "probs", "logits", _probs_of,
+                   "``(N, M)`` probabilities (``softmax(logits)`` computed on first read when not given).")
 
 
 def real_rows(t: Tensor, level: str, token_mask: Tensor | None) -> Tensor:
@@ -429,3 +450,36 @@ class _SoftmaxTopK(torch.autograd.Function):
             from_probs = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
             grad_z = from_probs if grad_z is None else grad_z + from_probs
         return grad_z, None, None
+
+
+def kept_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(weights, index)``: the top-k of ``softmax(logits)`` renormalised by their sum (MoR eq. 2) as dense
+    ``(N, M)`` weights, and the ``(N, k)`` kept columns, without ``softmax(logits)`` itself (a router that
+    leaves its probabilities to be computed where read, :class:`RouterOutput` ``logits``). In eager mode one
+    autograd function (:class:`_KeptSoftmax`); the weights are those of :func:`softmax_top_k`."""
+    if torch.compiler.is_compiling() or logits.dim() != 2:
+        top_z, top_idx = logits.topk(k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_z, dim=-1)), top_idx
+    return _KeptSoftmax.apply(logits, k)
+
+
+class _KeptSoftmax(torch.autograd.Function):
+    """The kept top-k's weights ``g = exp(z_i) / sum_kept exp(z_j)`` (zero elsewhere), the softmax of the logits
+    restricted to the kept set (see :func:`_kept`). Forward: ``topk``, the softmax of the kept logits and the
+    scatter into zeros; backward: softmax's own backward at ``g``, one operation (zero outside the kept set)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, k: int):
+        top_z, top_idx = logits.topk(k, dim=-1)  # (N, k), (N, k)
+        weights = torch.zeros_like(logits).scatter_(-1, top_idx, torch.softmax(top_z, dim=-1))  # (N, M)
+        ctx.mark_non_differentiable(top_idx)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(weights)
+        return weights, top_idx
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, _grad_index: Tensor | None):
+        if grad is None:
+            return None, None
+        (weights,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, weights, -1, weights.dtype), None

@@ -7,9 +7,18 @@ ones, either by their sum (MoR eq. 2, Mixtral; ``renorm="sum"``) or by a second 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from mole.routers.base import BalanceStats, LinearGate, RouterOutput, check_renorm, check_top_k, softmax_top_k
+from mole.routers.base import (
+    BalanceStats,
+    LinearGate,
+    RouterOutput,
+    check_renorm,
+    check_top_k,
+    kept_softmax,
+    softmax_top_k,
+)
 from mole.utils.errors import MoleConfigError
 
 
@@ -42,7 +51,19 @@ class TopKRouter(LinearGate):
     def forward(self, x: Tensor) -> RouterOutput:
         # p = softmax(W_g x) and its top-k, renormalised: (N, E) each; the kept experts (N, k), whose mask
         # is built only where read (the balance loss counts the slots from the index)
-        probs, gates, index = softmax_top_k(self.logits(x), self.top_k, self.renorm)
+        logits = self.logits(x)
+        if self.renorm == "sum" and logits.dim() == 2 and not torch.compiler.is_compiling():
+            # eager: p = softmax(logits) computed where read; the balance loss computes it for all routers of
+            # a width in one softmax, whose backward joins the logits' gradient from the gates
+            gates, index = kept_softmax(logits, self.top_k)  # (N, E), (N, k)
+            return RouterOutput(
+                gates=gates,
+                probs=None,
+                index=index,
+                logits=logits,
+                balance=[BalanceStats(None, None, self.top_k, index=index, logits=logits)],
+            )
+        probs, gates, index = softmax_top_k(logits, self.top_k, self.renorm)
         return RouterOutput(
             gates=gates,
             probs=probs,
